@@ -1,0 +1,1 @@
+"""Example models and scripts for ressurgeon (importable so the tests reuse the builders)."""

@@ -1,0 +1,30 @@
+"""ressurgeon: add residual (skip) connections to existing PyTorch networks.
+
+    from ressurgeon import add_skips, find_spans, SkipConfig
+    result = add_skips(model, (x,), SkipConfig(span=2, init="preserve"))
+    result.module   # torch.fx.GraphModule, the rewritten model
+    result.skips    # one Skip record per shortcut
+"""
+
+from .config import SkipConfig
+from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
+                     ShapeError, TraceError, UnsafeFileError, VerificationError)
+from .plan import PlannedSkip, SurgeryPlan, plan_skips
+from .registry import OpInfo, Role, register_op
+from .rewrite import Skip, apply_plan
+from .shortcuts import Shortcut
+from .spans import Layer, Reason, Span, find_layers, select_spans
+from .surgery import SurgeryResult, add_skips, find_spans
+from .trace import trace_model
+from .verify import GradientReport, ParityReport, check_gradients, check_parity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SkipConfig", "add_skips", "find_spans", "SurgeryResult", "Skip", "Span", "Reason",
+    "Layer", "find_layers", "select_spans", "trace_model", "apply_plan", "plan_skips",
+    "SurgeryPlan", "PlannedSkip", "Shortcut", "check_parity", "check_gradients",
+    "ParityReport", "GradientReport", "register_op", "OpInfo", "Role",
+    "RessurgeonError", "ConfigError", "LoadError", "UnsafeFileError", "TraceError",
+    "ShapeError", "PlanError", "ExportError", "VerificationError", "__version__",
+]

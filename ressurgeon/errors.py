@@ -1,0 +1,60 @@
+"""One error hierarchy for the whole library.
+
+The library raises these and never prints or exits; the CLI alone turns them
+into one-line messages and exit codes (see ``cli.py``).
+"""
+
+from __future__ import annotations
+
+
+class RessurgeonError(Exception):
+    """Base class of every error ressurgeon raises on purpose.
+
+    ``exit_code`` is what the CLI exits with: 2 for bad input or usage,
+    3 for a verification the user asked for that failed.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(RessurgeonError, ValueError):
+    """A SkipConfig field or a CLI flag has a value that cannot work."""
+
+
+class LoadError(RessurgeonError):
+    """A model file is missing, unreadable, corrupted or unsafe to load."""
+
+
+class UnsafeFileError(LoadError):
+    """Loading the file would execute code, and the user has not allowed it."""
+
+
+class TraceError(RessurgeonError):
+    """Neither torch.fx nor torch.export could capture the model's graph."""
+
+
+class ShapeError(RessurgeonError):
+    """The example inputs do not fit the model (names the node that rejected them)."""
+
+
+class PlanError(RessurgeonError):
+    """A surgery plan does not fit the model it is applied to."""
+
+
+class ExportError(RessurgeonError):
+    """The rewritten model could not be written in the requested format."""
+
+
+class VerificationError(RessurgeonError):
+    """A requested check (parity, gradients) failed beyond its tolerance."""
+
+    exit_code = 3
+
+
+def brief(exc: BaseException | None, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters."""
+    if exc is None:
+        return "no error"
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

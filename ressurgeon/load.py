@@ -1,0 +1,231 @@
+"""Stage 1, load: a file -> nn.Module, without running code the user did not allow.
+
+Safe routes: a torch.export archive (``.pt2``), or weights (a state_dict saved
+with torch.save, or ``.safetensors``) plus ``arch="module:callable"`` that
+builds the architecture. A pickled whole module is loaded only with
+``trust_pickle=True``. TorchScript archives are refused: fx cannot trace them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import pickletools
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import LoadError, UnsafeFileError, brief
+from .trace import graph_module_from_export
+
+SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
+               "or torch.export.save the model to a .pt2 archive")
+
+
+def load_model(path: str | Path, *, arch: str | None = None,
+               trust_pickle: bool = False) -> nn.Module:
+    """Load a model file.
+
+    Args:
+        path: ``.pt2`` archive, ``.pt``/``.pth`` state_dict or pickled module,
+            or ``.safetensors`` weights.
+        arch: "module:callable" that returns the architecture for a weights file;
+            the module is imported from the current directory or PYTHONPATH.
+        trust_pickle: allow full unpickling of a pickled nn.Module (runs code from the file).
+
+    Returns:
+        The model (for ``.pt2``: a plain, trainable GraphModule).
+
+    Raises:
+        LoadError: missing, unreadable or corrupted file, or weights without arch.
+        UnsafeFileError: the file needs full unpickling and trust_pickle is False.
+
+    Example:
+        >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
+        >>> model = load_model("w.safetensors", arch="mynets:build_vgg")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"no such file: {path}")
+    if not path.is_file():
+        raise LoadError(f"{path} is not a file; pass the model file itself")
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
+    if path.suffix == ".safetensors":
+        return _with_arch(_load_safetensors(path), arch, path)
+    if _is_torch_export(path):
+        return _load_pt2(path)
+    if path.suffix == ".pt2":
+        raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
+                        "write it again with torch.export.save")
+    if _is_torchscript(path):
+        raise LoadError(f"{path} is a TorchScript archive, which torch.fx cannot trace; "
+                        f"{SAFE_ROUTES}")
+    if not head:
+        raise LoadError(f"{path} is empty")
+    return _load_torch_save(path, arch, trust_pickle)
+
+
+def _is_torch_export(path: Path) -> bool:
+    names = _zip_names(path)
+    return any(n.endswith("archive_format") for n in names) or any(
+        "/models/" in n and n.endswith(".json") for n in names)
+
+
+def _is_torchscript(path: Path) -> bool:
+    names = _zip_names(path)
+    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return []
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export.load logs a full traceback before raising; users must not see it."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load_pt2(path: Path) -> nn.Module:
+    try:
+        with _quiet_torch():
+            ep = torch.export.load(path)
+            return graph_module_from_export(ep)
+    except Exception as exc:
+        raise LoadError(f"{path} is not a readable torch.export archive ({brief(exc)}); "
+                        "it may be truncated or corrupted: write it again with "
+                        "torch.export.save") from exc
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise LoadError("reading .safetensors needs the safetensors package: "
+                        "pip install 'ressurgeon[safetensors]'") from exc
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise LoadError(f"{path} is not a readable safetensors file ({brief(exc)})") from exc
+
+
+def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
+    try:
+        with _quiet_torch():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        imports = _pickle_imports(path)
+        if imports is None:
+            raise LoadError(f"{path} is not a readable PyTorch file ({brief(exc)}); it may be "
+                            "truncated or corrupted") from exc
+        if not trust_pickle:
+            shown = ", ".join(imports[:3]) + (" ..." if len(imports) > 3 else "")
+            raise UnsafeFileError(
+                f"{path} needs full unpickling, which runs code from the file (it imports "
+                f"{shown}); {SAFE_ROUTES}; pass --trust-pickle only for files you made "
+                "yourself") from exc
+        obj = _load_trusted(path)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # a common checkpoint layout
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _with_arch(obj, arch, path)
+    raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
+                    f"{SAFE_ROUTES}")
+
+
+def _load_trusted(path: Path) -> object:
+    try:
+        with _quiet_torch():
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LoadError(f"{path} could not be unpickled ({brief(exc)}); the classes it "
+                        "needs must be importable (run from the project that defines them)") from exc
+
+
+def _pickle_imports(path: Path) -> list[str] | None:
+    """The globals a pickle would import, read without executing it; None if unparsable."""
+    data = None
+    with contextlib.suppress(zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError):
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if pkl:
+                data = z.read(pkl)
+    if data is None:
+        data = path.read_bytes()
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:
+        return None
+    return found or None
+
+
+def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
+    if arch is None:
+        raise LoadError(f"{path} holds weights only; pass --arch module:callable that builds "
+                        "the architecture (e.g. --arch mynets:build_vgg)")
+    model = build_arch(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise LoadError(f"the weights in {path} do not fit {arch}: {brief(exc)}") from exc
+    return model
+
+
+def build_arch(arch: str) -> nn.Module:
+    """Import ``module:callable`` (cwd first on the path) and call it with no arguments."""
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise LoadError(f"--arch must look like module:callable, got {arch!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LoadError(f"cannot import {module_name!r} for --arch ({exc}); run from the "
+                        "folder that holds it or add it to PYTHONPATH") from exc
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise LoadError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise LoadError(f"--arch {arch} raised {type(exc).__name__}: {brief(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,133 @@
+"""The command line, through typer's CliRunner and one real subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ressurgeon.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_add_skips_writes_a_pt2_that_matches_the_original(example_models, tmp_path):
+    out = tmp_path / "vgg_skips.pt2"
+    result = run("add-skips", example_models["vgg"], "-i", "2,3,32,32", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Shortcuts inserted" in result.stdout and "total" in result.stdout
+    assert "outputs unchanged" in result.stderr
+    rewritten = torch.export.load(out).module()
+    original = torch.export.load(example_models["vgg"]).module()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(rewritten(x), original(x), rtol=0, atol=1e-6)
+    x5 = torch.randn(5, 3, 32, 32)  # the archive has a dynamic batch
+    assert rewritten(x5).shape == (5, 10)
+
+
+def test_add_skips_json_report(example_models, tmp_path):
+    result = run("add-skips", example_models["mlp"], "-o", tmp_path / "m.pt2", "--json",
+                 "--init", "standard", "--span", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["init"] == "standard"
+    assert [s["kind"] for s in report["skips"]] == ["identity", "projection", "identity"]
+    assert report["params_added"] == sum(s["params"] for s in report["skips"]) == 128 * 64
+    assert report["parity"]["max_abs_diff"] > 0
+    assert report["output"].endswith("m.pt2")
+
+
+def test_plan_out_then_plan(example_models, tmp_path):
+    plan = tmp_path / "plan.json"
+    result = run("add-skips", example_models["mlp"], "--dry-run", "--plan-out", plan)
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob("*.pt2"))  # dry run writes no model
+    data = json.loads(plan.read_text())
+    data["skips"] = data["skips"][1:]
+    plan.write_text(json.dumps(data))
+    result = run("add-skips", example_models["mlp"], "--plan", plan, "-o", tmp_path / "o.pt2",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["skips"]) == 2
+
+
+def test_inspect_lists_chosen_and_rejected(example_models):
+    result = run("inspect", example_models["vgg"], "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    verdicts = {s["reason"] for s in report["spans"]}
+    assert None in verdicts and "overlaps" in verdicts and "head" in verdicts
+    assert len(report["layers"]) == 9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--input-shape", "1,3,x"], "is not a shape"),
+    (["--input-shape", "1,5,32,32"], "rejected input of shape (1, 5, 32, 32)"),
+    (["--span", "0"], "span must be an integer >= 1"),
+    (["--init", "zero"], "init must be one of"),
+    (["--dtype", "int8"], "--dtype 'int8' is not supported"),
+])
+def test_bad_flags_exit_2_with_one_line(example_models, tmp_path, args, needle):
+    out = tmp_path / "o.pt2"
+    result = run("add-skips", example_models["vgg"], "-o", out, *args)
+    assert needle in one_line_error(result)
+    assert not out.exists()
+
+
+def test_missing_file_and_output_rules(example_models, tmp_path):
+    assert "no such file" in one_line_error(run("add-skips", tmp_path / "nope.pt2"))
+    copy = tmp_path / "in.pt2"
+    shutil.copy(example_models["mlp"], copy)
+    before = copy.read_bytes()
+    assert "never overwrites its input" in one_line_error(run("add-skips", copy, "-o", copy))
+    assert copy.read_bytes() == before
+    msg = one_line_error(run("add-skips", copy, "-o", tmp_path / "missing" / "o.pt2"))
+    assert "does not exist" in msg
+
+
+def test_corrupted_archive_is_one_line(example_models, tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(example_models["vgg"].read_bytes()[:5000])
+    result = run("add-skips", bad, "-o", tmp_path / "o.pt2")
+    assert "truncated or corrupted" in one_line_error(result)
+    assert not (tmp_path / "o.pt2").exists()
+
+
+def test_no_candidates_is_not_an_error(tmp_path):
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.randn(2, 4),)), path)
+    result = run("add-skips", path, "-o", tmp_path / "o.pt2")
+    assert result.exit_code == 0
+    assert "no shortcut inserted" in result.stderr and not (tmp_path / "o.pt2").exists()
+
+
+def test_console_script_runs_in_a_real_process(example_models, tmp_path):
+    exe = Path(sys.executable).with_name("ressurgeon")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ressurgeon"]
+    out = tmp_path / "v.pt2"
+    proc = subprocess.run([*cmd, "add-skips", str(example_models["vgg"]), "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["skips"] and out.exists()
+    proc = subprocess.run([*cmd, "add-skips", str(tmp_path / "none.pt2")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no such file")
+    assert "Traceback" not in proc.stderr
