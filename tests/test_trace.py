@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from models import FAMILIES, DataBranchNet, InplaceCNN, ShapeBranchNet, build
+from models import FAMILIES, DataBranchNet, InplaceCNN, build
 from ressurgeon import ShapeError, TraceError, trace_model
 from ressurgeon.trace import remove_inplace
 

@@ -1,0 +1,167 @@
+"""add-skips and inspect: the main job and its dry look at a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import SkipConfig
+from .app import app
+from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, InputShapeOpt, JsonOpt,
+                     LeafOpt, ModelArg, Progress, QuietOpt, TrustOpt, cfg_help, check_output,
+                     default_output, emit_json, handle_errors, out, prepare)
+
+
+@app.command("add-skips")
+def add_skips_cmd(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where to write the rewritten model (.pt2, .pt, .safetensors). "
+        "Default: MODEL.skips.pt2 beside the input.", show_default=False)] = None,
+    input_shape: InputShapeOpt = None,
+    span: Annotated[int, typer.Option(help=cfg_help("span"))] = DEFAULTS.span,
+    kind: Annotated[str, typer.Option(help=cfg_help("kind"))] = DEFAULTS.kind,
+    init: Annotated[str, typer.Option(help=cfg_help("init"))] = DEFAULTS.init,
+    placement: Annotated[str, typer.Option(help=cfg_help("placement"))] = DEFAULTS.placement,
+    include: Annotated[Optional[list[str]], typer.Option(
+        metavar="PATTERN", help=cfg_help("include"), show_default=False)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        metavar="PATTERN", help=cfg_help("exclude"), show_default=False)] = None,
+    max_skips: Annotated[Optional[int], typer.Option(
+        help=cfg_help("max_skips"), show_default=False)] = None,
+    plan: Annotated[Optional[Path], typer.Option(
+        "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
+        "choosing spans; its settings win over the span/kind/init flags.",
+        show_default=False)] = None,
+    plan_out: Annotated[Optional[Path], typer.Option(
+        "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Plan and verify, but write no model file.")] = False,
+    save_code: Annotated[Optional[Path], typer.Option(
+        "--save-code", help="Also write the rewritten model as readable Python source plus "
+        "weights into this folder.", show_default=False)] = None,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    leaf: LeafOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Insert residual shortcuts into MODEL and write the rewritten model.
+
+    Examples:
+
+      ressurgeon add-skips vgg.pt2 -i 1,3,32,32 -o vgg_skips.pt2
+
+      ressurgeon add-skips mlp.pt2 --span 3 --init standard --json
+
+      ressurgeon add-skips weights.pt --arch mynets:build_vgg -i 1,3,224,224 --plan-out plan.json --dry-run
+
+      ressurgeon add-skips vgg.pt2 --plan plan.json -o vgg_skips.pt2
+    """
+    from .. import add_skips
+    from ..export import atomic_path, save_code as write_code, save_model
+    from ..plan import SurgeryPlan
+    from ..report import rejection_summary, skips_table
+
+    progress = Progress(quiet or as_json)
+    with handle_errors(debug):
+        config = SkipConfig(span=span, kind=kind, init=init, placement=placement,
+                            include=tuple(include or ()), exclude=tuple(exclude or ()),
+                            max_skips=max_skips)
+        target = None if dry_run else (output or default_output(model))
+        check_output(model, target)
+        for extra in (plan_out, save_code):
+            check_output(model, extra)
+        loaded_plan = SurgeryPlan.load(plan) if plan else None
+        net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress,
+                               loaded_plan.input_shapes if loaded_plan else ())
+        with progress.step("tracing and inserting shortcuts"):
+            result = add_skips(net, inputs, config, plan=loaded_plan, leaf_modules=leaf or ())
+        if plan_out:
+            with atomic_path(plan_out) as tmp:
+                tmp.write_text(result.plan.to_json())
+            progress.note(f"wrote plan {plan_out}")
+        written = None
+        if target is not None and result.skips:
+            with progress.step(f"writing {target}"):
+                written = save_model(result.module, target, inputs)
+            progress.note(f"wrote {written}")
+        if save_code is not None and result.skips:
+            write_code(result.module, save_code)
+            progress.note(f"wrote source to {save_code}/")
+        if as_json:
+            emit_json({**result.to_dict(), "output": str(written) if written else None})
+            return
+        if not result.skips:
+            progress.note(f"no shortcut inserted: {rejection_summary(result.spans) or 'the model has no layers to join'}; nothing written")
+            return
+        out.print(skips_table(result.skips))
+        summary = rejection_summary(result.spans)
+        if summary:
+            progress.note(summary)
+        parity = result.parity
+        if parity is not None and result.plan.config.init != "preserve":
+            progress.note(f"note: init '{result.plan.config.init}' changes the model's outputs "
+                          f"(max abs diff {parity.max_abs_diff:.3g} on the example input); "
+                          "fine-tune before use")
+        elif parity is not None:
+            progress.note(f"outputs unchanged: max abs diff {parity.max_abs_diff:.3g} "
+                          f"(tolerance {parity.tolerance:g})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: ModelArg,
+    input_shape: InputShapeOpt = None,
+    span: Annotated[int, typer.Option(help=cfg_help("span"))] = DEFAULTS.span,
+    kind: Annotated[str, typer.Option(help=cfg_help("kind"))] = DEFAULTS.kind,
+    placement: Annotated[str, typer.Option(help=cfg_help("placement"))] = DEFAULTS.placement,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    leaf: LeafOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the layers ressurgeon sees and every candidate span, chosen or rejected with the reason. Writes nothing.
+
+    Examples:
+
+      ressurgeon inspect vgg.pt2
+
+      ressurgeon inspect mlp.pt2 --span 3 --json
+    """
+    from ..report import layers_table, spans_table
+    from ..spans import find_layers, select_spans
+    from ..trace import trace_model
+
+    progress = Progress(quiet or as_json)
+    with handle_errors(debug):
+        config = SkipConfig(span=span, kind=kind, placement=placement)
+        net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
+        with progress.step("tracing"):
+            gm = trace_model(net, inputs, leaf_modules=leaf or ())
+            layers = find_layers(gm)
+            spans = select_spans(gm, config)
+        nodes = sum(1 for _ in gm.graph.nodes)
+        method = gm.meta["ressurgeon"]["method"]
+        if as_json:
+            emit_json({"nodes": nodes, "method": method,
+                        "layers": [lay.__dict__ for lay in layers],
+                        "spans": [s.to_dict() for s in spans]})
+            return
+        out.print(f"{model}: {nodes} graph nodes, {len(layers)} layers, traced with {method}",
+                  markup=False, highlight=False)
+        out.print(layers_table(layers))
+        out.print(spans_table(spans))
+        chosen = sum(s.chosen for s in spans)
+        out.print(f"{chosen} of {len(spans)} candidate spans would be chosen with span={span}",
+                  markup=False, highlight=False)
