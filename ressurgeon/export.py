@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,6 +131,12 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
     folder = Path(folder)
     if not isinstance(module, fx.GraphModule):
         raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
-    with atomic_path(folder, is_dir=True) as tmp:
+    with atomic_path(folder, is_dir=True) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "saved as pickled files instead"
         module.to_folder(tmp, name)
+        # to_folder writes absolute paths to its weight files; make them relative
+        # to module.py so the folder survives the rename (and any later move).
+        code = tmp / "module.py"
+        text = code.read_text().replace(f"r'{tmp}/", "_HERE + r'/")
+        code.write_text("import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n" + text)
     return folder

@@ -62,6 +62,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix == ".safetensors":
         return _with_arch(_load_safetensors(path), arch, path)
+    _check_zip(path)
     if _is_torch_export(path):
         return _load_pt2(path)
     if path.suffix == ".pt2":
@@ -73,6 +74,25 @@ def load_model(path: str | Path, *, arch: str | None = None,
     if not head:
         raise LoadError(f"{path} is empty")
     return _load_torch_save(path, arch, trust_pickle)
+
+
+def _check_zip(path: Path) -> None:
+    """Both .pt2 and torch.save files are zip archives: check every member's CRC.
+
+    torch's own readers do not, so a flipped bit in a weight would otherwise
+    load silently as a different model.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise LoadError(f"{path} is a damaged zip archive ({brief(exc)}); it may be truncated "
+                        "or corrupted: write it again") from exc
+    if bad is not None:
+        raise LoadError(f"{path} is corrupted: its member {bad} fails its checksum; "
+                        "write the file again")
 
 
 def _is_torch_export(path: Path) -> bool:
@@ -140,8 +160,8 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
     except Exception as exc:
         imports = _pickle_imports(path)
         if imports is None:
-            raise LoadError(f"{path} is not a readable PyTorch file ({brief(exc)}); it may be "
-                            "truncated or corrupted") from exc
+            raise LoadError(f"{path} is not a readable PyTorch file (no intact zip archive or "
+                            "pickle inside); it may be truncated or corrupted") from exc
         if not trust_pickle:
             shown = ", ".join(imports[:3]) + (" ..." if len(imports) > 3 else "")
             raise UnsafeFileError(

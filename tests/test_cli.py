@@ -131,3 +131,43 @@ def test_console_script_runs_in_a_real_process(example_models, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no such file")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["add-skips", "inspect"])
+def test_every_command_has_help_with_examples(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_several_inputs_and_dtype(tmp_path):
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Sequential(*[m for _ in range(4) for m in
+                                           (torch.nn.Linear(6, 6), torch.nn.ReLU())])
+            self.b = torch.nn.Linear(4, 6)
+
+        def forward(self, a, b):
+            return self.a(a) * self.b(b)
+
+    path = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(TwoInputs().eval(), (torch.randn(2, 6),
+                                                               torch.randn(2, 4))), path)
+    result = run("add-skips", path, "-i", "3,6", "-i", "3,4", "--dtype", "float64",
+                 "-o", tmp_path / "o.pt2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skips"][0]["src_shape"] == [3, 6]
+    assert report["parity"]["tolerance"] == 1e-12  # the float64 entry of the table
+    assert len(torch.export.load(tmp_path / "o.pt2").module().graph.find_nodes(
+        op="placeholder")) == 2
+
+
+def test_cuda_request_without_gpu_is_a_usage_error(example_models):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "no CUDA GPU" in one_line_error(run("inspect", example_models["mlp"], "--device", "cuda"))
+
+
+def test_shell_completion_is_offered():
+    assert "--install-completion" in run("--help").stdout

@@ -1,0 +1,198 @@
+"""Stage 1 and 6, load and save: every format, and every kind of bad file the CLI may meet."""
+
+import os
+import pickle
+import random
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+from models import plain_cnn
+from ressurgeon import LoadError, UnsafeFileError, add_skips
+from ressurgeon.cli import app
+from ressurgeon.export import save_code, save_model
+from ressurgeon.load import load_model
+
+runner = CliRunner()
+MARK = "/tmp/ressurgeon-pickle-ran"
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_exit_2(result):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+class RunsACommand:
+    """Unpickling this object runs a shell command: the attack a pickle allows."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {MARK}",))
+
+
+@pytest.fixture
+def arch_module(tmp_path, monkeypatch):
+    """A module 'mynets' importable from the current folder, as a user would have it."""
+    (tmp_path / "mynets.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def build():
+            return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                 nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                 nn.Linear(8, 2))
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mynets", None)
+    import mynets
+    torch.manual_seed(0)
+    return mynets.build()
+
+
+def test_state_dict_with_arch(arch_module, tmp_path):
+    for name in ("w.pt", "w.pth"):
+        torch.save(arch_module.state_dict(), tmp_path / name)
+        model = load_model(tmp_path / name, arch="mynets:build")
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(model(x), arch_module(x), rtol=0, atol=0)
+    result = cli("add-skips", tmp_path / "w.pt", "--arch", "mynets:build", "-i", "3,6",
+                 "-o", tmp_path / "out.pt2", "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.pt2").exists()
+
+
+def test_safetensors_with_arch(arch_module, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(arch_module.state_dict(), str(tmp_path / "w.safetensors"))
+    model = load_model(tmp_path / "w.safetensors", arch="mynets:build")
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(model(x), arch_module(x), rtol=0, atol=0)
+
+
+def test_weights_without_arch_say_what_to_pass(arch_module, tmp_path):
+    torch.save(arch_module.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(LoadError, match="pass --arch module:callable"):
+        load_model(tmp_path / "w.pt")
+    with pytest.raises(LoadError, match="cannot import 'nosuch'"):
+        load_model(tmp_path / "w.pt", arch="nosuch:build")
+    with pytest.raises(LoadError, match="do not fit"):
+        torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
+        load_model(tmp_path / "other.pt", arch="mynets:build")
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    model = plain_cnn().eval()
+    torch.save(model, tmp_path / "full.pt")
+    with pytest.raises(UnsafeFileError, match="state_dict.*--arch.*\\.pt2.*--trust-pickle"):
+        load_model(tmp_path / "full.pt")
+    loaded = load_model(tmp_path / "full.pt", trust_pickle=True)
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    msg = assert_one_line_exit_2(cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16"))
+    assert "needs full unpickling" in msg
+    ok = cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16", "--trust-pickle",
+             "-o", tmp_path / "o.pt2")
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("layout", ["raw pickle", "torch.save zip"])
+def test_malicious_pickle_never_runs(tmp_path, layout):
+    if os.path.exists(MARK):
+        os.remove(MARK)
+    path = tmp_path / "evil.pt"
+    if layout == "raw pickle":
+        path.write_bytes(pickle.dumps(RunsACommand()))
+    else:
+        torch.save(RunsACommand(), path)
+    msg = assert_one_line_exit_2(cli("add-skips", path, "-i", "1,3", "-o", tmp_path / "o.pt2"))
+    assert "needs full unpickling" in msg and "system" in msg
+    assert not os.path.exists(MARK)
+    assert not (tmp_path / "o.pt2").exists()
+
+
+def test_torchscript_is_refused_with_what_to_save(tmp_path):
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "ts.pt")
+    msg = assert_one_line_exit_2(cli("add-skips", tmp_path / "ts.pt", "-i", "1,2"))
+    assert "TorchScript" in msg and "state_dict" in msg
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "is empty"),
+    (bytes(range(256)) * 8, "not a readable PyTorch file"),
+    (b"PK\x03\x04garbage", "not a readable PyTorch file"),
+])
+def test_unreadable_files(tmp_path, content, needle):
+    path = tmp_path / "m.pt"
+    path.write_bytes(content)
+    assert needle in assert_one_line_exit_2(cli("add-skips", path, "-i", "1,3"))
+
+
+def test_directory_is_not_a_model(tmp_path):
+    assert "not a file" in assert_one_line_exit_2(cli("inspect", tmp_path))
+
+
+def test_fuzzed_archives_all_exit_2_and_write_nothing(example_models, tmp_path):
+    source = example_models["mlp"].read_bytes()
+    rng = random.Random(1234)
+    out = tmp_path / "o.pt2"
+    for i in range(60):
+        data = bytearray(source)
+        if i % 2 == 0:
+            data = data[:rng.randrange(1, len(data))]   # truncated at a random point
+        else:
+            for _ in range(rng.randint(1, 4)):          # a few flipped bits
+                j = rng.randrange(len(data))
+                data[j] ^= 1 << rng.randrange(8)
+        bad = tmp_path / f"bad{i}.pt2"
+        bad.write_bytes(bytes(data))
+        result = cli("add-skips", bad, "-o", out)
+        assert_one_line_exit_2(result)
+        assert not out.exists(), f"case {i} wrote an output"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_save_formats_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = plain_cnn().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = add_skips(model, (x,), )
+    with torch.no_grad():
+        expected = result.module(x)
+    # .pt: a pickled GraphModule, loadable only with trust
+    save_model(result.module, tmp_path / "m.pt", (x,))
+    with pytest.raises(UnsafeFileError):
+        load_model(tmp_path / "m.pt")
+    torch.testing.assert_close(load_model(tmp_path / "m.pt", trust_pickle=True)(x), expected,
+                               rtol=0, atol=0)
+    # .safetensors: the weights alone, loadable into the same architecture
+    from safetensors.torch import load_file
+
+    save_model(result.module, tmp_path / "m.safetensors", (x,))
+    state = load_file(str(tmp_path / "m.safetensors"))
+    assert set(state) == set(result.module.state_dict())
+    # readable source plus weights
+    folder = save_code(result.module, tmp_path / "rewritten_code")
+    source = (folder / "module.py").read_text()
+    assert "skip_0_0__0_7" in source
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+        rebuilt = importlib.import_module("rewritten_code").RewrittenModel().eval()
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=0)
+
+
+def test_unknown_output_suffix_is_refused(example_models, tmp_path):
+    msg = assert_one_line_exit_2(cli("add-skips", example_models["mlp"], "-o", tmp_path / "m.h5"))
+    assert ".pt2, .pt, .pth or .safetensors" in msg
