@@ -9,6 +9,8 @@
 from .config import SkipConfig
 from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
                      ShapeError, TraceError, UnsafeFileError, VerificationError)
+from .fold import FoldedSkip, FoldResult, fold
+from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
 from .plan import PlannedSkip, SurgeryPlan, plan_skips
 from .registry import OpInfo, Role, register_op
 from .rewrite import Skip, apply_plan
@@ -27,4 +29,6 @@ __all__ = [
     "ParityReport", "GradientReport", "register_op", "OpInfo", "Role",
     "RessurgeonError", "ConfigError", "LoadError", "UnsafeFileError", "TraceError",
     "ShapeError", "PlanError", "ExportError", "VerificationError", "__version__",
+    "fold", "FoldResult", "FoldedSkip", "export_onnx", "OnnxReport", "FusionReport",
+    "fusion_report", "ExportFallbackWarning",
 ]

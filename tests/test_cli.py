@@ -171,3 +171,14 @@ def test_cuda_request_without_gpu_is_a_usage_error(example_models):
 
 def test_shell_completion_is_offered():
     assert "--install-completion" in run("--help").stdout
+
+
+def test_add_skips_with_onnx(example_models, tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    result = run("add-skips", example_models["mlp"], "-o", tmp_path / "m.pt2", "--onnx",
+                 onnx_path, "--init", "standard", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["onnx"]
+    assert report["checker_passed"] and report["parity_checked"]
+    assert len(report["parity"]) == 2 and report["max_abs_diff"] <= report["tolerance"]
+    assert onnx_path.exists()

@@ -9,6 +9,7 @@ import typer
 
 from ..config import SkipConfig
 from .app import app
+from .deploy import Fp16Opt, NoCheckOpt, OnnxOpt, OpsetOpt, StaticBatchOpt, write_onnx
 from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, InputShapeOpt, JsonOpt,
                      LeafOpt, ModelArg, Progress, QuietOpt, TrustOpt, cfg_help, check_output,
                      default_output, emit_json, handle_errors, out, prepare)
@@ -40,6 +41,11 @@ def add_skips_cmd(
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Plan and verify, but write no model file.")] = False,
+    onnx: OnnxOpt = None,
+    opset: OpsetOpt = None,
+    fp16: Fp16Opt = False,
+    static_batch: StaticBatchOpt = False,
+    no_check: NoCheckOpt = False,
     save_code: Annotated[Optional[Path], typer.Option(
         "--save-code", help="Also write the rewritten model as readable Python source plus "
         "weights into this folder.", show_default=False)] = None,
@@ -63,6 +69,8 @@ def add_skips_cmd(
       ressurgeon add-skips weights.pt --arch mynets:build_vgg -i 1,3,224,224 --plan-out plan.json --dry-run
 
       ressurgeon add-skips vgg.pt2 --plan plan.json -o vgg_skips.pt2
+
+      ressurgeon add-skips vgg.pt2 -o vgg_skips.pt2 --onnx vgg_skips.onnx
     """
     from .. import add_skips
     from ..export import atomic_path, save_code as write_code, save_model
@@ -76,7 +84,7 @@ def add_skips_cmd(
                             max_skips=max_skips)
         target = None if dry_run else (output or default_output(model))
         check_output(model, target)
-        for extra in (plan_out, save_code):
+        for extra in (plan_out, save_code, onnx):
             check_output(model, extra)
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress,
@@ -92,11 +100,17 @@ def add_skips_cmd(
             with progress.step(f"writing {target}"):
                 written = save_model(result.module, target, inputs)
             progress.note(f"wrote {written}")
+        onnx_report = None
+        if onnx is not None and result.skips:
+            onnx_report = write_onnx(result.module, inputs, onnx, opset=opset, fp16=fp16,
+                                     static_batch=static_batch, check=not no_check,
+                                     progress=progress)
         if save_code is not None and result.skips:
             write_code(result.module, save_code)
             progress.note(f"wrote source to {save_code}/")
         if as_json:
-            emit_json({**result.to_dict(), "output": str(written) if written else None})
+            emit_json({**result.to_dict(), "output": str(written) if written else None,
+                       "onnx": onnx_report.to_dict() if onnx_report else None})
             return
         if not result.skips:
             progress.note(f"no shortcut inserted: {rejection_summary(result.spans) or 'the model has no layers to join'}; nothing written")

@@ -1,0 +1,406 @@
+"""Export stage, ONNX: a (rewritten or folded) model -> a checked ``.onnx`` file.
+
+torch.onnx's dynamo exporter first (torch.export + onnxscript); if it raises,
+the TorchScript exporter, with a warning that names the cause. The file is
+checked with ``onnx.checker`` (full check) and, when onnxruntime is
+installed, run against PyTorch at the example batch and at a second batch
+size. ``fusion_report`` reads ONNX Runtime's optimized graph to count the
+convolutions that absorbed a shortcut's Add.
+
+onnx and onnxruntime are imported inside the functions: ``import ressurgeon``
+costs only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import ExportError, VerificationError, brief
+from .export import atomic_path
+from .trace import normalize_inputs
+
+# ONNX Runtime vs PyTorch, relative to the output scale (max(1, max |output|)).
+# Both runtimes pick their own conv algorithms (im2col, Winograd, NCHWc blocks),
+# so float sums run in another order; the error grows with depth and magnitude.
+ONNX_RTOL = {
+    torch.float64: 1e-8,    # double rounding, summation order only
+    torch.float32: 1e-4,    # ~100 ulps of float32 at the output scale, room for 50+ layers
+    torch.float16: 2e-2,    # fp16 model vs the float32 model: 11-bit mantissa on every layer
+    torch.bfloat16: 6e-2,   # 8-bit mantissa
+}
+FALLBACK_OPSET = 17         # the TorchScript exporter's well-trodden opset
+
+
+class ExportFallbackWarning(UserWarning):
+    """The dynamo ONNX exporter failed and the TorchScript exporter was used."""
+
+
+@dataclass
+class OnnxReport:
+    """What ``export_onnx`` wrote and measured.
+
+    ``parity`` maps a batch size to the max abs difference between ONNX
+    Runtime and PyTorch outputs at that batch; empty when parity was not
+    checked (``parity_note`` says why).
+    """
+
+    path: str
+    files: list[str]
+    exporter: str                       # "dynamo" or "torchscript"
+    fallback_reason: str | None
+    opset: int
+    dynamic_batch: bool
+    dtype: str
+    checker_passed: bool
+    parity: dict[int, float] = field(default_factory=dict)
+    tolerance: float | None = None
+    parity_note: str | None = None
+
+    @property
+    def parity_checked(self) -> bool:
+        return bool(self.parity)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return max(self.parity.values()) if self.parity else None
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "parity": {str(k): v for k, v in self.parity.items()},
+                "parity_checked": self.parity_checked, "max_abs_diff": self.max_abs_diff}
+
+
+def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
+                dynamic_batch: bool = True, opset: int | None = None, fp16: bool = False,
+                check: bool = True) -> OnnxReport:
+    """Export ``module`` to ONNX (eval mode), check it, and compare it with PyTorch.
+
+    Args:
+        module: the model (``add_skips(...).module``, ``fold(...).module``, any nn.Module);
+            not modified (its train/eval mode is restored).
+        path: the ``.onnx`` file to write. Written atomically: nothing appears
+            unless export, checker and parity all pass. Models over 2 GB get
+            their weights in ``<path>.data`` (or one file per tensor with the
+            TorchScript exporter) beside it, moved into place before the
+            ``.onnx`` file itself.
+        example_inputs: tuple of tensors, as for torch.export.
+        dynamic_batch: make dim 0 of every input (and output) symbolic ("batch").
+        opset: ONNX opset; None picks the exporter's default (18+ for dynamo,
+            17 for the TorchScript fallback).
+        fp16: convert the model and floating inputs to float16 first; parity is
+            then measured against the float32 model (tolerance ``ONNX_RTOL[float16]``).
+        check: run the file in onnxruntime (when installed) at the example batch
+            and, with a dynamic batch, at a second batch size.
+
+    Returns:
+        OnnxReport with the exporter used, the opset, and the measured differences.
+
+    Raises:
+        ExportError: both exporters failed, the checker rejected the file, the
+            output folder is missing, or onnxruntime cannot load the model.
+        VerificationError: ONNX Runtime's outputs differ beyond ``ONNX_RTOL`` (CLI exit 3).
+
+    Example:
+        >>> report = export_onnx(result.module, "vgg_skips.onnx", (x,))   # doctest: +SKIP
+        >>> report.exporter, report.parity                                 # doctest: +SKIP
+        ('dynamo', {2: 3.1e-07, 1: 2.9e-07})
+    """
+    import onnx
+
+    inputs = normalize_inputs(example_inputs)
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"output folder {parent} does not exist; create it first")
+    work, export_inputs = _prepare(module, inputs, fp16)
+    reference = _run_torch(module, inputs, fp16)
+    in_names = _names("input", len(inputs))
+    out_names = _names("output", len(reference))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    target = scratch / path.name
+    try:
+        exporter, reason = _export(work, export_inputs, target, in_names, out_names,
+                                   dynamic_batch, opset)
+        try:
+            onnx.checker.check_model(str(target), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejected the exported {path}: {brief(exc)}") from exc
+        proto = onnx.load(str(target), load_external_data=False)
+        used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                          opset or 0)
+        report = OnnxReport(path=str(path), files=[], exporter=exporter, fallback_reason=reason,
+                            opset=used_opset, dynamic_batch=dynamic_batch,
+                            dtype=str(_model_dtype(work, export_inputs)).split(".")[-1],
+                            checker_passed=True)
+        if check:
+            _check_parity(report, target, module, inputs, reference, fp16)
+        else:
+            report.parity_note = "parity not checked (check=False)"
+        extras = sorted(p.name for p in scratch.iterdir() if p != target)
+        for name in extras:   # external weights first: the .onnx must never point at nothing
+            os.replace(scratch / name, parent / name)
+        with atomic_path(path) as tmp:
+            os.replace(target, tmp)
+        report.files = [str(path)] + [str(parent / name) for name in extras]
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _model_dtype(module: nn.Module, inputs: tuple) -> torch.dtype:
+    floating = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return floating[0] if floating else inputs[0].dtype
+
+
+def _names(stem: str, count: int) -> list[str]:
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+
+
+def _prepare(module: nn.Module, inputs: tuple, fp16: bool) -> tuple[nn.Module, tuple]:
+    if not fp16:
+        return module, inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree specs of exported graphs
+        work = copy.deepcopy(module).half()
+    return work, tuple(t.half() if t.is_floating_point() else t for t in inputs)
+
+
+def _run_torch(module: nn.Module, inputs: tuple, fp16: bool) -> list[torch.Tensor]:
+    """Eval-mode outputs; for fp16 the float32 model on the fp16-rounded inputs."""
+    if fp16:
+        inputs = tuple(t.half().to(t.dtype) if t.is_floating_point() else t for t in inputs)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+    finally:
+        module.train(was_training)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress to stdout and log through logging; keep both off the user."""
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
+            out_names: list[str], dynamic_batch: bool, opset: int | None) -> tuple[str, str | None]:
+    was_training = module.training
+    module.eval()
+    try:
+        try:
+            with _quiet():
+                _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset)
+            return "dynamo", None
+        except Exception as exc:  # noqa: BLE001  (any failure there means: try the other exporter)
+            dynamo_error = exc
+        for leftover in target.parent.iterdir():
+            leftover.unlink()
+        reason = brief(dynamo_error)
+        warnings.warn(f"the dynamo ONNX exporter failed ({type(dynamo_error).__name__}: "
+                      f"{reason}); used the TorchScript exporter instead",
+                      ExportFallbackWarning, stacklevel=3)
+        try:
+            with _quiet():
+                _export_torchscript(module, inputs, target, in_names, out_names,
+                                    dynamic_batch, opset)
+        except Exception as exc:
+            raise ExportError(f"cannot export {type(module).__name__} to ONNX: the dynamo "
+                              f"exporter failed with '{reason}' and the TorchScript exporter "
+                              f"with '{brief(exc)}'") from exc
+        return "torchscript", f"{type(dynamo_error).__name__}: {reason}"
+    finally:
+        module.train(was_training)
+
+
+def _batch_dims(inputs: tuple, dynamic_batch: bool) -> list[bool]:
+    """Which inputs get a symbolic dim 0: those batched like the first input."""
+    if not dynamic_batch or not inputs or inputs[0].dim() == 0:
+        return [False] * len(inputs)
+    batch = inputs[0].shape[0]
+    return [t.dim() > 0 and t.shape[0] == batch for t in inputs]
+
+
+def _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset) -> None:
+    dims = _batch_dims(inputs, dynamic_batch)
+    dynamic = None
+    if any(dims):
+        # torch.export specialises a batch of 1; trace with 2 rows, as export.py does
+        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if d and t.shape[0] == 1 else t
+                       for t, d in zip(inputs, dims))
+        batch = torch.export.Dim("batch", min=1)
+        dynamic = tuple({0: batch} if d else None for d in dims)
+    program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic,
+                                input_names=in_names, output_names=out_names,
+                                opset_version=opset)
+    program.save(str(target))   # external data only past 2 GB
+
+
+def _export_torchscript(module, inputs, target, in_names, out_names, dynamic_batch,
+                        opset) -> None:
+    dims = _batch_dims(inputs, dynamic_batch)
+    axes = None
+    if any(dims):
+        axes = {n: {0: "batch"} for n, d in zip(in_names, dims) if d}
+        axes.update({n: {0: "batch"} for n in out_names})
+    torch.onnx.export(module, inputs, str(target), dynamo=False, input_names=in_names,
+                      output_names=out_names, dynamic_axes=axes,
+                      opset_version=opset or FALLBACK_OPSET)
+
+
+def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: tuple,
+                  reference: list[torch.Tensor], fp16: bool) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        report.parity_note = ("onnxruntime is not installed, so parity was not checked "
+                              "(pip install 'ressurgeon[ort]', or onnxruntime-gpu)")
+        return
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load {report.path}: {brief(exc)}; write it "
+                          "without the parity check (check=False / --no-check)") from exc
+    batches = [(inputs, reference)]
+    if report.dynamic_batch and any(_batch_dims(inputs, True)):
+        other = _other_batch(inputs)
+        batches.append((other, _run_torch(module, other, fp16)))
+    dtype = torch.float16 if fp16 else reference[0].dtype if reference else torch.float32
+    rtol = ONNX_RTOL.get(dtype, ONNX_RTOL[torch.float32])
+    tolerance = 0.0
+    for batch_inputs, expected in batches:
+        batch = batch_inputs[0].shape[0] if batch_inputs[0].dim() else 1
+        feed = {i.name: _numpy(t, fp16) for i, t in zip(session.get_inputs(), batch_inputs)}
+        try:
+            got = session.run(None, feed)
+        except Exception as exc:
+            raise VerificationError(
+                f"{report.path} fails in onnxruntime at batch {batch}: {brief(exc)}; if the "
+                "model fixes its batch size, export with a static batch (--static-batch)") from exc
+        if len(got) != len(expected):
+            raise VerificationError(f"{report.path} returns {len(got)} outputs, PyTorch "
+                                    f"{len(expected)}")
+        worst = 0.0
+        for want, have in zip(expected, got):
+            have = torch.from_numpy(have).double()
+            if tuple(have.shape) != tuple(want.shape):
+                raise VerificationError(f"{report.path} returns shape {tuple(have.shape)} at "
+                                        f"batch {batch}, PyTorch {tuple(want.shape)}")
+            if want.numel():
+                want = want.detach().cpu().double()
+                worst = max(worst, (want - have).abs().max().item())
+                tolerance = max(tolerance, rtol * max(1.0, want.abs().max().item()))
+        report.parity[int(batch)] = worst
+    report.tolerance = tolerance
+    if report.max_abs_diff is not None and not report.max_abs_diff <= tolerance:
+        shown = ", ".join(f"batch {b}: {d:.3g}" for b, d in report.parity.items())
+        raise VerificationError(f"ONNX Runtime's outputs differ from PyTorch's ({shown}; "
+                                f"tolerance {tolerance:.3g}); {report.path} was not written")
+
+
+def _other_batch(inputs: tuple) -> tuple:
+    """The example rows repeated to a second batch size (1, or 3 when the example has 1)."""
+    dims = _batch_dims(inputs, True)
+    batch = inputs[0].shape[0]
+    size = 1 if batch != 1 else 3
+    index = torch.arange(size, device=inputs[0].device) % batch
+    return tuple(t[index] if d else t for t, d in zip(inputs, dims))
+
+
+def _numpy(t: torch.Tensor, fp16: bool):
+    t = t.detach().cpu()
+    if fp16 and t.is_floating_point():
+        t = t.half()
+    return t.numpy()
+
+
+# -- ONNX Runtime's optimized graph --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusionReport:
+    """Convolutions in ONNX Runtime's optimized CPU graph (ORT_ENABLE_ALL).
+
+    ``fused_add``: convolutions that took in an Add as their "sum" input
+    (``FusedConv`` or the NCHWc ``Conv`` with 4 inputs), i.e. shortcuts that
+    cost no separate op; ``adds``/``muls``: element-wise ops left over.
+    """
+
+    convs: int
+    fused_add: int
+    fused_activation: int
+    adds: int
+    muls: int
+    ops: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def fusion_report(path: str | Path) -> FusionReport:
+    """Optimize ``path`` with ONNX Runtime on CPU (ORT_ENABLE_ALL) and count fused convolutions.
+
+    Args:
+        path: an ``.onnx`` file.
+
+    Returns:
+        FusionReport of the optimized graph (written to a temporary file via
+        ``SessionOptions.optimized_model_filepath``, then deleted).
+
+    Raises:
+        ExportError: onnxruntime is not installed or cannot load the file.
+
+    Example:
+        >>> fusion_report("vgg_skips.onnx").fused_add   # doctest: +SKIP
+        4
+    """
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("fusion_report needs onnxruntime: pip install 'ressurgeon[ort]'") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # the NCHWc "hardware specific" notice
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"onnxruntime cannot load {path}: {brief(exc)}") from exc
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                  for n in graph.node)
+    convs = [n for n in graph.node if n.op_type in ("Conv", "FusedConv", "NhwcFusedConv")]
+    fused_add = sum(len(n.input) >= 4 and bool(n.input[3]) for n in convs)
+    fused_act = sum(any(a.name == "activation" for a in n.attribute) for n in convs)
+    return FusionReport(convs=len(convs), fused_add=fused_add, fused_activation=fused_act,
+                        adds=ops.get("Add", 0), muls=ops.get("Mul", 0), ops=dict(ops))
