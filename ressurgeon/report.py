@@ -15,20 +15,23 @@ def _shape(shape) -> str:
 
 
 def skips_table(skips: list[Skip], title: str = "Shortcuts inserted") -> Table:
-    """One row per shortcut: source -> target, kind, shapes, stride, parameters; then totals."""
-    table = Table(title=title, title_justify="left", show_footer=bool(skips))
-    table.add_column("#", justify="right", footer="")
-    table.add_column("source -> target", footer="total")
-    table.add_column("kind", footer=_kinds(skips))
-    table.add_column("shapes")
+    """One row per shortcut: source -> target, kind, shapes, stride, parameters; totals below."""
+    inits = sorted({s.init for s in skips})
+    if inits:
+        title = f"{title} (init {', '.join(inits)})"
+    caption = (f"total: {len(skips)} shortcut(s), {_kinds(skips)}; "
+               f"{sum(s.params for s in skips):,} parameters added") if skips else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("source -> target", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("shapes", no_wrap=True)
     table.add_column("stride", justify="right")
-    table.add_column("init")
-    table.add_column("params added", justify="right",
-                     footer=f"{sum(s.params for s in skips):,}")
+    table.add_column("params", justify="right", no_wrap=True)
     for i, s in enumerate(skips, 1):
         table.add_row(str(i), f"{s.source_layer or s.source} -> {s.target_layer or s.target}",
                       s.kind, f"{_shape(s.src_shape)} -> {_shape(s.dst_shape)}",
-                      str(s.stride), s.init, f"{s.params:,}")
+                      str(s.stride), f"{s.params:,}")
     return table
 
 
