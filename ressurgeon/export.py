@@ -40,6 +40,10 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create 0600/0700; give the result the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod((0o777 if is_dir else 0o666) & ~umask)
         if is_dir and dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -196,3 +196,15 @@ def test_save_formats_round_trip(tmp_path):
 def test_unknown_output_suffix_is_refused(example_models, tmp_path):
     msg = assert_one_line_exit_2(cli("add-skips", example_models["mlp"], "-o", tmp_path / "m.h5"))
     assert ".pt2, .pt, .pth or .safetensors" in msg
+
+
+def test_outputs_get_ordinary_file_modes(tmp_path):
+    from ressurgeon.export import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
