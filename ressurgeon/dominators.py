@@ -4,11 +4,18 @@ u dominates v when every path from the model's inputs to v passes through u.
 fx graphs are DAGs in topological order, so one pass of Cooper, Harvey and
 Kennedy's "intersect" over the predecessors is exact: every predecessor's
 immediate dominator is final before the node is reached.
+
+Edges that carry no tensor (``x.shape``, ``x.size(0)``, an optional input
+left at None; marked by shape propagation) are left out: they pass no
+activation, so ``x.view(x.size(0), -1)`` depends on ``x`` alone and a reshape
+inside attention is no join of branches.
 """
 
 from __future__ import annotations
 
 from torch import fx
+
+from .shapes import META
 
 _ROOT = None  # virtual entry joined to every placeholder
 
@@ -17,7 +24,8 @@ class DominatorTree:
     """Immediate dominators of the input-dependent nodes of ``graph``.
 
     Nodes that do not depend on any input (get_attr, constants) are not on a
-    path from the input and take no part.
+    path from the input and take no part; neither do nodes that depend on the
+    input only through values that hold no tensor (sizes, None).
 
     Example:
         >>> tree = DominatorTree(gm.graph)             # doctest: +SKIP
@@ -32,7 +40,8 @@ class DominatorTree:
             if node.op == "placeholder":
                 self._add(node, _ROOT)
                 continue
-            preds = [a for a in node.all_input_nodes if a in self.index]
+            preds = [a for a in node.all_input_nodes
+                     if a in self.index and not a.meta.get(META, {}).get("nodata")]
             if not preds:
                 continue
             dom = preds[0]

@@ -52,21 +52,27 @@ OPS: dict[object, OpInfo] = {
     nn.Linear: _FEATURES_LAST, nn.MultiheadAttention: _FEATURES_LAST,
     # weighted ops, functions (functional models, torch.export graphs)
     F.conv1d: _CHANNELS_FIRST, F.conv2d: _CHANNELS_FIRST, F.conv3d: _CHANNELS_FIRST,
-    F.linear: _FEATURES_LAST,
+    F.linear: _FEATURES_LAST, F.conv_transpose1d: _CHANNELS_FIRST,
+    F.conv_transpose2d: _CHANNELS_FIRST, F.conv_transpose3d: _CHANNELS_FIRST,
     aten.conv1d.default: _CHANNELS_FIRST, aten.conv2d.default: _CHANNELS_FIRST,
     aten.conv3d.default: _CHANNELS_FIRST, aten.convolution.default: _CHANNELS_FIRST,
+    aten.conv_transpose1d.default: _CHANNELS_FIRST, aten.conv_transpose2d.input: _CHANNELS_FIRST,
+    aten.conv_transpose3d.input: _CHANNELS_FIRST,
     aten.linear.default: _FEATURES_LAST,
     # normalisation
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.BatchNorm3d: _NORM,
     nn.LayerNorm: _NORM, nn.GroupNorm: _NORM, nn.InstanceNorm1d: _NORM,
     nn.InstanceNorm2d: _NORM, nn.InstanceNorm3d: _NORM, nn.RMSNorm: _NORM,
-    F.batch_norm: _NORM, F.layer_norm: _NORM, F.group_norm: _NORM,
+    nn.LocalResponseNorm: _NORM,  # AlexNet, GoogLeNet v1
+    F.batch_norm: _NORM, F.layer_norm: _NORM, F.group_norm: _NORM, F.rms_norm: _NORM,
+    F.instance_norm: _NORM, F.local_response_norm: _NORM,
     aten.batch_norm.default: _NORM, aten.layer_norm.default: _NORM,
     aten.group_norm.default: _NORM,
     # activations
     nn.ReLU: _ACT, nn.ReLU6: _ACT, nn.LeakyReLU: _ACT, nn.GELU: _ACT, nn.SiLU: _ACT,
     nn.ELU: _ACT, nn.Tanh: _ACT, nn.Sigmoid: _ACT, nn.Hardswish: _ACT,
     nn.Hardtanh: _ACT, nn.Mish: _ACT, nn.PReLU: _ACT, nn.SELU: _ACT, nn.Softplus: _ACT,
+    nn.Hardsigmoid: _ACT, nn.CELU: _ACT,
     F.relu: _ACT, F.relu6: _ACT, F.leaky_relu: _ACT, F.gelu: _ACT, F.silu: _ACT,
     F.elu: _ACT, F.hardswish: _ACT, F.hardtanh: _ACT, F.mish: _ACT, F.selu: _ACT,
     torch.relu: _ACT, torch.tanh: _ACT, torch.sigmoid: _ACT, F.tanh: _ACT, F.sigmoid: _ACT,
@@ -74,6 +80,8 @@ OPS: dict[object, OpInfo] = {
     aten.relu.default: _ACT, aten.gelu.default: _ACT, aten.silu.default: _ACT,
     aten.tanh.default: _ACT, aten.sigmoid.default: _ACT, aten.hardtanh.default: _ACT,
     aten.leaky_relu.default: _ACT, aten.hardswish.default: _ACT, aten.elu.default: _ACT,
+    aten.hardsigmoid.default: _ACT, aten.mish.default: _ACT,
+    F.hardsigmoid: _ACT,
 }
 
 

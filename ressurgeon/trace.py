@@ -4,18 +4,28 @@ torch.fx ``symbolic_trace`` first, because it keeps the user's modules (a
 BatchNorm stays a BatchNorm and trains like one). When fx cannot follow the
 model (Python control flow on tensors or shapes), torch.export captures it
 and ``graph_module_from_export`` turns mode-dependent ops back into modules so
-the result still trains like the original. Then in-place ops are turned off
-(a shortcut must never read a tensor an in-place op overwrote) and shapes are
-recorded by running the graph once.
+the result still trains like the original; its batch dimension stays dynamic
+where the model allows it. Then in-place ops are turned off (a shortcut must
+never read a tensor an in-place op overwrote) and shapes are recorded by
+running the graph once, with real tensors or, with ``fake=True``, FakeTensors.
+
+Leaf policy: fx keeps ``torch.nn`` modules, our ``Shortcut`` and whatever the
+user names (``leaf_modules`` globs, ``--leaf``) opaque; when timm is imported,
+the modules and functions it registers as not traceable are added.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
-import inspect
+import io
 import logging
 import operator
+import os
+import re
+import sys
+import traceback
 import warnings
 from collections.abc import Iterable
 
@@ -25,20 +35,33 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .errors import ShapeError, TraceError, brief
+from .inplace import input_dependent, remove_inplace
+from .shapes import META, propagate_shapes, runs
 
-META = "ressurgeon"  # our annotations live in node.meta[META] and gm.meta[META]
+__all__ = ["trace_model", "propagate_shapes", "remove_inplace", "graph_module_from_export",
+           "default_leaf_modules", "normalize_inputs", "META"]
+
 aten = torch.ops.aten
 
 
 def trace_model(model: nn.Module, example_inputs: tuple, *,
-                leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+                leaf_modules: Iterable[str] = (), concrete_args: dict | None = None,
+                fake: bool = False, dynamic_batch: bool = True) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule annotated with shapes; the model is not modified.
 
     Args:
         model: the network to trace (it is deep-copied first).
         example_inputs: tuple of tensors, as for torch.export.
         leaf_modules: glob patterns on module names or class names that fx should
-            keep opaque (call them, do not trace inside).
+            keep opaque (call them, do not trace inside). ``default_leaf_modules()``
+            is always added.
+        concrete_args: values for non-tensor ``forward`` arguments (flags, modes),
+            baked into the graph, as for ``torch.fx.symbolic_trace``.
+        fake: record shapes with FakeTensors (no activation memory, no arithmetic)
+            instead of running the graph; see ``propagate_shapes``.
+        dynamic_batch: when the torch.export fallback runs, mark dim 0 of every
+            input dynamic (``torch.export.Dim.AUTO``) so the graph accepts other
+            batch sizes; export keeps it static where the model needs that.
 
     Returns:
         A GraphModule whose nodes carry ``node.meta["ressurgeon"]`` with ``shape``,
@@ -46,7 +69,8 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
         says "fx", "export", or "graph" (the model was a GraphModule already).
 
     Raises:
-        TraceError: neither fx nor torch.export could capture the model.
+        TraceError: neither fx nor torch.export could capture the model; names the
+            module and the source line where fx stopped.
         ShapeError: the model rejects the example inputs (names the layer).
 
     Example:
@@ -68,28 +92,28 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
         gm, method, fx_error = work, "graph", None
     else:
         try:
-            gm = _trace_fx(work, leaves)
+            gm = _trace_fx(work, leaves, concrete_args)
             method, fx_error = "fx", None
         except Exception as exc:  # fx raises many kinds of errors for untraceable code
             gm, method, fx_error = None, None, exc
     if gm is not None:
         remove_inplace(gm)
         try:
-            propagate_shapes(gm, inputs)
+            propagate_shapes(gm, inputs, fake=fake)
         except ShapeError as shape_error:
             # fx can trace code it then cannot run (shape-dependent Python);
             # only a model that runs as it is deserves the export fallback.
-            if not _runs(model, inputs):
+            if not runs(model, inputs, fake=fake):
                 raise
             gm, fx_error = None, shape_error
     if gm is None:
-        gm = _trace_export(work, inputs, fx_error)
+        gm = _trace_export(work, inputs, fx_error, dynamic_batch)
         method = "export"
         remove_inplace(gm)
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, inputs, fake=fake)
     gm.meta.setdefault(META, {})["method"] = method
     if fx_error is not None:
-        gm.meta[META]["fx_error"] = brief(fx_error)
+        gm.meta[META]["fx_error"] = _describe_fx_failure(fx_error)
     gm.train(model.training)
     return gm
 
@@ -108,17 +132,44 @@ def normalize_inputs(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
+def default_leaf_modules() -> tuple[tuple[type, ...], tuple]:
+    """(module classes, functions) that tracing keeps opaque without being asked.
+
+    When timm is imported, the modules and functions it registers as not
+    fx-traceable (``timm.layers.register_notrace_module`` / ``_function``) are
+    used, as timm's own feature extraction does. Nothing else is needed for
+    torch and torchvision: fx already keeps ``torch.nn`` modules opaque, and
+    torchvision wraps its untraceable functions with ``torch.fx.wrap``.
+
+    Returns:
+        A tuple of classes and a tuple of functions (both empty without timm).
+
+    Example:
+        >>> classes, functions = default_leaf_modules()
+    """
+    timm = sys.modules.get("timm")  # only if the user imported it: never import timm here
+    if timm is None:
+        return (), ()
+    try:
+        from timm.layers import _fx as timm_fx
+        return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+    except (ImportError, AttributeError):
+        return (), ()
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that also keeps user-named modules and our own shortcuts opaque."""
 
-    def __init__(self, leaves: tuple[str, ...]):
-        super().__init__()
+    def __init__(self, leaves: tuple[str, ...] = (),  # default: unpickling re-creates it
+                 leaf_classes: tuple[type, ...] = (), autowrap_functions: tuple = ()):
+        super().__init__(autowrap_functions=autowrap_functions)
         self.leaves = leaves
+        self.leaf_classes = leaf_classes
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .shortcuts import Shortcut  # local: shortcuts imports nothing from here
 
-        if isinstance(m, Shortcut):
+        if isinstance(m, (Shortcut, *self.leaf_classes)):
             return True
         name = type(m).__name__
         if any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(name, p)
@@ -127,26 +178,113 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _trace_fx(model: nn.Module, leaves: tuple[str, ...]) -> fx.GraphModule:
-    graph = _LeafTracer(leaves).trace(model)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
-
-
-def _trace_export(model: nn.Module, inputs: tuple, fx_error: Exception | None) -> fx.GraphModule:
-    export_logger = logging.getLogger("torch.export")
-    level = export_logger.level
-    export_logger.setLevel(logging.CRITICAL)  # export logs whole tracebacks before raising
+def _trace_fx(model: nn.Module, leaves: tuple[str, ...],
+              concrete_args: dict | None) -> fx.GraphModule:
+    classes, functions = default_leaf_modules()
+    tracer = _LeafTracer(leaves, classes, functions)
     try:
-        ep = torch.export.export(model, inputs, strict=False)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
+        # fx does not unwind its module stack on errors: its top is where tracing stopped
+        stack = list(tracer.module_stack.values())
+        exc._ressurgeon_module = stack[-1] if stack else ("", type(model))
+        raise
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if concrete_args:
+        _drop_concrete_placeholders(gm.graph, concrete_args)
+        gm.recompile()
+    return gm
+
+
+def _drop_concrete_placeholders(graph: fx.Graph, concrete_args: dict) -> None:
+    """fx keeps a placeholder and an assert for each concrete arg; the graph takes tensors only.
+
+    The value is substituted for the placeholder, so the asserts become
+    constant checks, and those are dropped with it.
+    """
+    for node in list(graph.nodes):
+        if node.op != "placeholder":
+            continue
+        # fx renames the placeholder when the value equals the default ("flag_1")
+        name = node.target if node.target in concrete_args else re.sub(r"_\d+$", "", node.target)
+        if name in concrete_args:
+            value = concrete_args[name]
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a, n=node, v=value: v if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs,
+                                              lambda a, n=node, v=value: v if a is n else a)
+            graph.erase_node(node)
+    live = input_dependent(graph)
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node not in live and not node.users and (
+                getattr(node.target, "__name__", "") in ("_assert", "_assert_is_none")):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+
+
+
+def _describe_fx_failure(exc: BaseException | None) -> str:
+    """'<message>' plus the module being traced and the user's source line, when known."""
+    text = brief(exc)
+    where = []
+    path, cls = getattr(exc, "_ressurgeon_module", ("", None))
+    if cls is not None:
+        where.append(f"in module '{path}' ({cls.__name__})" if path else
+                     f"in {cls.__name__}.forward")
+    site = _user_frame(exc)
+    if site:
+        where.append(f"at {site}")
+    return f"{text} [{' '.join(where)}]" if where else text
+
+
+def _user_frame(exc: BaseException | None) -> str:
+    """'file.py:12 `code`' for the innermost traceback frame outside torch and ressurgeon."""
+    if exc is None or exc.__traceback__ is None:
+        return ""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(skip) and "<" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = f": {f.line.strip()}" if f.line else ""
+    return f"{os.path.basename(f.filename)}:{f.lineno}{code}"
+
+
+_NOISY_LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
+
+
+def _batch_dims(inputs: tuple) -> tuple:
+    auto = torch.export.Dim.AUTO
+    return tuple({0: auto} if t.dim() >= 1 else None for t in inputs)
+
+
+def _trace_export(model: nn.Module, inputs: tuple, fx_error: Exception | None,
+                  dynamic_batch: bool = True) -> fx.GraphModule:
+    # export logs whole tracebacks (and symbolic-shape warnings) before it raises
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        dims = _batch_dims(inputs) if dynamic_batch else None
+        # on data-dependent errors export also prints its partial graph to stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
+    except Exception as exc:
+        module = getattr(fx_error, "_ressurgeon_module", ("", None))[0]
+        hint = f"(e.g. --leaf '{module}')" if module else "(leaf_modules / --leaf)"
         raise TraceError(
             f"cannot capture {type(model).__name__}: torch.fx failed with "
-            f"'{brief(fx_error)}' and torch.export with '{brief(exc)}'. "
-            "Mark the offending submodule as a leaf (leaf_modules / --leaf) or rewrite "
+            f"'{_describe_fx_failure(fx_error)}' and torch.export with '{brief(exc)}'"
+            f"{' at ' + _user_frame(exc) if _user_frame(exc) else ''}. "
+            f"Mark the offending submodule as a leaf {hint} or rewrite "
             "the data-dependent Python branch with torch.where / torch.cond"
         ) from exc
     finally:
-        export_logger.setLevel(level)
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
     return graph_module_from_export(ep)
 
 
@@ -168,11 +306,20 @@ def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
     """
     out_spec = getattr(unlifted, "_out_spec", None)
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name="ExportedModel")
+    # A dynamic-shape export leaves its ShapeEnv behind: unpicklable, and not
+    # needed once the graph runs on real tensors (it lives on in node.meta["val"]).
+    for attr in ("shape_env", "_in_spec", "_out_spec"):
+        gm.__dict__.pop(attr, None)  # the pytree specs only warn on deepcopy once unused
+    # Unpickling re-traces the generated code with the graph's tracer class;
+    # export's needs constructor arguments, the plain fx Tracer does not.
+    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = None, {}, None
     graph = gm.graph
     graph.set_codegen(fx.graph.CodeGen())
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards_fn"):
+            target = str(node.target)
             graph.erase_node(node)
+            gm.delete_submodule(target)  # a local function inside: it would block pickling
     output = next(n for n in graph.nodes if n.op == "output")
     flat = output.args[0]
     if out_spec is not None and isinstance(flat, (tuple, list)):
@@ -299,157 +446,3 @@ def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__
     return getattr(target, "__name__", str(target))
-
-
-# -- in-place ops --------------------------------------------------------------------
-
-def remove_inplace(gm: fx.GraphModule) -> int:
-    """Turn in-place ops on activations into their out-of-place forms; return how many.
-
-    Later readers of a tensor that an in-place op overwrote are rewired to the
-    op's result, so the function stays exactly the same while no tensor is
-    overwritten behind a shortcut's back. Module flags (``ReLU(inplace=True)``),
-    call arguments (``F.relu(x, inplace=True)``), ``x.relu_()`` methods and
-    ``torch.relu_`` / aten ``relu_`` functions are all covered. In-place updates
-    of buffers (counters, running statistics) are state, not activations, and
-    are left alone.
-    """
-    graph = gm.graph
-    modules = dict(gm.named_modules())
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    from_input = _input_dependent(graph)
-    changed = 0
-    for node in list(graph.nodes):
-        if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in from_input:
-            continue
-        mutated = _make_out_of_place(node, modules)
-        if mutated is None:
-            continue
-        changed += 1
-        for user in list(mutated.users):
-            if user is not node and order.get(user, -1) > order[node]:
-                user.replace_input_with(mutated, node)
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return changed
-
-
-def _make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """Edit one node to its out-of-place form; return the tensor it used to overwrite."""
-    if node.op == "call_module":
-        module = modules.get(node.target)
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
-            return node.args[0]
-        return None
-    if node.op == "call_method":
-        name = node.target
-        if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
-            node.target = name[:-1]
-            return node.args[0]
-        if node.kwargs.get("inplace") is True:
-            node.kwargs = {**node.kwargs, "inplace": False}
-            return node.args[0]
-        return None
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        if not target._schema.is_mutable:
-            return None
-        base = target.overloadpacket.__name__
-        if not base.endswith("_"):
-            return None
-        packet = getattr(aten, base[:-1], None)
-        if packet is None or target._overloadname not in packet.overloads():
-            return None
-        node.target = getattr(packet, target._overloadname)
-        return node.args[0]
-    name = getattr(target, "__name__", "")
-    if name.endswith("_") and not name.startswith("_") and target is getattr(torch, name, None):
-        outplace = getattr(torch, name[:-1], None)
-        if outplace is not None:
-            node.target = outplace
-            return node.args[0]
-    if node.kwargs.get("inplace") is True:
-        node.kwargs = {**node.kwargs, "inplace": False}
-        return node.args[0]
-    try:
-        params = list(inspect.signature(target).parameters)
-    except (TypeError, ValueError):
-        return None
-    if "inplace" in params:
-        i = params.index("inplace")
-        if i < len(node.args) and node.args[i] is True:
-            node.args = node.args[:i] + (False,) + node.args[i + 1:]
-            return node.args[0]
-    return None
-
-
-def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(a in seen for a in node.all_input_nodes):
-            seen.add(node)
-    return seen
-
-
-# -- shapes -----------------------------------------------------------------------------
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once and writes each value's shape, dtype and device into node.meta."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.extra_traceback = False  # our ShapeError already names the node
-
-    def run_node(self, n: fx.Node):
-        try:
-            result = super().run_node(n)
-        except Exception as exc:
-            raise ShapeError(_shape_message(self.module, n, self.env, exc)) from exc
-        info = n.meta.setdefault(META, {})
-        if isinstance(result, torch.Tensor):
-            info.update(shape=tuple(result.shape), dtype=result.dtype, device=result.device)
-        else:
-            for key in ("shape", "dtype", "device"):
-                info.pop(key, None)
-        return result
-
-
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Record shape/dtype/device of every tensor in ``node.meta["ressurgeon"]`` (eval mode)."""
-    was_training = gm.training
-    gm.eval()  # no running-stat updates; BN accepts batch 1
-    try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*example_inputs)
-    finally:
-        gm.train(was_training)
-
-
-def _runs(model: nn.Module, inputs: tuple) -> bool:
-    """Whether the untouched model accepts the inputs (a failure is the user's shape)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-        return True
-    except Exception:
-        return False
-    finally:
-        model.train(was_training)
-
-
-def _shape_message(gm: fx.GraphModule, node: fx.Node, env: dict, exc: Exception) -> str:
-    shapes = [tuple(env[a].shape) for a in node.all_input_nodes
-              if a.op != "get_attr" and isinstance(env.get(a), torch.Tensor)]
-    shown = ", ".join(str(s) for s in shapes) or "no tensor"
-    if node.op == "call_module":
-        what = f"layer '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
-    else:
-        what = f"layer '{node_label(node)}' ({op_name(node, {})})"
-    return (f"{what} rejected input of shape {shown}: {brief(exc)}; "
-            "check the example input shape (--input-shape)")

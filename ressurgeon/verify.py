@@ -40,13 +40,16 @@ class ParityReport:
 
 
 def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *,
-                 atol: float | None = None) -> ParityReport:
+                 atol: float | None = None,
+                 original_kwargs: dict | None = None) -> ParityReport:
     """Run both models in eval mode on the same inputs and compare every output tensor.
 
     Args:
         original, rewritten: the models to compare; their train/eval modes are restored.
         example_inputs: tuple of tensors.
         atol: tolerance; by default ``PARITY_ATOL`` for the outputs' dtype.
+        original_kwargs: keyword arguments for the original only: the
+            ``concrete_args`` the rewritten graph was traced with.
 
     Returns:
         A ParityReport (``.ok`` says whether the difference is within tolerance).
@@ -58,8 +61,8 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
         >>> check_parity(model, result.module, (x,)).max_abs_diff   # doctest: +SKIP
         0.0
     """
-    a = _flat_outputs(original, example_inputs)
-    b = _flat_outputs(rewritten, example_inputs)
+    a = _flat_outputs(original, example_inputs, original_kwargs or {})
+    b = _flat_outputs(rewritten, example_inputs, {})
     if len(a) != len(b):
         raise ShapeError(f"the rewritten model returns {len(b)} tensors, the original {len(a)}")
     worst = 0.0
@@ -73,12 +76,12 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
     return ParityReport(max_abs_diff=worst, tolerance=atol, outputs=len(a))
 
 
-def _flat_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+def _flat_outputs(model: nn.Module, inputs: tuple, kwargs: dict) -> list[torch.Tensor]:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(*inputs)
+            out = model(*inputs, **kwargs)
     finally:
         model.train(was_training)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -107,10 +107,17 @@ def test_branches_dominators_and_spans():
     assert not tree.dominates(node["left.3"], cat)      # the right tower bypasses it
     assert tree.dominates(node["left.1"], node["left.3"])
     spans = find_spans(model, (torch.randn(1, 3, 8, 8),), SkipConfig(span=1))
-    pairs = {(s.source_layer, s.target_layer) for s in chosen(spans)}
-    assert ("left.0", "left.2") in pairs and ("right.0", "right.2") in pairs
-    # after the concat, the nearest dominating layer is the stem: the span covers both towers
-    assert ("stem.0", "trunk.0") in pairs
+    verdicts = {(s.source_layer, s.target_layer): s.reason for s in spans}
+    assert verdicts[("left.0", "left.2")] is None and verdicts[("right.0", "right.2")] is None
+    # The concat is a block, one unit of the layer tree: the trunk's first span starts at it,
+    # and the span around the whole block would share layers with the in-tower spans.
+    assert verdicts[("cat", "trunk.0")] is None
+    assert verdicts[("stem.0", "cat")] is Reason.OVERLAPS
+    spans = find_spans(model, (torch.randn(1, 3, 8, 8),), SkipConfig(span=3))
+    verdicts = {(s.source_layer, s.target_layer): s.reason for s in spans}
+    # a span from before the fork to after the join counts the towers as one unit
+    assert verdicts == {("stem.0", "trunk.2"): Reason.OVERLAPS, ("cat", "trunk.4"): None,
+                        ("trunk.0", "head"): Reason.HEAD}
 
 
 def test_transformer_stack_gets_identity_spans_on_tokens():

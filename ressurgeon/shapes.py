@@ -1,0 +1,139 @@
+"""Shape propagation: run a traced graph once and record every value's shape in node.meta.
+
+Real propagation runs the graph on the example inputs. ``fake=True`` runs it
+under torch's FakeTensorMode instead: every op computes only its output's
+shape, dtype and device, so a large model costs no activation memory and no
+arithmetic. A model built on the ``meta`` device (no weights at all) is
+propagated with meta example inputs either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .errors import ShapeError, brief
+
+META = "ressurgeon"  # our annotations live in node.meta[META] and gm.meta[META]
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and writes each value's shape, dtype and device into node.meta."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # our ShapeError already names the node
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise ShapeError(_shape_message(self.module, n, self.env, exc)) from exc
+        info = n.meta.setdefault(META, {})
+        if isinstance(result, torch.Tensor):
+            info.update(shape=tuple(int(d) for d in result.shape), dtype=result.dtype,
+                        device=result.device)
+            info.pop("nodata", None)
+        else:
+            for key in ("shape", "dtype", "device"):
+                info.pop(key, None)
+            # Values that hold no tensor (x.shape, x.size(0), an optional input left at
+            # None) carry no activations: the dominator tree ignores them, so
+            # ``x.view(x.size(0), -1)`` is no join of branches.
+            info["nodata"] = not any(isinstance(v, torch.Tensor)
+                                     for v in pytree.tree_leaves(result))
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = False) -> None:
+    """Record shape/dtype/device of every tensor in ``node.meta["ressurgeon"]`` (eval mode).
+
+    Args:
+        gm: the graph to annotate (its train/eval mode is restored).
+        example_inputs: tuple of tensors.
+        fake: propagate FakeTensors (no activation memory, no arithmetic); the
+            recorded shapes, dtypes and devices are the same as a real run's.
+            Example inputs may then live on the ``meta`` device (no memory at all).
+
+    Raises:
+        ShapeError: an op rejected its inputs (names the node and the shapes it got).
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 2))
+        >>> propagate_shapes(gm, (torch.randn(3, 4),), fake=True)
+        >>> [n.meta["ressurgeon"].get("shape") for n in gm.graph.nodes][:2]
+        [(3, 4), (3, 2)]
+    """
+    was_training = gm.training
+    gm.eval()  # no running-stat updates; BN accepts batch 1
+    try:
+        with torch.no_grad(), _fake_inputs(example_inputs, fake, gm) as inputs:
+            _ShapeRecorder(gm).run(*inputs)
+    finally:
+        gm.train(was_training)
+
+
+@contextlib.contextmanager
+def _fake_inputs(inputs: tuple, fake: bool, model: nn.Module):
+    """Yield the inputs as they are, or as FakeTensors inside a FakeTensorMode.
+
+    A ``meta`` example input becomes a fake tensor on the model's device, so
+    even the inputs of a huge model need no memory.
+    """
+    if not fake:
+        yield inputs
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # allow_non_fake_inputs: the model's real parameters and buffers are
+    # converted on first use (shape only); they are never copied or written.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    device = _device_of(model)
+    fakes = []
+    for t in inputs:
+        if t.device.type == "meta" and device.type != "meta":
+            with mode:
+                t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            fakes.append(t)
+        else:
+            fakes.append(mode.from_tensor(t))
+    with mode:
+        yield tuple(fakes)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def runs(model: nn.Module, inputs: tuple, *, fake: bool = False) -> bool:
+    """Whether the untouched model accepts the inputs (a failure is the user's shape)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _fake_inputs(inputs, fake, model) as args:
+            model(*args)
+        return True
+    except Exception:
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _shape_message(gm: fx.GraphModule, node: fx.Node, env: dict, exc: Exception) -> str:
+    from .trace import node_label, op_name  # trace imports this module
+
+    shapes = [tuple(env[a].shape) for a in node.all_input_nodes
+              if a.op != "get_attr" and isinstance(env.get(a), torch.Tensor)]
+    shown = ", ".join(str(tuple(int(d) for d in s)) for s in shapes) or "no tensor"
+    if node.op == "call_module":
+        what = f"layer '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    else:
+        what = f"layer '{node_label(node)}' ({op_name(node, {})})"
+    return (f"{what} rejected input of shape {shown}: {brief(exc)}; "
+            "check the example input shape (--input-shape)")
