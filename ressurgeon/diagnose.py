@@ -1,0 +1,512 @@
+"""Diagnostics: do gradients reach the early layers after a rewrite; which gates did training open?
+
+``gradient_flow`` runs one forward/backward pass through the original and
+the rewritten model on the same batch and the same loss, and reports each
+layer's weight-gradient norm and output standard deviation side by side.
+``gate_report`` reads the current value of every shortcut gate of a
+rewritten (and perhaps fine-tuned) model. Both return plain dataclasses with
+``to_dict()`` for JSON; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .config import SkipConfig
+from .errors import ConfigError, ShapeError, brief
+from .registry import Role, is_getitem, op_info
+from .shortcuts import Shortcut
+from .spans import Layer, find_layers
+from .surgery import SurgeryResult, add_skips
+from .trace import normalize_inputs, trace_model
+
+LossFn = Callable[[object, object], torch.Tensor]
+
+# The init gradient_flow uses when given no config: "preserve" leaves the
+# first step's weight gradients exactly as they were (the gates are zero), so
+# it would show no difference; "standard" shows what the shortcuts do for flow.
+DIAGNOSE_INIT = "standard"
+
+
+@dataclass(frozen=True)
+class FlowStats:
+    """One layer in one model: its weight's gradient norm and its output's standard deviation.
+
+    ``grad_norm`` is None when no gradient reached the weight (or the layer
+    has none); ``act_std`` is None when the output could not be found.
+    """
+
+    grad_norm: float | None
+    act_std: float | None
+
+    def to_dict(self) -> dict:
+        return {"grad_norm": self.grad_norm, "act_std": self.act_std}
+
+
+@dataclass(frozen=True)
+class LayerFlow:
+    """One row of a gradient-flow report: a layer of the original, before and after surgery."""
+
+    layer: str                  # layer name, as find_layers and the Skip records call it
+    op: str                     # e.g. "Linear", "conv2d"
+    weight: str | None          # the parameter whose gradient is measured
+    original: FlowStats
+    rewritten: FlowStats
+    skip: str | None = None     # the shortcut that ends at this layer, if any
+
+    @property
+    def gain(self) -> float | None:
+        """rewritten / original gradient norm (None when either is missing or zero)."""
+        a, b = self.original.grad_norm, self.rewritten.grad_norm
+        return b / a if a and b is not None else None
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "op": self.op, "weight": self.weight,
+                "original": self.original.to_dict(), "rewritten": self.rewritten.to_dict(),
+                "gain": self.gain, "skip": self.skip}
+
+
+@dataclass(frozen=True)
+class GradientFlowReport:
+    """What ``gradient_flow`` measured: one row per layer, in graph order."""
+
+    layers: tuple[LayerFlow, ...]
+    loss_original: float
+    loss_rewritten: float
+    skips: int                   # shortcuts in the rewritten model
+    init: str | None             # the rewrite's init, when known
+    mode: str                    # "train" or "eval": the mode both models ran in
+
+    @property
+    def first_gain(self) -> float | None:
+        """Gradient gain of the first layer that has a gradient in both models."""
+        return next((row.gain for row in self.layers if row.gain is not None), None)
+
+    def to_dict(self) -> dict:
+        return {"layers": [row.to_dict() for row in self.layers],
+                "loss_original": self.loss_original, "loss_rewritten": self.loss_rewritten,
+                "skips": self.skips, "init": self.init, "mode": self.mode,
+                "first_gain": self.first_gain}
+
+
+def gradient_flow(model: nn.Module, example_inputs: tuple, config: SkipConfig | None = None, *,
+                  rewritten: nn.Module | SurgeryResult | None = None,
+                  loss_fn: LossFn | None = None, target=None, train: bool = True,
+                  seed: int = 0, leaf_modules: Iterable[str] = ()) -> GradientFlowReport:
+    """Per-layer gradient norm and activation spread, original beside rewritten, on one batch.
+
+    Both models run one forward and one backward pass on ``example_inputs``
+    with the same loss and target; neither ``model`` nor ``rewritten`` is
+    modified (each is traced into a private copy, so BatchNorm statistics and
+    ``.grad`` fields stay as they were). Each row is a layer of the original
+    (a weighted op with its norm and activation): the norm of its weight's
+    gradient, and the standard deviation of its output as the next layer
+    sees it (after the shortcut's sum with post-activation placement).
+
+    Args:
+        model: the plain network.
+        example_inputs: tuple of tensors, as for torch.export (one batch).
+        config: how to rewrite ``model`` when ``rewritten`` is not given;
+            default ``SkipConfig(init="standard")`` (init "preserve" starts
+            with closed gates, so its first gradients equal the original's).
+        rewritten: compare against this instead: a SurgeryResult, or a module
+            (e.g. a loaded rewritten model) whose layers and parameters carry
+            the same names as ``model``'s.
+        loss_fn: ``loss_fn(output, target) -> scalar``; default mean squared
+            error against ``target``.
+        target: what ``loss_fn`` compares the output with; default a seeded
+            standard-normal tensor shaped like each output (a synthetic
+            regression target).
+        train: run in train mode (BatchNorm uses batch statistics, dropout is
+            on, with the same seeded masks in both models); False for eval mode.
+        seed: seeds the synthetic target, dropout and new projection weights.
+        leaf_modules: glob patterns of modules tracing should keep opaque.
+
+    Returns:
+        GradientFlowReport; ``report.first_gain`` is the first layer's
+        rewritten/original gradient ratio.
+
+    Raises:
+        TraceError, ShapeError: a model cannot be captured or rejects the inputs
+            (in train mode, BatchNorm needs more than one value per channel).
+        ConfigError: ``loss_fn`` failed or returned something other than a scalar.
+
+    Example:
+        >>> report = gradient_flow(deep_mlp, (torch.randn(16, 32),))    # doctest: +SKIP
+        >>> report.first_gain > 10   # a deep plain MLP at default init  # doctest: +SKIP
+        True
+    """
+    inputs = normalize_inputs(example_inputs)
+    original = trace_model(model, inputs, leaf_modules=leaf_modules)
+    if rewritten is None:
+        config = config or SkipConfig(init=DIAGNOSE_INIT)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # projection weights: the same report on every run
+            result = add_skips(model, inputs, config, verify=False, leaf_modules=leaf_modules)
+        other, skips, init = result.module, result.skips, config.init
+    elif isinstance(rewritten, SurgeryResult):
+        other = trace_model(rewritten.module, inputs, leaf_modules=leaf_modules)
+        skips, init = rewritten.skips, rewritten.plan.config.init
+    else:
+        other = trace_model(rewritten, inputs, leaf_modules=leaf_modules)
+        skips = gate_report(other).gates
+        inits = {g.init for g in skips}
+        init = inits.pop() if len(inits) == 1 else None
+    skip_ends = {s.target_layer: s.name for s in skips}
+
+    layers = find_layers(original)
+    before, loss_a, target = _measure(original, layers, inputs, loss_fn, target, train, seed)
+    after, loss_b, _ = _measure(other, layers, inputs, loss_fn, target, train, seed)
+    rows = tuple(LayerFlow(layer=lay.name, op=lay.op, weight=before[lay.name][0],
+                           original=before[lay.name][1], rewritten=after[lay.name][1],
+                           skip=skip_ends.get(lay.name))
+                 for lay in layers)
+    return GradientFlowReport(layers=rows, loss_original=loss_a, loss_rewritten=loss_b,
+                              skips=len(skips), init=init,
+                              mode="train" if train else "eval")
+
+
+class _ActivationRecorder(fx.Interpreter):
+    """Runs the graph with autograd on and keeps the std of the watched nodes' outputs."""
+
+    def __init__(self, gm: fx.GraphModule, watch: set[str]):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.watch = watch
+        self.stds: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise ShapeError(f"the model failed at {n.format_node()}: {brief(exc)}"
+                             + ("; in train mode BatchNorm needs a batch of 2 or more "
+                                "(or pass train=False)" if "more than 1 value" in str(exc)
+                                else "")) from exc
+        if n.name in self.watch and isinstance(result, torch.Tensor) and result.numel() > 1:
+            self.stds[n.name] = result.detach().double().std().item()
+        return result
+
+
+def _measure(gm: fx.GraphModule, layers: list[Layer], inputs: tuple, loss_fn: LossFn | None,
+             target, train: bool, seed: int):
+    """{layer: (weight name, FlowStats)}, the loss, and the target used."""
+    located = _locate(gm, layers)
+    outs = {name: out.name for name, (_, out) in located.items() if out is not None}
+    weights = {name: _weight_name(gm, anchor) for name, (anchor, _) in located.items()}
+    params = dict(gm.named_parameters())
+    for p in params.values():
+        p.grad = None
+    gm.train(train)
+    recorder = _ActivationRecorder(gm, set(outs.values()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same dropout masks in both models
+        output = recorder.run(*inputs)
+    if target is None:
+        target = _synthetic_target(output, seed)
+    loss = _loss(loss_fn, output, target)
+    loss.backward()
+    stats = {}
+    for lay in layers:
+        weight = weights.get(lay.name)
+        grad = params[weight].grad if weight in params else None
+        stats[lay.name] = (weight, FlowStats(
+            grad_norm=None if grad is None else grad.double().norm().item(),
+            act_std=recorder.stds.get(outs.get(lay.name))))
+    for p in params.values():
+        p.grad = None
+    return stats, loss.item(), target
+
+
+def _locate(gm: fx.GraphModule, layers: list[Layer]) -> dict[str, tuple]:
+    """{layer name: (weighted-op node, output node as the next layer sees it)} in ``gm``.
+
+    A graph that add_skips rewrote keeps the original's node names; another one
+    (e.g. reloaded from a .pt2 archive) is matched by layer name, stepping past
+    the inlined shortcut that now sits between a layer's op and its activation.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if all(lay.anchor in nodes and lay.out in nodes for lay in layers):
+        return {lay.name: (nodes[lay.anchor], _past_shortcut(gm, nodes[lay.out], False))
+                for lay in layers}
+    own = {lay.name: lay for lay in find_layers(gm)}
+    located: dict[str, tuple] = {}
+    for lay in layers:
+        mine = own.get(lay.name)
+        located[lay.name] = ((None, None) if mine is None else
+                             (nodes[mine.anchor], _past_shortcut(gm, nodes[mine.out], True)))
+    return located
+
+
+def _past_shortcut(gm: fx.GraphModule, node: fx.Node, then_activation: bool) -> fx.Node:
+    """The shortcut's sum when one consumes ``node`` as its span output, else ``node``."""
+    start = node
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), Shortcut):
+            if user.args[0] is not node:
+                break
+        elif not _in_shortcut(user):
+            break
+        node = user
+    if node is start or not then_activation or len(node.users) != 1:
+        return node
+    user = next(iter(node.users))
+    info = op_info(user, dict(gm.named_modules()))
+    return user if info is not None and info.role is Role.ACTIVATION else node
+
+
+def _in_shortcut(node: fx.Node) -> bool:
+    """A node torch.export inlined from a Shortcut module (its stack names the class)."""
+    return any(_is_shortcut_class(cls)
+               for _, cls in (node.meta.get("nn_module_stack") or {}).values())
+
+
+def _is_shortcut_class(cls) -> bool:
+    return cls is Shortcut or cls == f"{Shortcut.__module__}.{Shortcut.__qualname__}"
+
+
+def _weight_name(gm: fx.GraphModule, node: fx.Node | None) -> str | None:
+    """The parameter a layer's weighted op multiplies by (its ``weight``), by name."""
+    if node is None:
+        return None
+    if is_getitem(node):  # attention returns (out, weights): the op is the getitem's input
+        node = node.args[0]
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        own = dict(module.named_parameters(recurse=False))
+        for key in ("weight", "in_proj_weight", *own):
+            if key in own:
+                return f"{node.target}.{key}" if node.target else key
+        return None
+    for arg in node.args[1:]:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            try:
+                gm.get_parameter(arg.target)
+            except AttributeError:
+                continue
+            return arg.target
+    return None
+
+
+def _synthetic_target(output, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def fake(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
+        return t
+
+    return pytree.tree_map(fake, output)
+
+
+def _loss(loss_fn: LossFn | None, output, target) -> torch.Tensor:
+    if loss_fn is None:
+        outs, targets = pytree.tree_leaves(output), pytree.tree_leaves(target)
+        if len(outs) != len(targets):
+            raise ConfigError(f"the model returns {len(outs)} value(s) but target holds "
+                              f"{len(targets)}; give one target per output, or pass loss_fn")
+        pairs = zip(outs, targets, strict=True)
+        terms = [F.mse_loss(o.float(), t.float()) for o, t in pairs
+                 if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        if not terms:
+            raise ConfigError("the model returns no floating-point tensor to take a loss of; "
+                              "pass loss_fn")
+        return torch.stack(terms).sum()
+    try:
+        loss = loss_fn(output, target)
+    except Exception as exc:
+        raise ConfigError(f"loss_fn failed: {type(exc).__name__}: {brief(exc)}") from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ConfigError("loss_fn must return a scalar tensor that depends on the model's "
+                          f"output, got {type(loss).__name__}"
+                          + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                             else ""))
+    return loss.reshape(())
+
+
+# -- gates ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gate:
+    """One shortcut of a rewritten model and its gate's current value.
+
+    ``value`` multiplies the shortcut (init "preserve": ``h + a*S(x)``) or the
+    span (init "rezero": ``S(x) + a*H(x)``); it is None for init "standard",
+    which has no gate. ``init`` is None when it cannot be told from the file.
+    """
+
+    name: str                    # the shortcut's module path, e.g. "skip_0__4"
+    source_layer: str
+    target_layer: str
+    init: str | None
+    kind: str                    # "identity" | "projection"
+    value: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Every shortcut found in a model; ``flattened`` when read from inlined graph ops."""
+
+    gates: tuple[Gate, ...]
+    flattened: bool = False
+
+    @property
+    def values(self) -> dict[str, float]:
+        """{shortcut name: gate value} for the shortcuts that have a gate."""
+        return {g.name: g.value for g in self.gates if g.value is not None}
+
+    def to_dict(self) -> dict:
+        return {"gates": [g.to_dict() for g in self.gates], "flattened": self.flattened}
+
+
+_SKIP_PARAM = re.compile(r"^(?P<path>(?:.*\.)?skip_[^.]+)\.(?P<leaf>gate|proj\.weight)$")
+
+
+def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
+    """Every shortcut of a rewritten model with its gate's current value.
+
+    Works on the module ``add_skips`` returned (and one pickled whole), on a
+    model loaded from a ``.pt2`` archive, where torch.export has inlined the
+    Shortcut modules into plain ops (gates survive as parameters named
+    ``skip_*.gate``; the init is read back from the graph), and on a
+    state_dict (names and values only: init unknown, identity shortcuts of
+    init "standard" invisible, since they own no tensor).
+
+    Args:
+        module: a rewritten nn.Module, or a state_dict of one.
+
+    Returns:
+        GateReport with one Gate per shortcut, in graph order where a graph is
+        known (parameter order for a state_dict).
+
+    Raises:
+        ConfigError: ``module`` is neither an nn.Module nor a mapping of tensors.
+
+    Example:
+        >>> tuned = add_skips(model, (x,), SkipConfig(init="preserve")).module  # doctest: +SKIP
+        >>> ...  # fine-tune tuned
+        >>> gate_report(tuned).values                                             # doctest: +SKIP
+        {'skip_0__4': 0.31, 'skip_4__8': -0.02}
+    """
+    if isinstance(module, Mapping):
+        tensors = dict(module)
+        paths = _prefixes(tensors)
+        gates = [_flat_gate(path, tensors, paths, None) for path in _skip_paths(tensors)]
+        return GateReport(gates=tuple(gates), flattened=True)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"gate_report needs an nn.Module or a state_dict, got "
+                          f"{type(module).__name__}")
+    tensors = dict(module.state_dict(keep_vars=True))
+    paths = _prefixes(tensors) | {name for name, _ in module.named_modules()}
+    graph = module.graph if isinstance(module, fx.GraphModule) else None
+    if graph is not None:
+        paths |= {n.name for n in graph.nodes}
+    gates: list[Gate] = []
+    seen: set[str] = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, Shortcut):
+            src, dst = _layer_names(name, paths)
+            gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init,
+                              kind=sub.kind, value=None if sub.gate is None
+                              else float(sub.gate.detach().float().item())))
+            seen.add(name)
+    flat = [p for p in _skip_paths(tensors, graph) if p not in seen and
+            not any(p.startswith(s + ".") for s in seen)]
+    gates += [_flat_gate(path, tensors, paths, graph) for path in flat]
+    return GateReport(gates=tuple(gates), flattened=bool(flat))
+
+
+def _skip_paths(tensors: dict, graph: fx.Graph | None = None) -> list[str]:
+    """Shortcut paths named by parameters, or (in an exported graph) by nn_module_stack."""
+    found = {m.group("path"): math.inf for k in tensors if (m := _SKIP_PARAM.match(k))}
+    if graph is not None:  # graph order, which parameter order need not follow
+        for i, node in enumerate(graph.nodes):
+            for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+                if _is_shortcut_class(cls):
+                    found[path] = min(found.get(path, math.inf), i)
+    return sorted(found, key=found.__getitem__)
+
+
+def _flat_gate(path: str, tensors: dict, paths: set[str], graph: fx.Graph | None) -> Gate:
+    gate = tensors.get(f"{path}.gate")
+    kind = "projection" if f"{path}.proj.weight" in tensors else "identity"
+    if gate is None:
+        init = "standard" if graph is not None else None
+    else:
+        init = _flattened_init(graph, path) if graph is not None else None
+    src, dst = _layer_names(path, paths)
+    return Gate(name=path, source_layer=src, target_layer=dst, init=init, kind=kind,
+                value=None if gate is None else float(gate.detach().float().item()))
+
+
+def _flattened_init(graph: fx.Graph, path: str) -> str | None:
+    """Tell preserve (h + a*S(x)) from rezero (S(x) + a*H(x)) in an inlined shortcut.
+
+    The gate's product and the sum's other operand are S(x) and h in some
+    order; S(x) is computed inside the shortcut (a projection) or is x itself,
+    which the span's output h always comes after in graph order.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    gate = next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"{path}.gate"),
+                None)
+    if gate is None or len(gate.users) != 1:
+        return None
+    mul = next(iter(gate.users))
+    scaled = [a for a in mul.args if isinstance(a, fx.Node) and a is not gate]
+    if len(scaled) != 1 or len(mul.users) != 1:
+        return None
+    add = next(iter(mul.users))
+    other = [a for a in add.args if isinstance(a, fx.Node) and a is not mul]
+    if len(other) != 1:
+        return None
+    a, b = scaled[0], other[0]
+
+    def inside(node: fx.Node) -> bool:
+        return any(p == path for p, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+    if inside(a) != inside(b):
+        return "preserve" if inside(a) else "rezero"
+    return "rezero" if order[a] > order[b] else "preserve"
+
+
+def _prefixes(names: Iterable[str]) -> set[str]:
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_") or "node"
+
+
+def _layer_names(path: str, candidates: set[str]) -> tuple[str, str]:
+    """('features.0', 'features.7') from 'skip_features_0__features_7', where the names exist.
+
+    The rewrite names a shortcut after the layers it joins with every
+    non-word character turned into '_'; a candidate name that cleans to the
+    same text wins, else the cleaned text is returned as it is.
+    """
+    leaf = path.rsplit(".", 1)[-1]
+    body = leaf.removeprefix("skip_")
+    src, sep, dst = body.partition("__")
+    if not sep:
+        return body, ""
+    lookup: dict[str, str] = {}
+    for cand in sorted(candidates, key=lambda c: (c.count("_"), c)):
+        lookup.setdefault(_clean(cand), cand)
+    return lookup.get(src, src), lookup.get(dst, dst)

@@ -1,0 +1,62 @@
+"""The digits training study (examples/train_digits.py): a quick smoke run, loose thresholds."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from examples import train_digits as td  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return td.load_data(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls on a busy 2-core machine: extra threads only fight each other
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shortcuts_rescue_a_depth_20_mlp(data):
+    # 3 epochs are enough for the gap to be wide: at PyTorch's default init a
+    # plain depth-20 MLP starts with vanishing gradients and stays near chance
+    settings = td.Settings(epochs=3)
+    runs = {r.variant: r for r in td.run_study(["mlp"], [20], ["plain", "standard"], data,
+                                               settings, log=lambda *_: None)}
+    plain, standard = runs["plain"], runs["standard"]
+    assert standard.skips == 9 and plain.skips == 0
+    assert standard.test_acc >= 0.6
+    assert standard.test_acc >= plain.test_acc + 0.3
+    assert standard.final_loss < 0.5 * plain.final_loss
+
+
+def test_variants_of_one_network_start_from_the_same_weights(data):
+    settings = td.Settings()
+    plain, _ = td.build("mlp", 6, "plain", data, settings)
+    tuned, skips = td.build("mlp", 6, "preserve", data, settings)
+    assert skips == 2
+    assert (tuned.get_parameter("0.weight") == plain.get_parameter("0.weight")).all()
+
+
+def test_quick_mode_writes_tables_and_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    td.main(["--quick", "--families", "mlp", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| MLP | 20 | standard |" in printed and "right after surgery" in printed
+    for name in ("train_digits.png", "grad_flow_mlp.png", "surgery_cnn.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG), name
+    table = (tmp_path / "train_digits.md").read_text()
+    assert "## Trained from scratch" in table and "## Surgery on a trained network" in table
+    report = json.loads((tmp_path / "train_digits.json").read_text())
+    assert {r["variant"] for r in report["from_scratch"]} == {*td.VARIANTS, td.FAST_GATES}
+    preserve = next(r for r in report["finetune"] if r["variant"] == "preserve")
+    assert preserve["extra"]["output_change"] == 0.0  # preserve keeps the trained function
