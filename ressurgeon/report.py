@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rich.markup import escape
 from rich.table import Table
 
 from .rewrite import Skip
@@ -43,17 +44,33 @@ def _kinds(skips: list[Skip]) -> str:
 def spans_table(spans: list[Span], *, rejected: bool = True) -> Table:
     """Every candidate span with its verdict: chosen, or the reason it was not."""
     table = Table(title="Candidate spans", title_justify="left")
-    table.add_column("source -> target")
+    table.add_column("source -> target", no_wrap=True)
     table.add_column("layers", justify="right")
-    table.add_column("shapes")
+    table.add_column("shapes", no_wrap=True)
     table.add_column("kind")
     table.add_column("verdict")
     for s in spans:
         if not rejected and not s.chosen:
             continue
-        verdict = "[green]chosen[/]" if s.chosen else f"[dim]{s.reason.text}[/]"
+        text = s.reason.text if s.reason else ""
+        if s.residual:
+            text += f" ({s.residual})"
+        verdict = "[green]chosen[/]" if s.chosen else f"[dim]{escape(text)}[/]"
         table.add_row(f"{s.source_layer} -> {s.target_layer}", str(len(s.layers)),
                       f"{_shape(s.src_shape)} -> {_shape(s.dst_shape)}", s.kind or "-", verdict)
+    return table
+
+
+def residuals_table(residuals) -> Table:
+    """The residual connections the model already has (no shortcut is added beside them)."""
+    table = Table(title="Existing residuals", title_justify="left")
+    table.add_column("merge")
+    table.add_column("op")
+    table.add_column("kind")
+    table.add_column("layers inside", justify="right")
+    table.add_column("shape")
+    for r in residuals:
+        table.add_row(r.name, r.op, r.kind, str(len(r.layers)), _shape(r.shape))
     return table
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import fnmatch
 import io
 import logging
@@ -34,7 +35,7 @@ import torch.nn as nn
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .errors import ShapeError, TraceError, brief
+from .errors import ConfigError, ShapeError, TraceError, brief
 from .inplace import input_dependent, remove_inplace
 from .shapes import META, propagate_shapes, runs
 
@@ -79,6 +80,7 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
         [(3, 2)]
     """
     inputs = normalize_inputs(example_inputs)
+    _check_concrete(model, concrete_args)
     with warnings.catch_warnings():
         # exported graphs carry pytree specs whose deepcopy warns about torch internals
         warnings.simplefilter("ignore", FutureWarning)
@@ -116,6 +118,22 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
         gm.meta[META]["fx_error"] = _describe_fx_failure(fx_error)
     gm.train(model.training)
     return gm
+
+
+def _check_concrete(model: nn.Module, concrete_args: dict | None) -> None:
+    """Every concrete arg must name a parameter of ``forward`` (a typo would be ignored by fx)."""
+    if not concrete_args:
+        return
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(concrete_args) - set(params))
+    if unknown:
+        raise ConfigError(f"concrete arg(s) {', '.join(unknown)} are not parameters of "
+                          f"{type(model).__name__}.forward ({', '.join(params) or 'none'})")
 
 
 def normalize_inputs(example_inputs) -> tuple:

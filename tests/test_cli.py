@@ -182,3 +182,40 @@ def test_add_skips_with_onnx(example_models, tmp_path):
     assert report["checker_passed"] and report["parity_checked"]
     assert len(report["parity"]) == 2 and report["max_abs_diff"] <= report["tolerance"]
     assert onnx_path.exists()
+
+
+def test_plot_flags_write_pngs(example_models, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run("inspect", example_models["vgg"], "--plot", tmp_path / "s.png")
+    assert result.exit_code == 0, result.output
+    result = run("add-skips", example_models["vgg"], "-o", tmp_path / "o.pt2",
+                 "--plot", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    for name in ("s.png", "a.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fake_shapes_and_concrete_args(example_models, tmp_path):
+    result = run("add-skips", example_models["mlp"], "-o", tmp_path / "o.pt2", "--fake",
+                 "--no-verify", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parity"] is None and len(report["skips"]) == 3
+    msg = one_line_error(run("add-skips", example_models["mlp"], "--concrete", "mode=1"))
+    assert "not parameters of" in msg
+    assert "NAME=VALUE" in one_line_error(run("inspect", example_models["mlp"], "--concrete", "x"))
+
+
+def test_inspect_reports_existing_residuals(tmp_path):
+    from models import ARCHITECTURES
+
+    builder, shapes = ARCHITECTURES["resnet"]
+    model = builder().eval()
+    path = tmp_path / "resnet.pt2"
+    torch.export.save(torch.export.export(model, tuple(torch.randn(s) for s in shapes)), path)
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["existing_residuals"]
+    assert not [s for s in report["spans"] if s["chosen"]]
+    assert {s["reason"] for s in report["spans"]} >= {"existing-residual"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import re
@@ -51,6 +52,18 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
     "--leaf", metavar="PATTERN", help="Glob on module names or class names that tracing keeps opaque "
     "(repeatable).", show_default=False)]
+FakeOpt = Annotated[bool, typer.Option(
+    "--fake", help="Record shapes with FakeTensors (no activation memory, no arithmetic) for "
+    "large models; the parity check still runs the real model, so pair it with --no-verify "
+    "where the model cannot run here.")]
+ConcreteOpt = Annotated[Optional[list[str]], typer.Option(
+    "--concrete", metavar="NAME=VALUE", help="Fix a non-tensor forward argument while tracing, "
+    "e.g. --concrete features_only=True (value as a Python literal; repeatable).",
+    show_default=False)]
+PlotOpt = Annotated[Optional[Path], typer.Option(
+    "--plot", metavar="FILE.png", help="Draw the surgery diagram (layers left to right, "
+    "shortcuts as arcs); needs matplotlib: pip install 'ressurgeon[plot]'.",
+    show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
@@ -106,6 +119,24 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--input-shape {text!r} is not a shape; write positive integers "
                           "separated by commas, e.g. --input-shape 1,3,224,224")
     return shape
+
+
+def parse_concrete(items: list[str] | None) -> dict | None:
+    """['features_only=True'] -> {'features_only': True}; values are Python literals."""
+    if not items:
+        return None
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"--concrete {item!r} must look like NAME=VALUE, "
+                              "e.g. --concrete features_only=True")
+        try:
+            values[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--concrete {item!r}: {text!r} is not a Python literal "
+                              "(a number, True/False/None, a string in quotes)") from None
+    return values
 
 
 def parse_dtype(name: str):

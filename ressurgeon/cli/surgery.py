@@ -10,9 +10,10 @@ import typer
 from ..config import SkipConfig
 from .app import app
 from .deploy import Fp16Opt, NoCheckOpt, OnnxOpt, OpsetOpt, StaticBatchOpt, write_onnx
-from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, InputShapeOpt, JsonOpt,
-                     LeafOpt, ModelArg, Progress, QuietOpt, TrustOpt, cfg_help, check_output,
-                     default_output, emit_json, handle_errors, out, prepare)
+from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, FakeOpt,
+                     InputShapeOpt, JsonOpt, LeafOpt, ModelArg, PlotOpt, Progress, QuietOpt,
+                     TrustOpt, cfg_help, check_output, default_output, emit_json, handle_errors,
+                     out, parse_concrete, prepare)
 
 
 @app.command("add-skips")
@@ -54,6 +55,11 @@ def add_skips_cmd(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     leaf: LeafOpt = None,
+    concrete: ConcreteOpt = None,
+    fake: FakeOpt = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the parity check against the original model.")] = False,
+    plot: PlotOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -84,13 +90,15 @@ def add_skips_cmd(
                             max_skips=max_skips)
         target = None if dry_run else (output or default_output(model))
         check_output(model, target)
-        for extra in (plan_out, save_code, onnx):
+        for extra in (plan_out, save_code, onnx, plot):
             check_output(model, extra)
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress,
                                loaded_plan.input_shapes if loaded_plan else ())
         with progress.step("tracing and inserting shortcuts"):
-            result = add_skips(net, inputs, config, plan=loaded_plan, leaf_modules=leaf or ())
+            result = add_skips(net, inputs, config, plan=loaded_plan, leaf_modules=leaf or (),
+                               concrete_args=parse_concrete(concrete), fake=fake,
+                               verify=not no_verify)
         if plan_out:
             with atomic_path(plan_out) as tmp:
                 tmp.write_text(result.plan.to_json())
@@ -100,6 +108,12 @@ def add_skips_cmd(
             with progress.step(f"writing {target}"):
                 written = save_model(result.module, target, inputs)
             progress.note(f"wrote {written}")
+        if plot is not None and result.skips:
+            from ..plot import plot_surgery
+            from ..spans import analyze_graph
+
+            plot_surgery(analyze_graph(result.module).units, result.skips, plot)
+            progress.note(f"wrote diagram {plot}")
         onnx_report = None
         if onnx is not None and result.skips:
             onnx_report = write_onnx(result.module, inputs, onnx, opset=opset, fp16=fp16,
@@ -141,6 +155,9 @@ def inspect_cmd(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     leaf: LeafOpt = None,
+    concrete: ConcreteOpt = None,
+    fake: FakeOpt = False,
+    plot: PlotOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -152,29 +169,42 @@ def inspect_cmd(
       ressurgeon inspect vgg.pt2
 
       ressurgeon inspect mlp.pt2 --span 3 --json
+
+      ressurgeon inspect vgg.pt2 --plot surgery.png
     """
-    from ..report import layers_table, spans_table
-    from ..spans import find_layers, select_spans
+    from ..report import layers_table, residuals_table, spans_table
+    from ..spans import analyze_graph, select_spans
     from ..trace import trace_model
 
     progress = Progress(quiet or as_json)
     with handle_errors(debug):
         config = SkipConfig(span=span, kind=kind, placement=placement)
+        check_output(model, plot)
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
         with progress.step("tracing"):
-            gm = trace_model(net, inputs, leaf_modules=leaf or ())
-            layers = find_layers(gm)
+            gm = trace_model(net, inputs, leaf_modules=leaf or (),
+                             concrete_args=parse_concrete(concrete), fake=fake)
+            analysis = analyze_graph(gm)
             spans = select_spans(gm, config)
-        nodes = sum(1 for _ in gm.graph.nodes)
+        if plot is not None:
+            from ..plot import plot_surgery
+
+            plot_surgery(analysis.units, spans, plot, show_rejected=True)
+            progress.note(f"wrote diagram {plot}")
+        nodes = len(analysis.nodes)
         method = gm.meta["ressurgeon"]["method"]
         if as_json:
             emit_json({"nodes": nodes, "method": method,
-                        "layers": [lay.__dict__ for lay in layers],
-                        "spans": [s.to_dict() for s in spans]})
+                       "layers": [lay.__dict__ for lay in analysis.layers],
+                       "existing_residuals": [r.__dict__ for r in analysis.residuals],
+                       "spans": [s.to_dict() for s in spans]})
             return
-        out.print(f"{model}: {nodes} graph nodes, {len(layers)} layers, traced with {method}",
+        out.print(f"{model}: {nodes} graph nodes, {len(analysis.layers)} layers, "
+                  f"{len(analysis.residuals)} existing residual(s), traced with {method}",
                   markup=False, highlight=False)
-        out.print(layers_table(layers))
+        out.print(layers_table(analysis.layers))
+        if analysis.residuals:
+            out.print(residuals_table(analysis.residuals))
         out.print(spans_table(spans))
         chosen = sum(s.chosen for s in spans)
         out.print(f"{chosen} of {len(spans)} candidate spans would be chosen with span={span}",
