@@ -61,7 +61,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix == ".safetensors":
-        return _with_arch(_load_safetensors(path), arch, path)
+        return _with_arch(read_safetensors(path), arch, path)
     _check_zip(path)
     if _is_torch_export(path):
         return _load_pt2(path)
@@ -141,7 +141,8 @@ def _load_pt2(path: Path) -> nn.Module:
                         "torch.export.save") from exc
 
 
-def _load_safetensors(path: Path) -> dict:
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file (no code runs when reading it)."""
     try:
         from safetensors.torch import load_file
     except ImportError as exc:

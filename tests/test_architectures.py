@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import ARCHITECTURES, build, deep_mlp
+from models import ARCHITECTURES, DataBranchNet, build, deep_mlp
 from ressurgeon import Reason, Shortcut, SkipConfig, add_skips, trace_model
 from ressurgeon.spans import analyze_graph, select_spans
 from ressurgeon.verify import PARITY_ATOL
@@ -329,17 +329,8 @@ def test_export_fallback_keeps_the_batch_dynamic():
         static(torch.randn(5, 4, 8, 8))
 
 
-class Gate(nn.Module):
-    """Data-dependent Python control flow deep inside a model."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.fc(x)
-        return x
+class Gate(DataBranchNet):
+    """Data-dependent Python control flow deep inside a model (named for the error text)."""
 
 
 class Nested(nn.Module):
@@ -360,7 +351,7 @@ def test_trace_errors_name_the_module_and_the_line():
         trace_model(Nested(), (torch.randn(2, 4),))
     text = str(info.value)
     assert "in module 'body.2' (Gate)" in text
-    assert "test_architectures.py" in text and "if x.sum() > 0:" in text
+    assert "models.py" in text and "if x.sum() > 0:" in text  # where the branch is written
     assert "--leaf 'body.2'" in text
     # ...and the leaf it suggests makes the model traceable, with shortcuts around the gate
     result = add_skips(Nested().eval(), (torch.randn(2, 4),), leaf_modules=("body.2",))

@@ -31,6 +31,18 @@ def cfg_help(name: str) -> str:
     return meta["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
 
 
+# SkipConfig fields as flags: the help text comes from the dataclass field itself.
+SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
+KindOpt = Annotated[str, typer.Option("--kind", help=cfg_help("kind"))]
+InitOpt = Annotated[str, typer.Option("--init", help=cfg_help("init"))]
+PlacementOpt = Annotated[str, typer.Option("--placement", help=cfg_help("placement"))]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", metavar="PATTERN", help=cfg_help("exclude"), show_default=False)]
+MaxSkipsOpt = Annotated[Optional[int], typer.Option(
+    "--max-skips", help=cfg_help("max_skips"), show_default=False)]
+
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
                                           "(with --arch), .safetensors (with --arch), or a "

@@ -11,10 +11,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import SkipConfig
-from ..errors import ConfigError, LoadError, brief
+from ..errors import ConfigError
+from ..load import read_safetensors
 from .app import app
-from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, InputShapeOpt, JsonOpt,
-                     LeafOpt, ModelArg, Progress, QuietOpt, TrustOpt, cfg_help, check_output,
+from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
+                     InputShapeOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
+                     PlacementOpt, Progress, QuietOpt, SpanOpt, TrustOpt, cfg_help, check_output,
                      emit_json, handle_errors, out, parse_shape, prepare, stored_shapes)
 
 BAR_WIDTH = 16
@@ -29,18 +31,15 @@ PlotOpt = Annotated[Optional[Path], typer.Option(
 def diagnose_cmd(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
-    span: Annotated[int, typer.Option(help=cfg_help("span"))] = DEFAULTS.span,
-    kind: Annotated[str, typer.Option(help=cfg_help("kind"))] = DEFAULTS.kind,
+    span: SpanOpt = DEFAULTS.span,
+    kind: KindOpt = DEFAULTS.kind,
     init: Annotated[str, typer.Option(help=cfg_help("init") + " Default here: standard, since "
                                       "preserve starts with closed gates and so leaves the "
                                       "first gradients exactly as they were.")] = "standard",
-    placement: Annotated[str, typer.Option(help=cfg_help("placement"))] = DEFAULTS.placement,
-    include: Annotated[Optional[list[str]], typer.Option(
-        metavar="PATTERN", help=cfg_help("include"), show_default=False)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
-        metavar="PATTERN", help=cfg_help("exclude"), show_default=False)] = None,
-    max_skips: Annotated[Optional[int], typer.Option(
-        help=cfg_help("max_skips"), show_default=False)] = None,
+    placement: PlacementOpt = DEFAULTS.placement,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    max_skips: MaxSkipsOpt = None,
     rewritten: Annotated[Optional[Path], typer.Option(
         "--rewritten", metavar="FILE", help="Compare against this already rewritten model "
         "(e.g. from add-skips, maybe fine-tuned) instead of rewriting MODEL with the flags "
@@ -294,15 +293,7 @@ def _read_weights(path: Path) -> dict | None:
     import torch
 
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise LoadError("reading .safetensors needs the safetensors package: "
-                            "pip install 'ressurgeon[safetensors]'") from exc
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise LoadError(f"{path} is not a readable safetensors file ({brief(exc)})") from exc
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:

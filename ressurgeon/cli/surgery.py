@@ -10,10 +10,11 @@ import typer
 from ..config import SkipConfig
 from .app import app
 from .deploy import Fp16Opt, NoCheckOpt, OnnxOpt, OpsetOpt, StaticBatchOpt, write_onnx
-from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, FakeOpt,
-                     InputShapeOpt, JsonOpt, LeafOpt, ModelArg, PlotOpt, Progress, QuietOpt,
-                     TrustOpt, cfg_help, check_output, default_output, emit_json, handle_errors,
-                     out, parse_concrete, prepare)
+from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
+                     FakeOpt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt, LeafOpt,
+                     MaxSkipsOpt, ModelArg, PlacementOpt, PlotOpt, Progress, QuietOpt, SpanOpt,
+                     TrustOpt, check_output, default_output, emit_json, handle_errors, out,
+                     parse_concrete, prepare)
 
 
 @app.command("add-skips")
@@ -23,16 +24,13 @@ def add_skips_cmd(
         "--output", "-o", help="Where to write the rewritten model (.pt2, .pt, .safetensors). "
         "Default: MODEL.skips.pt2 beside the input.", show_default=False)] = None,
     input_shape: InputShapeOpt = None,
-    span: Annotated[int, typer.Option(help=cfg_help("span"))] = DEFAULTS.span,
-    kind: Annotated[str, typer.Option(help=cfg_help("kind"))] = DEFAULTS.kind,
-    init: Annotated[str, typer.Option(help=cfg_help("init"))] = DEFAULTS.init,
-    placement: Annotated[str, typer.Option(help=cfg_help("placement"))] = DEFAULTS.placement,
-    include: Annotated[Optional[list[str]], typer.Option(
-        metavar="PATTERN", help=cfg_help("include"), show_default=False)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
-        metavar="PATTERN", help=cfg_help("exclude"), show_default=False)] = None,
-    max_skips: Annotated[Optional[int], typer.Option(
-        help=cfg_help("max_skips"), show_default=False)] = None,
+    span: SpanOpt = DEFAULTS.span,
+    kind: KindOpt = DEFAULTS.kind,
+    init: InitOpt = DEFAULTS.init,
+    placement: PlacementOpt = DEFAULTS.placement,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    max_skips: MaxSkipsOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
         "choosing spans; its settings win over the span/kind/init flags.",
@@ -147,9 +145,9 @@ def add_skips_cmd(
 def inspect_cmd(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
-    span: Annotated[int, typer.Option(help=cfg_help("span"))] = DEFAULTS.span,
-    kind: Annotated[str, typer.Option(help=cfg_help("kind"))] = DEFAULTS.kind,
-    placement: Annotated[str, typer.Option(help=cfg_help("placement"))] = DEFAULTS.placement,
+    span: SpanOpt = DEFAULTS.span,
+    kind: KindOpt = DEFAULTS.kind,
+    placement: PlacementOpt = DEFAULTS.placement,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
