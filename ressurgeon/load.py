@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import pickletools
 import sys
@@ -64,6 +65,8 @@ def load_model(path: str | Path, *, arch: str | None = None,
         return _with_arch(read_safetensors(path), arch, path)
     _check_zip(path)
     if _is_torch_export(path):
+        if not trust_pickle:
+            _check_pt2_pickles(path)
         return _load_pt2(path)
     if path.suffix == ".pt2":
         raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
@@ -99,6 +102,44 @@ def _is_torch_export(path: Path) -> bool:
     names = _zip_names(path)
     return any(n.endswith("archive_format") for n in names) or any(
         "/models/" in n and n.endswith(".json") for n in names)
+
+
+def _check_pt2_pickles(path: Path) -> None:
+    """Refuse a .pt2 whose loading would unpickle arbitrary objects.
+
+    torch.export.load runs ``torch.load(weights_only=False)`` on payloads marked
+    ``use_pickle``, ``pickle.loads`` on opaque constants, and falls back to a
+    full unpickle for sample inputs that a safe load rejects. An archive made
+    by torch.export.save from plain tensors needs none of these.
+    """
+    problems: list[str] = []
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf.endswith("_config.json") and "/data/" in name:
+                try:
+                    config = json.loads(z.read(name)).get("config", {})
+                except (ValueError, AttributeError) as exc:
+                    raise LoadError(f"{path} has a damaged {leaf} ({brief(exc)}); write it "
+                                    "again with torch.export.save") from exc
+                for fqn, meta in (config.items() if isinstance(config, dict) else ()):
+                    meta = meta if isinstance(meta, dict) else {}
+                    stored = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle") or stored.startswith(("custom_obj", "opaque_obj")):
+                        problems.append(f"{fqn} is stored as a pickle")
+            elif leaf.endswith(".pt"):
+                try:
+                    with _quiet_torch():
+                        torch.load(io.BytesIO(z.read(name)), map_location="cpu",
+                                   weights_only=True)
+                except Exception:
+                    problems.append(f"{name.split('/', 1)[-1]} needs full unpickling")
+    if problems:
+        shown = "; ".join(problems[:2]) + (" ..." if len(problems) > 2 else "")
+        raise UnsafeFileError(
+            f"{path} would run code from the file while loading ({shown}); re-export it from "
+            "plain tensors with torch.export.save, or pass --trust-pickle only for files you "
+            "made yourself")
 
 
 def _is_torchscript(path: Path) -> bool:

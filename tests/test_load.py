@@ -208,3 +208,36 @@ def test_outputs_get_ordinary_file_modes(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("attack", ["pickled weight", "pickled sample inputs"])
+def test_pt2_archive_cannot_smuggle_a_pickle(example_models, tmp_path, attack):
+    """torch.export.load unpickles payloads marked use_pickle and retries sample inputs
+    with weights_only=False: an archive must not run code without --trust-pickle."""
+    import io
+    import json
+    import zipfile
+
+    if os.path.exists(MARK):
+        os.remove(MARK)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(example_models["mlp"]) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if attack == "pickled weight":
+                if info.filename.endswith("model_weights_config.json"):
+                    config = json.loads(data)
+                    config["config"]["0.weight"]["use_pickle"] = True
+                    data = json.dumps(config).encode()
+                elif info.filename.endswith("weights/weight_0"):
+                    data = pickle.dumps(RunsACommand())
+            elif info.filename.endswith("sample_inputs/model.pt"):
+                buffer = io.BytesIO()
+                torch.save(RunsACommand(), buffer)
+                data = buffer.getvalue()
+            dst.writestr(info.filename, data)
+    for command in ("inspect", "add-skips", "fold", "export", "gates"):
+        args = [command, evil] + (["--onnx", tmp_path / "o.onnx"] if command == "export" else [])
+        msg = assert_one_line_exit_2(cli(*args, "-i", "4,64") if command != "gates" else cli(*args))
+        assert "would run code from the file" in msg
+    assert not os.path.exists(MARK)
