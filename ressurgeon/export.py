@@ -20,6 +20,7 @@ from torch import fx
 
 from .errors import ExportError, brief
 
+CODE_MARKER = ".ressurgeon-code"  # marks a --save-code folder, the only kind we replace
 FORMATS = {".pt2": "pt2", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 
 
@@ -30,6 +31,11 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"output folder {parent} does not exist; create it first")
+    if is_dir and dest.is_dir() and any(dest.iterdir()) and not (dest / CODE_MARKER).exists():
+        raise ExportError(f"{dest} already exists and is not a folder ressurgeon wrote; "
+                          "choose a new folder (ressurgeon only replaces its own)")
+    if not is_dir and dest.is_dir():
+        raise ExportError(f"{dest} is a folder; give a file name")
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
     else:
@@ -143,4 +149,6 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
         code = tmp / "module.py"
         text = code.read_text().replace(f"r'{tmp}/", "_HERE + r'/")
         code.write_text("import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n" + text)
+        (tmp / CODE_MARKER).write_text("written by ressurgeon --save-code; the folder is "
+                                       "replaced as a whole when written again\n")
     return folder

@@ -219,3 +219,39 @@ def test_inspect_reports_existing_residuals(tmp_path):
     assert report["existing_residuals"]
     assert not [s for s in report["spans"] if s["chosen"]]
     assert {s["reason"] for s in report["spans"]} >= {"existing-residual"}
+
+
+def test_save_code_never_deletes_a_users_folder(example_models, tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    model = keep / "vgg.pt2"
+    shutil.copy(example_models["vgg"], model)
+    (keep / "notes.txt").write_text("mine")
+    msg = one_line_error(run("add-skips", model, "-o", tmp_path / "o.pt2", "--save-code", keep))
+    assert "holds the input model" in msg
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    msg = one_line_error(run("add-skips", model, "-o", tmp_path / "o.pt2", "--save-code", other))
+    assert "not a folder ressurgeon wrote" in msg
+    assert (other / "notes.txt").read_text() == "mine" and model.exists()
+    code = tmp_path / "code"
+    for _ in range(2):  # its own folder is replaced as a whole
+        result = run("add-skips", model, "-o", tmp_path / "o.pt2", "--save-code", code)
+        assert result.exit_code == 0, result.output
+    assert (code / "module.py").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["-o", "{tmp}"], "is a folder"),
+    (["-o", "{tmp}/m.h5"], "cannot tell the format"),
+    (["-o", "{tmp}/a.pt2", "--onnx", "{tmp}/a.pt2"], "both name"),
+    (["-o", "{tmp}/a.pt2", "--plan", "{tmp}/p.json", "--plan-out", "{tmp}/p.json"],
+     "is one of the inputs"),
+])
+def test_output_paths_are_checked_before_any_work(example_models, tmp_path, flags, needle):
+    (tmp_path / "p.json").write_text("{}")
+    args = [f.format(tmp=tmp_path) for f in flags]
+    assert needle in one_line_error(run("add-skips", example_models["mlp"], *args))
+    assert (tmp_path / "p.json").read_text() == "{}"
+    assert not list(tmp_path.glob("*.pt2"))

@@ -176,15 +176,47 @@ def parse_device(name: str):
     return device
 
 
-def check_output(model: Path, output: Path | None) -> None:
+def check_output(model: Path, output: Path | None, flag: str = "-o", *,
+                 folder: bool = False) -> None:
+    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
     if output is None:
         return
     if output.exists() and model.exists() and output.resolve() == model.resolve():
-        raise ConfigError(f"-o {output} is the input file; ressurgeon never overwrites its "
+        raise ConfigError(f"{flag} {output} is the input file; ressurgeon never overwrites its "
                           "input: choose another output name")
+    if folder and model.exists() and output.resolve() in model.resolve().parents:
+        raise ConfigError(f"{flag} {output} holds the input model; choose a new folder")
+    if folder and output.is_dir() and not _replaceable(output):
+        raise ConfigError(f"{flag} {output} already exists and is not a folder ressurgeon "
+                          "wrote; choose a new folder (ressurgeon only replaces its own)")
+    if not folder and output.is_dir():
+        raise ConfigError(f"{flag} {output} is a folder; give a file name")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"output folder {parent} does not exist; create it first")
+
+
+def _replaceable(folder: Path) -> bool:
+    from ..export import CODE_MARKER
+
+    return (folder / CODE_MARKER).exists() or not any(folder.iterdir())
+
+
+def check_distinct(inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:
+    """No two outputs share a path, and none is one of the inputs (a --plan file, say)."""
+    seen: dict[Path, str] = {}
+    sources = {p.resolve() for p in inputs if p is not None}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in sources:
+            raise ConfigError(f"{flag} {path} is one of the inputs; ressurgeon never overwrites "
+                              "its input: choose another name")
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {flag} both name {path}; give each output its "
+                              "own file")
+        seen[key] = flag
 
 
 def prepare(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,

@@ -21,6 +21,7 @@ from .common import (
     Progress,
     QuietOpt,
     TrustOpt,
+    check_distinct,
     check_output,
     emit_json,
     handle_errors,
@@ -115,7 +116,7 @@ def export_cmd(
     """
     progress = Progress(quiet or as_json)
     with handle_errors(debug):
-        check_output(model, onnx)
+        check_output(model, onnx, "--onnx")
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
         folded = None
         if fold_first:
@@ -176,8 +177,9 @@ def fold_cmd(
     with handle_errors(debug):
         target = output if output is not None or onnx is not None else \
             model.with_name(f"{model.stem}.folded.pt2")
-        for path in (target, onnx):
-            check_output(model, path)
+        check_output(model, target, "-o")
+        check_output(model, onnx, "--onnx")
+        check_distinct([model], {"-o": target, "--onnx": onnx})
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
         result = _fold(net, inputs, progress, fold_batchnorm=not keep_batchnorm)
         written = None

@@ -84,7 +84,7 @@ def diagnose_cmd(
         config = SkipConfig(span=span, kind=kind, init=init, placement=placement,
                             include=tuple(include or ()), exclude=tuple(exclude or ()),
                             max_skips=max_skips)
-        check_output(model, plot)
+        check_output(model, plot, "--plot")
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
         other = None
         if rewritten is not None:
@@ -215,7 +215,7 @@ def gates_cmd(
 
     progress = Progress(quiet or as_json)
     with handle_errors(debug):
-        check_output(model, plot)
+        check_output(model, plot, "--plot")
         with progress.step(f"loading {model}"):
             loaded = _load_rewritten(model, arch, trust_pickle)
         report = gate_report(loaded)

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import SkipConfig
+from ..errors import ConfigError
 from .app import app
 from .deploy import Fp16Opt, NoCheckOpt, OnnxOpt, OpsetOpt, StaticBatchOpt, write_onnx
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
                      FakeOpt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt, LeafOpt,
                      MaxSkipsOpt, ModelArg, PlacementOpt, PlotOpt, Progress, QuietOpt, SpanOpt,
-                     TrustOpt, check_output, default_output, emit_json, handle_errors, out,
-                     parse_concrete, prepare)
+                     TrustOpt, check_distinct, check_output, default_output, emit_json,
+                     handle_errors, out, parse_concrete, prepare)
 
 
 @app.command("add-skips")
@@ -87,9 +88,14 @@ def add_skips_cmd(
                             include=tuple(include or ()), exclude=tuple(exclude or ()),
                             max_skips=max_skips)
         target = None if dry_run else (output or default_output(model))
-        check_output(model, target)
-        for extra in (plan_out, save_code, onnx, plot):
-            check_output(model, extra)
+        outputs = {"-o": target, "--plan-out": plan_out, "--onnx": onnx, "--plot": plot}
+        for flag, path in outputs.items():
+            check_output(model, path, flag)
+        if target is not None and target.suffix not in (".pt2", ".pt", ".pth", ".safetensors"):
+            raise ConfigError(f"-o {target}: cannot tell the format; use a .pt2, .pt, .pth or "
+                              ".safetensors file name")
+        check_output(model, save_code, "--save-code", folder=True)
+        check_distinct([model, plan], {**outputs, "--save-code": save_code})
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress,
                                loaded_plan.input_shapes if loaded_plan else ())
@@ -97,26 +103,28 @@ def add_skips_cmd(
             result = add_skips(net, inputs, config, plan=loaded_plan, leaf_modules=leaf or (),
                                concrete_args=parse_concrete(concrete), fake=fake,
                                verify=not no_verify)
-        if plan_out:
-            with atomic_path(plan_out) as tmp:
-                tmp.write_text(result.plan.to_json())
-            progress.note(f"wrote plan {plan_out}")
+        # The ONNX export is the one step that can still fail a check (exit 3):
+        # run it first so a failure leaves no other output behind.
+        onnx_report = None
+        if onnx is not None and result.skips:
+            onnx_report = write_onnx(result.module, inputs, onnx, opset=opset, fp16=fp16,
+                                     static_batch=static_batch, check=not no_check,
+                                     progress=progress)
         written = None
         if target is not None and result.skips:
             with progress.step(f"writing {target}"):
                 written = save_model(result.module, target, inputs)
             progress.note(f"wrote {written}")
+        if plan_out:
+            with atomic_path(plan_out) as tmp:
+                tmp.write_text(result.plan.to_json())
+            progress.note(f"wrote plan {plan_out}")
         if plot is not None and result.skips:
             from ..plot import plot_surgery
             from ..spans import analyze_graph
 
             plot_surgery(analyze_graph(result.module).units, result.skips, plot)
             progress.note(f"wrote diagram {plot}")
-        onnx_report = None
-        if onnx is not None and result.skips:
-            onnx_report = write_onnx(result.module, inputs, onnx, opset=opset, fp16=fp16,
-                                     static_batch=static_batch, check=not no_check,
-                                     progress=progress)
         if save_code is not None and result.skips:
             write_code(result.module, save_code)
             progress.note(f"wrote source to {save_code}/")
@@ -125,7 +133,10 @@ def add_skips_cmd(
                        "onnx": onnx_report.to_dict() if onnx_report else None})
             return
         if not result.skips:
-            progress.note(f"no shortcut inserted: {rejection_summary(result.spans) or 'the model has no layers to join'}; nothing written")
+            why = rejection_summary(result.spans) or (
+                f"no layer has {result.plan.config.span} layers above it to span; "
+                "try a smaller --span")
+            progress.note(f"no shortcut inserted: {why}; no model written")
             return
         out.print(skips_table(result.skips))
         summary = rejection_summary(result.spans)
@@ -177,7 +188,7 @@ def inspect_cmd(
     progress = Progress(quiet or as_json)
     with handle_errors(debug):
         config = SkipConfig(span=span, kind=kind, placement=placement)
-        check_output(model, plot)
+        check_output(model, plot, "--plot")
         net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
         with progress.step("tracing"):
             gm = trace_model(net, inputs, leaf_modules=leaf or (),
