@@ -52,6 +52,7 @@ from .rescale import (
     set_param,
 )
 from .shortcuts import Shortcut
+from .verify import eval_outputs
 from .trace import (
     META,
     free_name,
@@ -638,7 +639,7 @@ def _mark_fusion(gm: fx.GraphModule, joins: list[_Join]) -> None:
 # -- verification -------------------------------------------------------------------------------
 
 def _verify(original: nn.Module, result: FoldResult, inputs: tuple) -> None:
-    a, b = _outputs(original, inputs), _outputs(result.module, inputs)
+    a, b = eval_outputs(original, inputs), eval_outputs(result.module, inputs)
     worst, tol = 0.0, 0.0
     for x, y in zip(a, b, strict=True):
         if x.shape != y.shape:
@@ -652,14 +653,3 @@ def _verify(original: nn.Module, result: FoldResult, inputs: tuple) -> None:
     if not worst <= tol:
         raise VerificationError(f"the folded model's outputs differ by {worst:.3g} (tolerance "
                                 f"{tol:.3g}); this is a ressurgeon bug, please report it")
-
-
-def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*inputs)
-    finally:
-        model.train(was_training)
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -26,11 +26,14 @@ def remove_inplace(gm: fx.GraphModule) -> int:
     modules = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(graph.nodes)}
     from_input = input_dependent(graph)
+    # Decided per call site, before any flag flips: a ReLU(inplace=True) module
+    # called at several sites overwrites its input at every one of them.
+    inplace_modules = {name for name, m in modules.items() if getattr(m, "inplace", False) is True}
     changed = 0
     for node in list(graph.nodes):
         if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in from_input:
             continue
-        mutated = _make_out_of_place(node, modules)
+        mutated = _make_out_of_place(node, modules, inplace_modules)
         if mutated is None:
             continue
         changed += 1
@@ -43,12 +46,12 @@ def remove_inplace(gm: fx.GraphModule) -> int:
     return changed
 
 
-def _make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+def _make_out_of_place(node: fx.Node, modules: dict[str, nn.Module],
+                       inplace_modules: set[str]) -> fx.Node | None:
     """Edit one node to its out-of-place form; return the tensor it used to overwrite."""
     if node.op == "call_module":
-        module = modules.get(node.target)
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
+        if node.target in inplace_modules:
+            modules[node.target].inplace = False
             return node.args[0]
         return None
     if node.op == "call_method":

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .errors import ExportError, VerificationError, brief
 from .export import atomic_path
 from .trace import normalize_inputs
+from .verify import eval_outputs
 
 # ONNX Runtime vs PyTorch, relative to the output scale (max(1, max |output|)).
 # Both runtimes pick their own conv algorithms (im2col, Winograd, NCHWc blocks),
@@ -182,14 +182,7 @@ def _run_torch(module: nn.Module, inputs: tuple, fp16: bool) -> list[torch.Tenso
     """Eval-mode outputs; for fp16 the float32 model on the fp16-rounded inputs."""
     if fp16:
         inputs = tuple(t.half().to(t.dtype) if t.is_floating_point() else t for t in inputs)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(*inputs)
-    finally:
-        module.train(was_training)
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return eval_outputs(module, inputs)
 
 
 @contextlib.contextmanager

@@ -116,7 +116,8 @@ def runs(model: nn.Module, inputs: tuple, *, fake: bool = False) -> bool:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _fake_inputs(inputs, fake, model) as args:
+        copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+        with torch.no_grad(), _fake_inputs(copies, fake, model) as args:
             model(*args)
         return True
     except Exception:

@@ -61,8 +61,8 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
         >>> check_parity(model, result.module, (x,)).max_abs_diff   # doctest: +SKIP
         0.0
     """
-    a = _flat_outputs(original, example_inputs, original_kwargs or {})
-    b = _flat_outputs(rewritten, example_inputs, {})
+    a = eval_outputs(original, example_inputs, original_kwargs or {})
+    b = eval_outputs(rewritten, example_inputs, {})
     if len(a) != len(b):
         raise ShapeError(f"the rewritten model returns {len(b)} tensors, the original {len(a)}")
     worst = 0.0
@@ -76,12 +76,18 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
     return ParityReport(max_abs_diff=worst, tolerance=atol, outputs=len(a))
 
 
-def _flat_outputs(model: nn.Module, inputs: tuple, kwargs: dict) -> list[torch.Tensor]:
+def eval_outputs(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> list[torch.Tensor]:
+    """The model's output tensors in eval mode, on copies of the inputs, its mode restored.
+
+    Copies, because a forward that edits its input in place (``x.sub_(mean)``)
+    would otherwise change what the next model sees, and the caller's tensors.
+    """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(*inputs, **kwargs)
+            out = model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs),
+                        **(kwargs or {}))
     finally:
         model.train(was_training)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

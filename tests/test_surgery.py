@@ -173,3 +173,22 @@ def test_export_fallback_model_is_rewritten_and_trains():
     module = result.module.train()  # ep.module() would refuse this
     module(*inputs).sum().backward()
     assert all(g.grad is not None for g in gates(module))
+
+
+def test_forward_that_edits_its_input_in_place():
+    class Centers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = deep_mlp(4, 8)
+
+        def forward(self, x):
+            x.sub_(0.5)           # a preprocessing step written in place
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Centers().eval()
+    x = torch.randn(3, 8)
+    before = x.clone()
+    result = add_skips(model, (x,))
+    assert result.parity.max_abs_diff <= PRESERVE_ATOL
+    assert torch.equal(x, before)  # the caller's example tensor is untouched

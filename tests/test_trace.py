@@ -120,3 +120,26 @@ def test_buffer_updates_stay_in_place():
 
     gm = fx.symbolic_trace(Counter())
     assert remove_inplace(gm) == 0
+
+
+def test_shared_inplace_relu_called_twice_keeps_the_function():
+    class SharedRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.relu = nn.ReLU(inplace=True)  # one module, two call sites
+
+        def forward(self, x):
+            y = self.a(x)
+            self.relu(y)
+            z = self.b(y)      # reads y as the first ReLU left it
+            self.relu(z)
+            return z + y       # both overwritten tensors read again
+
+    torch.manual_seed(0)
+    m = SharedRelu().eval()
+    x = torch.randn(3, 4)
+    gm = trace_model(m, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+    assert m.relu.inplace
