@@ -75,8 +75,14 @@ class SurgeryPlan:
             skips = tuple(PlannedSkip(**s) for s in data["skips"])
         except TypeError as exc:
             raise PlanError(f"a skip in the plan has unknown or missing fields: {exc}") from exc
+        shapes = data.get("input_shapes", ())
+        if not isinstance(shapes, list) or not all(
+                isinstance(s, list) and s and all(type(d) is int and d > 0 for d in s)
+                for s in shapes):
+            raise PlanError("the plan's input_shapes must be a list of shapes of positive "
+                            f"integers, e.g. [[1, 3, 32, 32]]; got {shapes!r}")
         return cls(config=SkipConfig.from_dict(data["config"]), skips=skips,
-                   input_shapes=tuple(tuple(s) for s in data.get("input_shapes", ())))
+                   input_shapes=tuple(tuple(s) for s in shapes))
 
     @classmethod
     def from_json(cls, text: str) -> "SurgeryPlan":

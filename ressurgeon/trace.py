@@ -81,6 +81,7 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
     """
     inputs = normalize_inputs(example_inputs)
     _check_concrete(model, concrete_args)
+    _check_arity(model, inputs, concrete_args)
     with warnings.catch_warnings():
         # exported graphs carry pytree specs whose deepcopy warns about torch internals
         warnings.simplefilter("ignore", FutureWarning)
@@ -118,6 +119,26 @@ def trace_model(model: nn.Module, example_inputs: tuple, *,
         gm.meta[META]["fx_error"] = _describe_fx_failure(fx_error)
     gm.train(model.training)
     return gm
+
+
+def _check_arity(model: nn.Module, inputs: tuple, concrete_args: dict | None) -> None:
+    """As many example inputs as ``forward`` takes tensors (fx would silently drop extras)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in kinds and p.name not in (concrete_args or {})]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    if not len(required) <= len(inputs) <= len(positional):
+        names = ", ".join(p.name for p in positional) or "none"
+        want = (str(len(required)) if len(required) == len(positional)
+                else f"{len(required)} to {len(positional)}")
+        raise ShapeError(f"{type(model).__name__}.forward takes {want} tensor input(s) ({names}); "
+                         f"{len(inputs)} example input(s) were given: pass one --input-shape "
+                         "per input")
 
 
 def _check_concrete(model: nn.Module, concrete_args: dict | None) -> None:

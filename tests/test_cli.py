@@ -255,3 +255,14 @@ def test_output_paths_are_checked_before_any_work(example_models, tmp_path, flag
     assert needle in one_line_error(run("add-skips", example_models["mlp"], *args))
     assert (tmp_path / "p.json").read_text() == "{}"
     assert not list(tmp_path.glob("*.pt2"))
+
+
+def test_wrong_number_of_inputs_and_bad_plan_shapes(example_models, tmp_path):
+    msg = one_line_error(run("add-skips", example_models["vgg"], "-i", "1,3,32,32", "-i", "1,3"))
+    assert "takes 1 tensor input(s)" in msg and "2 example input(s)" in msg
+    plan = tmp_path / "p.json"
+    run("add-skips", example_models["mlp"], "--dry-run", "--plan-out", plan)
+    data = json.loads(plan.read_text())
+    data["input_shapes"] = [[0, "a"]]
+    plan.write_text(json.dumps(data))
+    assert "input_shapes" in one_line_error(run("add-skips", example_models["mlp"], "--plan", plan))
