@@ -43,6 +43,7 @@ ONNX_RTOL = {
     torch.bfloat16: 6e-2,   # 8-bit mantissa
 }
 FALLBACK_OPSET = 17         # the TorchScript exporter's well-trodden opset
+DYNAMO_MIN_OPSET = 18       # the dynamo exporter's oldest opset
 
 
 class ExportFallbackWarning(UserWarning):
@@ -141,6 +142,9 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
         proto = onnx.load(str(target), load_external_data=False)
         used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           opset or 0)
+        if opset is not None and used_opset != opset:
+            raise ExportError(f"opset {opset} was asked for but the exporter wrote opset "
+                              f"{used_opset}; pick an opset it supports (7-17 or 18+)")
         report = OnnxReport(path=str(path), files=[], exporter=exporter, fallback_reason=reason,
                             opset=used_opset, dynamic_batch=dynamic_batch,
                             dtype=str(_model_dtype(work, export_inputs)).split(".")[-1],
@@ -207,6 +211,13 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
     was_training = module.training
     module.eval()
     try:
+        if opset is not None and opset < DYNAMO_MIN_OPSET:
+            # the dynamo exporter would quietly write opset 18 instead
+            with _quiet():
+                _export_torchscript(module, inputs, target, in_names, out_names,
+                                    dynamic_batch, opset)
+            return "torchscript", (f"opset {opset} requested; the dynamo exporter writes "
+                                   f"opset {DYNAMO_MIN_OPSET} or newer")
         try:
             with _quiet():
                 _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset)

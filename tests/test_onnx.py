@@ -174,3 +174,14 @@ def test_export_command(small_mlp, example_models, tmp_path, monkeypatch):
                               str(tmp_path / "bad.onnx")])
     assert bad.exit_code == 3 and bad.stderr.startswith("error: ONNX Runtime's outputs differ")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_an_old_opset_is_honoured_not_silently_raised(tmp_path):
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", (torch.randn(1, 3, 8, 8),), opset=17)
+    assert report.opset == 17 and report.exporter == "torchscript"
+    assert "opset 17 requested" in report.fallback_reason
+    assert next(o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import
+                if o.domain in ("", "ai.onnx")) == 17
