@@ -1,7 +1,7 @@
 """One error hierarchy for the whole library.
 
 The library raises these and never prints or exits; the CLI alone turns them
-into one-line messages and exit codes (see ``cli.py``).
+into one-line messages and exit codes (see ``cli/common.py``).
 """
 
 from __future__ import annotations

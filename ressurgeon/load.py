@@ -272,13 +272,17 @@ def build_arch(arch: str) -> nn.Module:
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr:
         raise LoadError(f"--arch must look like module:callable, got {arch!r}")
-    if "" not in sys.path and "." not in sys.path:
+    added = "" not in sys.path and "." not in sys.path
+    if added:  # the current folder, as `python -m` would have it, for this import only
         sys.path.insert(0, "")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise LoadError(f"cannot import {module_name!r} for --arch ({exc}); run from the "
                         "folder that holds it or add it to PYTHONPATH") from exc
+    finally:
+        if added:
+            sys.path.remove("")
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)

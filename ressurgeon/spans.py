@@ -48,6 +48,7 @@ class Reason(str, Enum):
     EXISTING = "existing-residual"
     SQUEEZED = "squeezed"
     LAYOUT = "layout-mismatch"
+    NOT_IN_PLAN = "not-in-plan"
 
     @property
     def text(self) -> str:
@@ -67,6 +68,7 @@ _REASON_TEXT = {
     Reason.EXISTING: "inside or parallel to a residual connection the model already has",
     Reason.SQUEEZED: "an end is a 1x1-spatial tensor (a squeeze-excitation gate, not a feature map)",
     Reason.LAYOUT: "the ends keep channels on different axes (channels-first vs channels-last)",
+    Reason.NOT_IN_PLAN: "left out of the applied plan",
 }
 
 
@@ -314,6 +316,19 @@ def _tiling_score(spans: list[Span]) -> tuple[int, int, int]:
     picked = [s for s in spans if s.chosen]
     return (len(picked), sum(s.kind == "identity" for s in picked),
             -sum(s.kind == "projection" for s in picked))
+
+
+def mark_planned(spans: list[Span], planned: set[tuple[str, str]]) -> list[Span]:
+    """The verdicts an applied plan gives: its skips chosen, every other candidate not."""
+    marked = []
+    for span in spans:
+        if (span.source, span.target) in planned:
+            marked.append(replace(span, reason=None, residual=None))
+        elif span.chosen:
+            marked.append(replace(span, reason=Reason.NOT_IN_PLAN))
+        else:
+            marked.append(span)
+    return marked
 
 
 def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],

@@ -13,7 +13,7 @@ from .config import SkipConfig
 from .errors import VerificationError
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
-from .spans import Span, analyze_graph, select_spans
+from .spans import Span, analyze_graph, mark_planned, select_spans
 from .trace import META, normalize_inputs, trace_model
 from .verify import ParityReport, check_parity
 
@@ -121,6 +121,8 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     spans = select_spans(gm, config)
     if plan is None:
         plan = plan_skips(spans, config, tuple(tuple(t.shape) for t in inputs))
+    else:  # report what the plan does, not what automatic selection would have done
+        spans = mark_planned(spans, {(s.source, s.target) for s in plan.skips})
     module, skips = apply_plan(gm, plan, inplace=True)
     parity = check_parity(model, module, inputs, original_kwargs=concrete_args) if verify else None
     if parity is not None and config.init == "preserve" and skips and not parity.ok:

@@ -65,7 +65,10 @@ def test_plan_out_then_plan(example_models, tmp_path):
     result = run("add-skips", example_models["mlp"], "--plan", plan, "-o", tmp_path / "o.pt2",
                  "--json")
     assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["skips"]) == 2
+    report = json.loads(result.stdout)
+    assert len(report["skips"]) == 2
+    # the report describes the plan: the dropped shortcut is rejected as left out of it
+    assert [r["reason"] for r in report["rejected"]].count("not-in-plan") == 1
 
 
 def test_inspect_lists_chosen_and_rejected(example_models):
