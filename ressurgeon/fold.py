@@ -92,7 +92,7 @@ class FoldedSkip:
 
     name: str
     kind: str                   # identity | projection
-    init: str                   # preserve | standard | rezero | gated (from a .pt2)
+    init: str                   # preserve | standard | rezero
     gate: float | None
     outcome: str = "plain"
     reason: str | None = None
@@ -451,8 +451,14 @@ def _exported_join(gm: fx.GraphModule, path: str, nodes: list[fx.Node],
         init = "standard"
     elif projected[gated]:
         init = "preserve"
+    elif any(projected):
+        init = "rezero"
     else:
-        init = "rezero" if any(projected) else "gated"
+        # identity: the gated operand is x (preserve, h + a*x) or h (rezero, x + a*h);
+        # the span's output h always comes after its input x in graph order
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        later = max((t.node for t in terms), key=order.__getitem__)
+        init = "rezero" if terms[gated].node is later else "preserve"
     record = FoldedSkip(name=path, kind="projection" if any(projected) else "identity",
                         init=init, gate=gate)
     return _Join(node=add, terms=terms, record=record,
