@@ -236,3 +236,15 @@ def test_fold_command_writes_pt2_and_onnx(example_models, tmp_path):
 def test_errors_are_ressurgeon_errors():
     with pytest.raises(RessurgeonError):
         fold(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("init,outcome", [("preserve", "removed"), ("rezero", "span-removed")])
+def test_identity_shortcuts_read_back_from_pt2_keep_their_init(tmp_path, init, outcome):
+    torch.manual_seed(0)
+    model = randomize_bn(plain_cnn()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = add_skips(model, (x,), SkipConfig(span=1, init=init))
+    save_model(result.module, tmp_path / "m.pt2", (x,))
+    folded = fold(load_model(tmp_path / "m.pt2"), (x,))
+    identity = [s for s in folded.skips if s.kind == "identity"]
+    assert identity and all(s.init == init and s.outcome == outcome for s in identity)
