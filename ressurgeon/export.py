@@ -113,12 +113,32 @@ def export_program(module: nn.Module, example_inputs: tuple, *,
         module.train(was_training)
 
 
-def _export_dynamic(module: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
-    # A batch of 1 would be specialised by export; trace with 2 rows instead.
-    grown = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t
-                  for t in inputs)
+def batched_dims(inputs: tuple) -> list[bool]:
+    """Which inputs get a symbolic batch dim 0: those batched like the first input."""
+    if not inputs or inputs[0].dim() == 0:
+        return [False] * len(inputs)
+    batch = inputs[0].shape[0]
+    return [t.dim() > 0 and t.shape[0] == batch for t in inputs]
+
+
+def dynamic_batch_args(inputs: tuple) -> tuple[tuple, tuple | None]:
+    """(inputs, dynamic_shapes) for torch.export / torch.onnx with a symbolic batch.
+
+    torch.export specialises a dimension of size 1, so a batch of 1 is traced
+    with 2 rows instead (the model must treat rows independently, as any
+    batched model does).
+    """
+    dims = batched_dims(inputs)
+    if not any(dims):
+        return tuple(inputs), None
+    grown = tuple(t.expand(2, *t.shape[1:]).clone() if d and t.shape[0] == 1 else t
+                  for t, d in zip(inputs, dims))
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} if t.dim() else None for t in grown)
+    return grown, tuple({0: batch} if d else None for d in dims)
+
+
+def _export_dynamic(module: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
+    grown, dynamic = dynamic_batch_args(inputs)
     return torch.export.export(module, grown, dynamic_shapes=dynamic, strict=False)
 
 

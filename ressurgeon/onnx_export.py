@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, VerificationError, brief
-from .export import atomic_path
+from .export import atomic_path, batched_dims, dynamic_batch_args
 from .trace import normalize_inputs
 from .verify import eval_outputs
 
@@ -243,23 +243,10 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
         module.train(was_training)
 
 
-def _batch_dims(inputs: tuple, dynamic_batch: bool) -> list[bool]:
-    """Which inputs get a symbolic dim 0: those batched like the first input."""
-    if not dynamic_batch or not inputs or inputs[0].dim() == 0:
-        return [False] * len(inputs)
-    batch = inputs[0].shape[0]
-    return [t.dim() > 0 and t.shape[0] == batch for t in inputs]
-
-
 def _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset) -> None:
-    dims = _batch_dims(inputs, dynamic_batch)
     dynamic = None
-    if any(dims):
-        # torch.export specialises a batch of 1; trace with 2 rows, as export.py does
-        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if d and t.shape[0] == 1 else t
-                       for t, d in zip(inputs, dims))
-        batch = torch.export.Dim("batch", min=1)
-        dynamic = tuple({0: batch} if d else None for d in dims)
+    if dynamic_batch:
+        inputs, dynamic = dynamic_batch_args(inputs)
     program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic,
                                 input_names=in_names, output_names=out_names,
                                 opset_version=opset)
@@ -268,7 +255,7 @@ def _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, o
 
 def _export_torchscript(module, inputs, target, in_names, out_names, dynamic_batch,
                         opset) -> None:
-    dims = _batch_dims(inputs, dynamic_batch)
+    dims = batched_dims(inputs) if dynamic_batch else [False] * len(inputs)
     axes = None
     if any(dims):
         axes = {n: {0: "batch"} for n, d in zip(in_names, dims) if d}
@@ -294,7 +281,7 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
         raise ExportError(f"onnxruntime cannot load {report.path}: {brief(exc)}; write it "
                           "without the parity check (check=False / --no-check)") from exc
     batches = [(inputs, reference)]
-    if report.dynamic_batch and any(_batch_dims(inputs, True)):
+    if report.dynamic_batch and any(batched_dims(inputs)):
         other = _other_batch(inputs)
         batches.append((other, _run_torch(module, other, fp16)))
     dtype = torch.float16 if fp16 else reference[0].dtype if reference else torch.float32
@@ -332,7 +319,7 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
 
 def _other_batch(inputs: tuple) -> tuple:
     """The example rows repeated to a second batch size (1, or 3 when the example has 1)."""
-    dims = _batch_dims(inputs, True)
+    dims = batched_dims(inputs)
     batch = inputs[0].shape[0]
     size = 1 if batch != 1 else 3
     index = torch.arange(size, device=inputs[0].device) % batch
