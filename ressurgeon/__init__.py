@@ -10,8 +10,8 @@ from .config import SkipConfig
 from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
                      ShapeError, TraceError, UnsafeFileError, VerificationError)
 from .blocks import Residual
-from .diagnose import (FlowStats, Gate, GateReport, GradientFlowReport, LayerFlow, gate_report,
-                       gradient_flow)
+from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
+from .gates import Gate, GateReport, gate_report
 from .fold import FoldedSkip, FoldResult, fold
 from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
 from .plan import PlannedSkip, SurgeryPlan, plan_skips

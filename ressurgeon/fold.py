@@ -51,7 +51,7 @@ from .rescale import (
     op_key,
     set_param,
 )
-from .shortcuts import Shortcut
+from .shortcuts import Shortcut, exported_shortcut_path
 from .verify import eval_outputs
 from .trace import (
     META,
@@ -380,7 +380,7 @@ def _collect_joins(gm: fx.GraphModule) -> list[_Join]:
         if isinstance(module, Shortcut) and len(node.args) == 2:
             joins.append(_shortcut_join(node, module))
             continue
-        path = _exported_shortcut(node)
+        path = exported_shortcut_path(node)
         if path is not None:
             groups.setdefault(path, []).append(node)
     for path, nodes in groups.items():
@@ -404,19 +404,6 @@ def _shortcut_join(node: fx.Node, module: Shortcut) -> _Join:
         terms = [_Term(h, None, 1.0), _Term(x, proj, 1.0)]
     record = FoldedSkip(name=str(node.target), kind=module.kind, init=module.init, gate=gate)
     return _Join(node=node, terms=terms, record=record, shortcut=True)
-
-
-_SHORTCUT_CLASS = f"{Shortcut.__module__}.{Shortcut.__qualname__}"
-
-
-def _exported_shortcut(node: fx.Node) -> str | None:
-    """The Shortcut path a torch.export'ed node came from (its nn_module_stack says)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, cls in reversed(list(stack.values())):
-        name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-        if name == _SHORTCUT_CLASS:
-            return path
-    return None
 
 
 def _exported_join(gm: fx.GraphModule, path: str, nodes: list[fx.Node],

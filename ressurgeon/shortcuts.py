@@ -49,3 +49,24 @@ class Shortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"init={self.init!r}"
+
+
+def is_shortcut_class(cls) -> bool:
+    """True for Shortcut itself or its qualified name (as torch.export records it)."""
+    if isinstance(cls, type):
+        return issubclass(cls, Shortcut)
+    return cls == f"{Shortcut.__module__}.{Shortcut.__qualname__}"
+
+
+def exported_shortcut_path(node) -> str | None:
+    """The Shortcut module path an inlined (torch.export'ed) fx node came from, if any.
+
+    torch.export flattens Shortcut modules into plain ops but records the
+    module stack in ``node.meta["nn_module_stack"]``; the innermost Shortcut
+    on it is the one the node belongs to.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in reversed(list(stack.values())):
+        if is_shortcut_class(cls):
+            return path
+    return None

@@ -13,7 +13,8 @@ import ressurgeon.cli.diagnose  # noqa: F401  (registers diagnose and gates)
 from models import deep_mlp, mlp_changing_widths, plain_cnn
 from ressurgeon import SkipConfig, add_skips, find_layers, select_spans, trace_model
 from ressurgeon.cli import app
-from ressurgeon.diagnose import gate_report, gradient_flow
+from ressurgeon.diagnose import gradient_flow
+from ressurgeon.gates import gate_report
 from ressurgeon.errors import ConfigError, ExportError
 from ressurgeon.export import save_model
 from ressurgeon.load import load_model

@@ -211,7 +211,7 @@ def gates_cmd(
 
       ressurgeon gates vgg.tuned.pt2 --plot gates.png
     """
-    from ..diagnose import gate_report
+    from ..gates import gate_report
 
     progress = Progress(quiet or as_json)
     with handle_errors(debug):

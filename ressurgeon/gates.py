@@ -1,0 +1,196 @@
+"""Gate report: which shortcuts did fine-tuning adopt?
+
+``gate_report`` reads the current value of every shortcut gate of a
+rewritten (and perhaps fine-tuned) model: a module with Shortcut submodules,
+a GraphModule loaded from a .pt2 archive (where the shortcuts are inlined
+into plain ops), or a bare state_dict. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from .errors import ConfigError
+from .shortcuts import Shortcut, is_shortcut_class
+
+@dataclass(frozen=True)
+class Gate:
+    """One shortcut of a rewritten model and its gate's current value.
+
+    ``value`` multiplies the shortcut (init "preserve": ``h + a*S(x)``) or the
+    span (init "rezero": ``S(x) + a*H(x)``); it is None for init "standard",
+    which has no gate. ``init`` is None when it cannot be told from the file.
+    """
+
+    name: str                    # the shortcut's module path, e.g. "skip_0__4"
+    source_layer: str
+    target_layer: str
+    init: str | None
+    kind: str                    # "identity" | "projection"
+    value: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Every shortcut found in a model; ``flattened`` when read from inlined graph ops."""
+
+    gates: tuple[Gate, ...]
+    flattened: bool = False
+
+    @property
+    def values(self) -> dict[str, float]:
+        """{shortcut name: gate value} for the shortcuts that have a gate."""
+        return {g.name: g.value for g in self.gates if g.value is not None}
+
+    def to_dict(self) -> dict:
+        return {"gates": [g.to_dict() for g in self.gates], "flattened": self.flattened}
+
+
+_SKIP_PARAM = re.compile(r"^(?P<path>(?:.*\.)?skip_[^.]+)\.(?P<leaf>gate|proj\.weight)$")
+
+
+def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
+    """Every shortcut of a rewritten model with its gate's current value.
+
+    Works on the module ``add_skips`` returned (and one pickled whole), on a
+    model loaded from a ``.pt2`` archive, where torch.export has inlined the
+    Shortcut modules into plain ops (gates survive as parameters named
+    ``skip_*.gate``; the init is read back from the graph), and on a
+    state_dict (names and values only: init unknown, identity shortcuts of
+    init "standard" invisible, since they own no tensor).
+
+    Args:
+        module: a rewritten nn.Module, or a state_dict of one.
+
+    Returns:
+        GateReport with one Gate per shortcut, in graph order where a graph is
+        known (parameter order for a state_dict).
+
+    Raises:
+        ConfigError: ``module`` is neither an nn.Module nor a mapping of tensors.
+
+    Example:
+        >>> tuned = add_skips(model, (x,), SkipConfig(init="preserve")).module  # doctest: +SKIP
+        >>> ...  # fine-tune tuned
+        >>> gate_report(tuned).values                                             # doctest: +SKIP
+        {'skip_0__4': 0.31, 'skip_4__8': -0.02}
+    """
+    if isinstance(module, Mapping):
+        tensors = dict(module)
+        paths = _prefixes(tensors)
+        gates = [_flat_gate(path, tensors, paths, None) for path in _skip_paths(tensors)]
+        return GateReport(gates=tuple(gates), flattened=True)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"gate_report needs an nn.Module or a state_dict, got "
+                          f"{type(module).__name__}")
+    tensors = dict(module.state_dict(keep_vars=True))
+    paths = _prefixes(tensors) | {name for name, _ in module.named_modules()}
+    graph = module.graph if isinstance(module, fx.GraphModule) else None
+    if graph is not None:
+        paths |= {n.name for n in graph.nodes}
+    gates: list[Gate] = []
+    seen: set[str] = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, Shortcut):
+            src, dst = _layer_names(name, paths)
+            gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init,
+                              kind=sub.kind, value=None if sub.gate is None
+                              else float(sub.gate.detach().float().item())))
+            seen.add(name)
+    flat = [p for p in _skip_paths(tensors, graph) if p not in seen and
+            not any(p.startswith(s + ".") for s in seen)]
+    gates += [_flat_gate(path, tensors, paths, graph) for path in flat]
+    return GateReport(gates=tuple(gates), flattened=bool(flat))
+
+
+def _skip_paths(tensors: dict, graph: fx.Graph | None = None) -> list[str]:
+    """Shortcut paths named by parameters, or (in an exported graph) by nn_module_stack."""
+    found = {m.group("path"): math.inf for k in tensors if (m := _SKIP_PARAM.match(k))}
+    if graph is not None:  # graph order, which parameter order need not follow
+        for i, node in enumerate(graph.nodes):
+            for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+                if is_shortcut_class(cls):
+                    found[path] = min(found.get(path, math.inf), i)
+    return sorted(found, key=found.__getitem__)
+
+
+def _flat_gate(path: str, tensors: dict, paths: set[str], graph: fx.Graph | None) -> Gate:
+    gate = tensors.get(f"{path}.gate")
+    kind = "projection" if f"{path}.proj.weight" in tensors else "identity"
+    if gate is None:
+        init = "standard" if graph is not None else None
+    else:
+        init = _flattened_init(graph, path) if graph is not None else None
+    src, dst = _layer_names(path, paths)
+    return Gate(name=path, source_layer=src, target_layer=dst, init=init, kind=kind,
+                value=None if gate is None else float(gate.detach().float().item()))
+
+
+def _flattened_init(graph: fx.Graph, path: str) -> str | None:
+    """Tell preserve (h + a*S(x)) from rezero (S(x) + a*H(x)) in an inlined shortcut.
+
+    The gate's product and the sum's other operand are S(x) and h in some
+    order; S(x) is computed inside the shortcut (a projection) or is x itself,
+    which the span's output h always comes after in graph order.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    gate = next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"{path}.gate"),
+                None)
+    if gate is None or len(gate.users) != 1:
+        return None
+    mul = next(iter(gate.users))
+    scaled = [a for a in mul.args if isinstance(a, fx.Node) and a is not gate]
+    if len(scaled) != 1 or len(mul.users) != 1:
+        return None
+    add = next(iter(mul.users))
+    other = [a for a in add.args if isinstance(a, fx.Node) and a is not mul]
+    if len(other) != 1:
+        return None
+    a, b = scaled[0], other[0]
+
+    def inside(node: fx.Node) -> bool:
+        return any(p == path for p, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+    if inside(a) != inside(b):
+        return "preserve" if inside(a) else "rezero"
+    return "rezero" if order[a] > order[b] else "preserve"
+
+
+def _prefixes(names: Iterable[str]) -> set[str]:
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_") or "node"
+
+
+def _layer_names(path: str, candidates: set[str]) -> tuple[str, str]:
+    """('features.0', 'features.7') from 'skip_features_0__features_7', where the names exist.
+
+    The rewrite names a shortcut after the layers it joins with every
+    non-word character turned into '_'; a candidate name that cleans to the
+    same text wins, else the cleaned text is returned as it is.
+    """
+    leaf = path.rsplit(".", 1)[-1]
+    body = leaf.removeprefix("skip_")
+    src, sep, dst = body.partition("__")
+    if not sep:
+        return body, ""
+    lookup: dict[str, str] = {}
+    for cand in sorted(candidates, key=lambda c: (c.count("_"), c)):
+        lookup.setdefault(_clean(cand), cand)
+    return lookup.get(src, src), lookup.get(dst, dst)
