@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from examples.models import plain_vgg
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for examples/
+from examples.models import plain_vgg  # noqa: E402
 from ressurgeon import SkipConfig, add_skips
 from ressurgeon.fold import fold
 from ressurgeon.onnx_export import export_onnx, fusion_report
