@@ -30,6 +30,7 @@ from .blocks import Residual, find_merges
 from .config import SkipConfig
 from .dominators import DominatorTree
 from .registry import Role, is_getitem, op_info
+from .shortcuts import exported_shortcut_path
 from .trace import META, node_label, op_name
 
 
@@ -161,6 +162,8 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         info = op_info(node, modules)
         if info is None or info.role is not Role.LAYER:
             continue
+        if exported_shortcut_path(node) is not None:
+            continue  # a projection of ours, inlined by torch.export: part of a shortcut
         anchor = node
         if _shape(node) is None:  # e.g. MultiheadAttention returns (out, weights)
             firsts = [u for u in node.users if is_getitem(u, 0)]

@@ -269,3 +269,15 @@ def test_wrong_number_of_inputs_and_bad_plan_shapes(example_models, tmp_path):
     data["input_shapes"] = [[0, "a"]]
     plan.write_text(json.dumps(data))
     assert "input_shapes" in one_line_error(run("add-skips", example_models["mlp"], "--plan", plan))
+
+
+def test_a_rewritten_archive_is_recognised_on_a_second_pass(example_models, tmp_path):
+    first = tmp_path / "once.pt2"
+    assert run("add-skips", example_models["vgg"], "-o", first).exit_code == 0
+    report = json.loads(run("inspect", first, "--json").stdout)
+    original = json.loads(run("inspect", example_models["vgg"], "--json").stdout)
+    # the inlined projections are part of our shortcuts, not layers of the model
+    assert [lay["name"] for lay in report["layers"]] == [lay["name"] for lay in original["layers"]]
+    assert len(report["existing_residuals"]) == 3
+    result = run("add-skips", first, "-o", tmp_path / "twice.pt2")
+    assert result.exit_code == 0 and "no shortcut inserted" in result.stderr
