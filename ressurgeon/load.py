@@ -12,10 +12,8 @@ import contextlib
 import importlib
 import io
 import json
-import logging
 import pickletools
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LoadError, UnsafeFileError, brief
+from .quiet import quiet_torch
 from .trace import graph_module_from_export
 
 SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
@@ -129,7 +128,7 @@ def _check_pt2_pickles(path: Path) -> None:
                         problems.append(f"{fqn} is stored as a pickle")
             elif leaf.endswith(".pt"):
                 try:
-                    with _quiet_torch():
+                    with quiet_torch():
                         torch.load(io.BytesIO(z.read(name)), map_location="cpu",
                                    weights_only=True)
                 except Exception:
@@ -155,25 +154,9 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
-@contextlib.contextmanager
-def _quiet_torch():
-    """torch.export.load logs a full traceback before raising; users must not see it."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _load_pt2(path: Path) -> nn.Module:
     try:
-        with _quiet_torch():
+        with quiet_torch():
             ep = torch.export.load(path)
             return graph_module_from_export(ep)
     except Exception as exc:
@@ -197,7 +180,7 @@ def read_safetensors(path: Path) -> dict:
 
 def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     try:
-        with _quiet_torch():
+        with quiet_torch():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         imports = _pickle_imports(path)
@@ -223,7 +206,7 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
 
 def _load_trusted(path: Path) -> object:
     try:
-        with _quiet_torch():
+        with quiet_torch():
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise LoadError(f"{path} could not be unpickled ({brief(exc)}); the classes it "

@@ -13,10 +13,7 @@ costs only torch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, VerificationError, brief
+from .quiet import quiet_torch
 from .export import atomic_path, batched_dims, dynamic_batch_args
 from .trace import normalize_inputs
 from .verify import eval_outputs
@@ -189,23 +187,6 @@ def _run_torch(module: nn.Module, inputs: tuple, fp16: bool) -> list[torch.Tenso
     return eval_outputs(module, inputs)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress to stdout and log through logging; keep both off the user."""
-    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "onnxscript")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR + 1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
             out_names: list[str], dynamic_batch: bool, opset: int | None) -> tuple[str, str | None]:
     was_training = module.training
@@ -213,13 +194,13 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
     try:
         if opset is not None and opset < DYNAMO_MIN_OPSET:
             # the dynamo exporter would quietly write opset 18 instead
-            with _quiet():
+            with quiet_torch(stdout=True):
                 _export_torchscript(module, inputs, target, in_names, out_names,
                                     dynamic_batch, opset)
             return "torchscript", (f"opset {opset} requested; the dynamo exporter writes "
                                    f"opset {DYNAMO_MIN_OPSET} or newer")
         try:
-            with _quiet():
+            with quiet_torch(stdout=True):
                 _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset)
             return "dynamo", None
         except Exception as exc:  # noqa: BLE001  (any failure there means: try the other exporter)
@@ -231,7 +212,7 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
                       f"{reason}); used the TorchScript exporter instead",
                       ExportFallbackWarning, stacklevel=3)
         try:
-            with _quiet():
+            with quiet_torch(stdout=True):
                 _export_torchscript(module, inputs, target, in_names, out_names,
                                     dynamic_batch, opset)
         except Exception as exc:

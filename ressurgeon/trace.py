@@ -16,12 +16,9 @@ the modules and functions it registers as not traceable are added.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import fnmatch
-import io
-import logging
 import operator
 import os
 import re
@@ -36,6 +33,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, ShapeError, TraceError, brief
+from .quiet import quiet_torch
 from .inplace import input_dependent, remove_inplace
 from .shapes import META, propagate_shapes, runs
 
@@ -291,9 +289,6 @@ def _user_frame(exc: BaseException | None) -> str:
     return f"{os.path.basename(f.filename)}:{f.lineno}{code}"
 
 
-_NOISY_LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
-
-
 def _batch_dims(inputs: tuple) -> tuple:
     auto = torch.export.Dim.AUTO
     return tuple({0: auto} if t.dim() >= 1 else None for t in inputs)
@@ -301,15 +296,11 @@ def _batch_dims(inputs: tuple) -> tuple:
 
 def _trace_export(model: nn.Module, inputs: tuple, fx_error: Exception | None,
                   dynamic_batch: bool = True) -> fx.GraphModule:
-    # export logs whole tracebacks (and symbolic-shape warnings) before it raises
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
     try:
         dims = _batch_dims(inputs) if dynamic_batch else None
-        # on data-dependent errors export also prints its partial graph to stderr
-        with contextlib.redirect_stderr(io.StringIO()):
+        # export logs whole tracebacks before it raises, and on data-dependent
+        # errors prints its partial graph to stderr
+        with quiet_torch(stderr=True):
             ep = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
     except Exception as exc:
         module = getattr(fx_error, "_ressurgeon_module", ("", None))[0]
@@ -321,9 +312,6 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: Exception | None,
             f"Mark the offending submodule as a leaf {hint} or rewrite "
             "the data-dependent Python branch with torch.where / torch.cond"
         ) from exc
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
     return graph_module_from_export(ep)
 
 
