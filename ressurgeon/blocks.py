@@ -25,7 +25,7 @@ from torch import fx
 from .dominators import DominatorTree
 from .registry import Role, is_getitem, op_info
 from .shortcuts import Shortcut
-from .trace import META, _stack_path, node_label
+from .trace import META, stack_path, node_label
 
 aten = torch.ops.aten
 
@@ -188,7 +188,7 @@ def _merge_op(node: fx.Node, modules) -> str:
 
 
 def _merge_name(node: fx.Node) -> str:
-    path = _stack_path(node)
+    path = stack_path(node)
     return f"{path}.{node.name}" if path else node.name
 
 

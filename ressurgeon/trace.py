@@ -370,7 +370,7 @@ def _modules_from_mode_ops(gm: fx.GraphModule) -> None:
             dims = len(x.meta["val"].shape) if "val" in x.meta else 2
             cls = nn.Dropout if node.target is aten.dropout.default else (
                 {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}.get(dims, nn.Dropout))
-            _swap_for_module(gm, node, cls(p), (x,), _stack_path(node) or "dropout")
+            _swap_for_module(gm, node, cls(p), (x,), stack_path(node) or "dropout")
     # BN's num_batches_tracked increment is part of the BatchNorm module now.
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is aten.add_.Tensor and not node.users:
@@ -415,7 +415,7 @@ def _replace_batch_norm(gm: fx.GraphModule, node: fx.Node) -> None:
         if len(items) != 1 or len(node.users) != 1:
             return
         user = items[0]
-    _swap_for_module(gm, user, bn, (x,), path or _stack_path(node) or "batch_norm",
+    _swap_for_module(gm, user, bn, (x,), path or stack_path(node) or "batch_norm",
                      replace_existing=path is not None)
     if user is not node:
         gm.graph.erase_node(node)
@@ -450,7 +450,8 @@ def _taken(gm: nn.Module, path: str) -> bool:
     return hasattr(owner, leaf)
 
 
-def _stack_path(node: fx.Node) -> str | None:
+def stack_path(node: fx.Node) -> str | None:
+    """The module path torch.export recorded for a node (``nn_module_stack``), if any."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
@@ -462,7 +463,7 @@ def node_label(node: fx.Node) -> str:
     """A readable name: the module path for module calls and exported ops, else the node name."""
     if node.op == "call_module":
         return str(node.target)
-    return _stack_path(node) or node.name
+    return stack_path(node) or node.name
 
 
 def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
