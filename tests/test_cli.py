@@ -281,3 +281,8 @@ def test_a_rewritten_archive_is_recognised_on_a_second_pass(example_models, tmp_
     assert len(report["existing_residuals"]) == 3
     result = run("add-skips", first, "-o", tmp_path / "twice.pt2")
     assert result.exit_code == 0 and "no shortcut inserted" in result.stderr
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("ressurgeon 0.1.0 (torch ")

@@ -7,6 +7,8 @@ JSON with --json); progress, warnings and errors go to stderr.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -17,6 +19,26 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        from .. import __version__
+
+        typer.echo(f"ressurgeon {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print ressurgeon's and torch's versions and exit.")] = False) -> None:
+    """Add residual (skip) connections to existing PyTorch networks.
+
+    Start with `ressurgeon add-skips MODEL.pt2`; every command has --help with examples.
+    """
 
 
 def main() -> None:
