@@ -196,12 +196,20 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
         obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
         return obj
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # a common checkpoint layout
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _with_arch(obj, arch, path)
+    state = as_state_dict(obj)
+    if state is not None:
+        return _with_arch(state, arch, path)
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
                     f"{SAFE_ROUTES}")
+
+
+def as_state_dict(obj: object) -> dict | None:
+    """``obj`` as a state_dict (name -> tensor), unwrapping ``{"state_dict": ...}``; else None."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a common checkpoint layout
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
 
 
 def _load_trusted(path: Path) -> object:

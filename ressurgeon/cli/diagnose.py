@@ -12,7 +12,7 @@ from rich.text import Text
 
 from ..config import SkipConfig
 from ..errors import ConfigError
-from ..load import read_safetensors
+from ..load import as_state_dict, read_safetensors
 from .app import app
 from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
                      InputShapeOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
@@ -298,11 +298,7 @@ def _read_weights(path: Path) -> dict | None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None  # a pickled module, or garbage: load_model says which, and what to do
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    return None
+    return as_state_dict(obj)
 
 
 def _plot_gates(loaded, report, model: Path, shapes, leaf, plot: Path, progress) -> None:
