@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import fx
 
 from .errors import ConfigError
+from .rewrite import name_part
 from .shortcuts import Shortcut, is_shortcut_class
 
 @dataclass(frozen=True)
@@ -174,10 +175,6 @@ def _prefixes(names: Iterable[str]) -> set[str]:
     return out
 
 
-def _clean(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_") or "node"
-
-
 def _layer_names(path: str, candidates: set[str]) -> tuple[str, str]:
     """('features.0', 'features.7') from 'skip_features_0__features_7', where the names exist.
 
@@ -192,5 +189,5 @@ def _layer_names(path: str, candidates: set[str]) -> tuple[str, str]:
         return body, ""
     lookup: dict[str, str] = {}
     for cand in sorted(candidates, key=lambda c: (c.count("_"), c)):
-        lookup.setdefault(_clean(cand), cand)
+        lookup.setdefault(name_part(cand), cand)
     return lookup.get(src, src), lookup.get(dst, dst)

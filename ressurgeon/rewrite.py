@@ -137,8 +137,11 @@ def _check_disjoint(analysis, skips: tuple[PlannedSkip, ...]) -> None:
         seen[skip.target] = skip
 
 
-def _module_name(skip: PlannedSkip) -> str:
-    def clean(name: str) -> str:
-        return re.sub(r"\W+", "_", name).strip("_") or "node"
+def name_part(name: str) -> str:
+    """A layer name as it appears in a shortcut's module name (gates.py reads it back)."""
+    return re.sub(r"\W+", "_", name).strip("_") or "node"
 
-    return f"skip_{clean(skip.source_layer or skip.source)}__{clean(skip.target_layer or skip.target)}"
+
+def _module_name(skip: PlannedSkip) -> str:
+    return (f"skip_{name_part(skip.source_layer or skip.source)}"
+            f"__{name_part(skip.target_layer or skip.target)}")
