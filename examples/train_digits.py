@@ -294,7 +294,7 @@ def plot_curves(runs: list[Run], path: Path, settings: Settings) -> Path:
     """Training loss per epoch, one panel per (family, depth), one line per variant; log scale."""
     from matplotlib.figure import Figure
 
-    from ressurgeon.export import atomic_path
+    from ressurgeon._io import atomic_path
 
     families = list(dict.fromkeys(r.family for r in runs))
     depths = list(dict.fromkeys(r.depth for r in runs))

@@ -4,39 +4,105 @@
     result = add_skips(model, (x,), SkipConfig(span=2, init="preserve"))
     result.module   # torch.fx.GraphModule, the rewritten model
     result.skips    # one Skip record per shortcut
+
+The package imports lazily: a name is imported from its module the first time
+it is used, so ``import ressurgeon`` (and ``ressurgeon --help``) costs no torch.
 """
 
-from .config import SkipConfig
-from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
-                     ShapeError, TraceError, UnsafeFileError, VerificationError)
-from .blocks import Residual
-from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
-from .gates import Gate, GateReport, gate_report
-from .fold import FoldedSkip, FoldResult, fold
-from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
-from .plan import PlannedSkip, SurgeryPlan, plan_skips
-from .registry import OpInfo, Role, register_op
-from .rewrite import Skip, apply_plan
-from .shortcuts import Shortcut
-from .plot import plot_gradient_flow, plot_surgery
-from .shapes import propagate_shapes
-from .spans import Layer, Reason, Span, analyze_graph, find_layers, find_residuals, select_spans
-from .surgery import SurgeryResult, add_skips, find_spans
-from .trace import default_leaf_modules, trace_model
-from .verify import GradientReport, ParityReport, check_gradients, check_parity
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SkipConfig", "add_skips", "find_spans", "SurgeryResult", "Skip", "Span", "Reason",
-    "Layer", "find_layers", "select_spans", "trace_model", "apply_plan", "plan_skips",
-    "SurgeryPlan", "PlannedSkip", "Shortcut", "check_parity", "check_gradients",
-    "ParityReport", "GradientReport", "register_op", "OpInfo", "Role",
-    "RessurgeonError", "ConfigError", "LoadError", "UnsafeFileError", "TraceError",
-    "ShapeError", "PlanError", "ExportError", "VerificationError", "__version__",
-    "fold", "FoldResult", "FoldedSkip", "export_onnx", "OnnxReport", "FusionReport",
-    "fusion_report", "ExportFallbackWarning", "Residual", "find_residuals", "analyze_graph",
-    "default_leaf_modules", "propagate_shapes", "gradient_flow", "gate_report",
-    "GradientFlowReport", "LayerFlow", "FlowStats", "GateReport", "Gate", "plot_surgery",
-    "plot_gradient_flow",
-]
+# name -> module that defines it, grouped by what a user reaches for.
+_EXPORTS = {
+    # the pipeline, stage by stage
+    "load_model": "load", "trace_model": "trace", "analyze_graph": "analysis.layers",
+    "find_spans": "surgery", "select_spans": "spans", "inspect_model": "surgery",
+    "plan_skips": "plan", "apply_plan": "rewrite", "add_skips": "surgery",
+    "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
+    "save_model": "save", "save_code": "save", "export_onnx": "onnx_export",
+    "fusion_report": "onnx_export", "fold": "fold",
+    # diagnostics
+    "gradient_flow": "diagnose", "gate_report": "gates", "plot_surgery": "plot",
+    "plot_gradient_flow": "plot", "find_shortcuts": "shortcuts", "find_layers": "analysis.layers",
+    "find_residuals": "analysis.layers",
+    # configuration
+    "SkipConfig": "config", "TraceOptions": "config", "Init": "config", "Kind": "config",
+    "Placement": "config",
+    # records and results
+    "SurgeryResult": "surgery", "Inspection": "surgery", "Skip": "rewrite", "Span": "spans",
+    "Reason": "spans", "Layer": "analysis.layers", "Residual": "analysis.blocks",
+    "SurgeryPlan": "plan", "PlannedSkip": "plan", "ParityReport": "verify",
+    "GradientReport": "verify", "FoldResult": "fold", "FoldedSkip": "fold",
+    "OnnxReport": "onnx_export", "FusionReport": "onnx_export",
+    "GradientFlowReport": "diagnose", "LayerFlow": "diagnose", "FlowStats": "diagnose",
+    "GateReport": "gates", "Gate": "gates", "Shortcut": "shortcuts",
+    "ExportFallbackWarning": "onnx_export",
+    # errors
+    "RessurgeonError": "errors", "ConfigError": "errors", "LoadError": "errors",
+    "UnsafeFileError": "errors", "TraceError": "errors", "ShapeError": "errors",
+    "PlanError": "errors", "ExportError": "errors", "VerificationError": "errors",
+    # extension points
+    "register_op": "registry", "OpInfo": "registry", "Role": "registry", "Trait": "registry",
+    "default_leaf_modules": "trace",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ressurgeon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``ressurgeon.fold`` the function when the ``ressurgeon.fold`` package loads.
+
+    Python's import system sets every newly loaded submodule as an attribute of
+    its parent; the stage package ``fold/`` would then hide the function of the
+    same name from ``from ressurgeon import fold``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from .analysis.blocks import Residual
+    from .analysis.layers import Layer, analyze_graph, find_layers, find_residuals
+    from .config import Init, Kind, Placement, SkipConfig, TraceOptions
+    from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
+    from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
+                         ShapeError, TraceError, UnsafeFileError, VerificationError)
+    from .fold import FoldedSkip, FoldResult, fold
+    from .gates import Gate, GateReport, gate_report
+    from .load import load_model
+    from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
+    from .plan import PlannedSkip, SurgeryPlan, plan_skips
+    from .plot import plot_gradient_flow, plot_surgery
+    from .registry import OpInfo, Role, Trait, register_op
+    from .rewrite import Skip, apply_plan
+    from .save import save_code, save_model
+    from .shortcuts import Shortcut, find_shortcuts
+    from .spans import Reason, Span, select_spans
+    from .surgery import Inspection, SurgeryResult, add_skips, find_spans, inspect_model
+    from .trace import default_leaf_modules, trace_model
+    from .verify import GradientReport, ParityReport, check_gradients, check_parity, compare_outputs

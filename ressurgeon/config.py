@@ -1,23 +1,76 @@
-"""SkipConfig: what the pass should do, validated on construction.
+"""What the pass should do (``SkipConfig``) and how to capture the model (``TraceOptions``).
 
-Each field carries its own help text in ``metadata["help"]``; the CLI builds
-its options from these fields so the two never drift apart.
+Both are frozen dataclasses validated on construction. Each field carries its
+own help text in ``metadata["help"]``; the CLI builds its options from these
+fields so the two never drift apart. This module imports no torch, so the
+CLI's ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 
 from .errors import ConfigError
 
-KINDS = ("auto", "identity", "projection")
-INITS = ("preserve", "standard", "rezero")
-PLACEMENTS = ("pre-activation", "post-activation")
+
+class Kind(StrEnum):
+    """Which shortcut a span may get."""
+
+    AUTO = "auto"              # identity when shapes match, projection otherwise
+    IDENTITY = "identity"      # never project
+    PROJECTION = "projection"  # always project
+
+
+class Init(StrEnum):
+    """How a new shortcut starts; ``formula`` is the text reports print."""
+
+    PRESERVE = "preserve"
+    STANDARD = "standard"
+    REZERO = "rezero"
+
+    @property
+    def formula(self) -> str:
+        return _FORMULAS[self]
+
+
+_FORMULAS = {Init.PRESERVE: "h + a*S(x)", Init.STANDARD: "h + S(x)", Init.REZERO: "S(x) + a*h"}
+
+
+class Placement(StrEnum):
+    """Where the sum goes relative to the span's last activation."""
+
+    PRE = "pre-activation"
+    POST = "post-activation"
 
 
 def _help(text: str, **extra):
     return {"help": text, **extra}
+
+
+def _enum(cls, name: str, value):
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{name} must be one of {allowed}; got {value!r}") from None
+
+
+def _patterns(name: str, value) -> tuple[str, ...]:
+    # A bare string would be iterated per character: accept it as one pattern.
+    items = (value,) if isinstance(value, str) else tuple(value or ())
+    if not all(isinstance(p, str) and p for p in items):
+        raise ConfigError(f"{name} must hold non-empty glob patterns, got {value!r}")
+    return items
+
+
+def _count(name: str, value, *, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = " or None" if optional else ""
+        raise ConfigError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -32,16 +85,16 @@ class SkipConfig:
     span: int = field(default=2, metadata=_help(
         "Layers a shortcut jumps (2 = ResNet's basic block). A layer is a weighted op "
         "with the norm and activation that follow it."))
-    kind: str = field(default="auto", metadata=_help(
+    kind: Kind = field(default=Kind.AUTO, metadata=_help(
         "auto: identity when shapes match, projection when channels or stride differ; "
-        "identity: never project; projection: always use a 1x1 projection.", choices=KINDS))
-    init: str = field(default="preserve", metadata=_help(
-        "preserve: H(x) + a*S(x), a=0, outputs unchanged (for trained models); "
-        "standard: H(x) + S(x) (training from scratch); rezero: S(x) + a*H(x), a=0.",
-        choices=INITS))
-    placement: str = field(default="pre-activation", metadata=_help(
+        "identity: never project; projection: always use a 1x1 projection.", choices=Kind))
+    init: Init = field(default=Init.PRESERVE, metadata=_help(
+        "preserve: h + a*S(x), a=0, outputs unchanged (for trained models); "
+        "standard: h + S(x) (training from scratch); rezero: S(x) + a*h, a=0.",
+        choices=Init))
+    placement: Placement = field(default=Placement.PRE, metadata=_help(
         "Where the sum goes: before the span's last activation (ResNet v1) or after it.",
-        choices=PLACEMENTS))
+        choices=Placement))
     include: tuple[str, ...] = field(default=(), metadata=_help(
         "Glob patterns on layer names (e.g. 'features.*'); when given, both ends of a "
         "shortcut must match one."))
@@ -51,26 +104,12 @@ class SkipConfig:
         "Insert at most this many shortcuts (the earliest in the graph win)."))
 
     def __post_init__(self) -> None:
-        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
-            raise ConfigError(f"span must be an integer >= 1, got {self.span!r}")
-        for name, allowed in (("kind", KINDS), ("init", INITS), ("placement", PLACEMENTS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        _count("span", self.span, low=1)
+        for name, cls in (("kind", Kind), ("init", Init), ("placement", Placement)):
+            object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                # A bare string would be iterated per character: accept it as one pattern.
-                object.__setattr__(self, name, (value,))
-            else:
-                object.__setattr__(self, name, tuple(value))
-            if not all(isinstance(p, str) and p for p in getattr(self, name)):
-                raise ConfigError(f"{name} must hold non-empty glob patterns, got {value!r}")
-        if self.max_skips is not None and (
-            isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int)
-            or self.max_skips < 0
-        ):
-            raise ConfigError(f"max_skips must be an integer >= 0 or None, got {self.max_skips!r}")
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))
+        _count("max_skips", self.max_skips, low=0, optional=True)
 
     def allows(self, layer_name: str) -> bool:
         """True when the include/exclude patterns let a shortcut touch this layer."""
@@ -79,14 +118,60 @@ class SkipConfig:
         return not self.include or any(fnmatch.fnmatchcase(layer_name, p) for p in self.include)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self)}
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SkipConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown SkipConfig field(s): {', '.join(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """How ``trace_model`` captures a model; every entry point that traces takes one.
+
+    Example:
+        >>> TraceOptions(leaf_modules=("blocks.*.attn",), fake=True).fake
+        True
+    """
+
+    leaf_modules: tuple[str, ...] = field(default=(), metadata=_help(
+        "Glob on module names or class names that tracing keeps opaque (call them, do not "
+        "trace inside)."))
+    concrete_args: dict | None = field(default=None, compare=False, metadata=_help(
+        "Values for non-tensor forward arguments (flags, modes), baked into the graph as for "
+        "torch.fx.symbolic_trace."))
+    fake: bool = field(default=False, metadata=_help(
+        "Record shapes with FakeTensors (no activation memory, no arithmetic) instead of "
+        "running the graph."))
+    dynamic_batch: bool = field(default=True, metadata=_help(
+        "When torch.export captures the model, keep dim 0 of the batched inputs symbolic."))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaf_modules", _patterns("leaf_modules", self.leaf_modules))
+        if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
+            raise ConfigError("concrete_args must be a dict of forward argument values, got "
+                              f"{type(self.concrete_args).__name__}")
+        for name in ("fake", "dynamic_batch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else (
+            value.value if isinstance(value, StrEnum) else value)
+    return out
+
+
+def _from_dict(cls, data: dict):
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} is a JSON object of fields, got "
+                          f"{type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)

@@ -10,7 +10,7 @@ Both return plain dataclasses with ``to_dict()`` for JSON; nothing here prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .config import SkipConfig
+from ._torch import normalize_inputs, quiet_copy
+from .analysis.layers import Layer, find_layers
+from .config import SkipConfig, TraceOptions
 from .errors import ConfigError, ShapeError, brief
 from .gates import gate_report
-from .registry import Role, is_getitem, op_info
-from .shortcuts import Shortcut, exported_shortcut_path
-from .spans import Layer, find_layers
-from .surgery import SurgeryResult, add_skips
-from .trace import normalize_inputs, trace_model
+from .registry import Role, is_getitem, role_of
+from .shortcuts import is_shortcut
+from .surgery import SurgeryResult, rewrite_traced
+from .trace import trace_model
 
 LossFn = Callable[[object, object], torch.Tensor]
 
@@ -100,7 +101,7 @@ class GradientFlowReport:
 def gradient_flow(model: nn.Module, example_inputs: tuple, config: SkipConfig | None = None, *,
                   rewritten: nn.Module | SurgeryResult | None = None,
                   loss_fn: LossFn | None = None, target=None, train: bool = True,
-                  seed: int = 0, leaf_modules: Iterable[str] = ()) -> GradientFlowReport:
+                  seed: int = 0, trace: TraceOptions | None = None) -> GradientFlowReport:
     """Per-layer gradient norm and activation spread, original beside rewritten, on one batch.
 
     Both models run one forward and one backward pass on ``example_inputs``
@@ -128,7 +129,7 @@ def gradient_flow(model: nn.Module, example_inputs: tuple, config: SkipConfig | 
         train: run in train mode (BatchNorm uses batch statistics, dropout is
             on, with the same seeded masks in both models); False for eval mode.
         seed: seeds the synthetic target, dropout and new projection weights.
-        leaf_modules: glob patterns of modules tracing should keep opaque.
+        trace: how to capture the models (TraceOptions: leaf modules, ...).
 
     Returns:
         GradientFlowReport; ``report.first_gain`` is the first layer's
@@ -145,18 +146,18 @@ def gradient_flow(model: nn.Module, example_inputs: tuple, config: SkipConfig | 
         True
     """
     inputs = normalize_inputs(example_inputs)
-    original = trace_model(model, inputs, leaf_modules=leaf_modules)
+    original = trace_model(model, inputs, trace)
     if rewritten is None:
         config = config or SkipConfig(init=DIAGNOSE_INIT)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # projection weights: the same report on every run
-            result = add_skips(model, inputs, config, verify=False, leaf_modules=leaf_modules)
-        other, skips, init = result.module, result.skips, config.init
+            result = rewrite_traced(quiet_copy(original), inputs, config)
+        other, skips, init = result.module, result.skips, config.init.value
     elif isinstance(rewritten, SurgeryResult):
-        other = trace_model(rewritten.module, inputs, leaf_modules=leaf_modules)
-        skips, init = rewritten.skips, rewritten.plan.config.init
+        other = trace_model(rewritten.module, inputs, trace)
+        skips, init = rewritten.skips, rewritten.plan.config.init.value
     else:
-        other = trace_model(rewritten, inputs, leaf_modules=leaf_modules)
+        other = trace_model(rewritten, inputs, trace)
         skips = gate_report(other).gates
         inits = {g.init for g in skips}
         init = inits.pop() if len(inits) == 1 else None
@@ -234,34 +235,36 @@ def _locate(gm: fx.GraphModule, layers: list[Layer]) -> dict[str, tuple]:
     the inlined shortcut that now sits between a layer's op and its activation.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(gm.named_modules())
     if all(lay.anchor in nodes and lay.out in nodes for lay in layers):
-        return {lay.name: (nodes[lay.anchor], _past_shortcut(gm, nodes[lay.out], False))
+        return {lay.name: (nodes[lay.anchor], _past_shortcut(nodes[lay.out], modules, False))
                 for lay in layers}
-    own = {lay.name: lay for lay in find_layers(gm)}
+    own = {lay.name: lay for lay in find_layers(gm, modules)}
     located: dict[str, tuple] = {}
     for lay in layers:
         mine = own.get(lay.name)
         located[lay.name] = ((None, None) if mine is None else
-                             (nodes[mine.anchor], _past_shortcut(gm, nodes[mine.out], True)))
+                             (nodes[mine.anchor], _past_shortcut(nodes[mine.out], modules, True)))
     return located
 
 
-def _past_shortcut(gm: fx.GraphModule, node: fx.Node, then_activation: bool) -> fx.Node:
-    """The shortcut's sum when one consumes ``node`` as its span output, else ``node``."""
+def _past_shortcut(node: fx.Node, modules: dict, then_activation: bool) -> fx.Node:
+    """The shortcut's sum when one consumes ``node`` as its span output, else ``node``.
+
+    With ``then_activation`` (a reloaded model, where the sum sits between a
+    layer's norm and its activation), the activation after that sum.
+    """
     start = node
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), Shortcut):
-            if user.args[0] is not node:
-                break
-        elif not _inlined(user):
+        if user.op != "call_module" or not is_shortcut(modules.get(user.target)) \
+                or user.args[0] is not node:
             break
         node = user
     if node is start or not then_activation or len(node.users) != 1:
         return node
     user = next(iter(node.users))
-    info = op_info(user, dict(gm.named_modules()))
-    return user if info is not None and info.role is Role.ACTIVATION else node
+    return user if role_of(user, modules) is Role.ACTIVATION else node
 
 
 def _weight_name(gm: fx.GraphModule, node: fx.Node | None) -> str | None:
@@ -321,8 +324,3 @@ def _loss(loss_fn: LossFn | None, output, target) -> torch.Tensor:
                           + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
                              else ""))
     return loss.reshape(())
-
-
-def _inlined(node: fx.Node) -> bool:
-    """A node torch.export inlined from a Shortcut module."""
-    return exported_shortcut_path(node) is not None

@@ -8,18 +8,18 @@ into plain ops), or a bare state_dict. Nothing here prints.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch import fx
 
+from .config import Init
 from .errors import ConfigError
 from .rewrite import name_part
-from .shortcuts import Shortcut, is_shortcut_class
+from .shortcuts import find_shortcuts, is_shortcut
 
 @dataclass(frozen=True)
 class Gate:
@@ -37,8 +37,12 @@ class Gate:
     kind: str                    # "identity" | "projection"
     value: float | None
 
+    @property
+    def formula(self) -> str | None:
+        return Init(self.init).formula if self.init else None
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,9 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
     """Every shortcut of a rewritten model with its gate's current value.
 
     Works on the module ``add_skips`` returned (and one pickled whole), on a
-    model loaded from a ``.pt2`` archive, where torch.export has inlined the
-    Shortcut modules into plain ops (gates survive as parameters named
-    ``skip_*.gate``; the init is read back from the graph), and on a
+    model loaded from a ``.pt2`` archive (``load_model`` turns the ops
+    torch.export inlined back into Shortcut modules; a raw ``ep.module()`` is
+    read through the same recogniser, ``find_shortcuts``), and on a
     state_dict (names and values only: init unknown, identity shortcuts of
     init "standard" invisible, since they own no tensor).
 
@@ -89,82 +93,42 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
     if isinstance(module, Mapping):
         tensors = dict(module)
         paths = _prefixes(tensors)
-        gates = [_flat_gate(path, tensors, paths, None) for path in _skip_paths(tensors)]
+        gates = [_flat_gate(path, tensors, paths) for path in _skip_paths(tensors)]
         return GateReport(gates=tuple(gates), flattened=True)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"gate_report needs an nn.Module or a state_dict, got "
                           f"{type(module).__name__}")
     tensors = dict(module.state_dict(keep_vars=True))
     paths = _prefixes(tensors) | {name for name, _ in module.named_modules()}
-    graph = module.graph if isinstance(module, fx.GraphModule) else None
-    if graph is not None:
-        paths |= {n.name for n in graph.nodes}
-    gates: list[Gate] = []
-    seen: set[str] = set()
-    for name, sub in module.named_modules():
-        if isinstance(sub, Shortcut):
-            src, dst = _layer_names(name, paths)
-            gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init,
-                              kind=sub.kind, value=None if sub.gate is None
-                              else float(sub.gate.detach().float().item())))
-            seen.add(name)
-    flat = [p for p in _skip_paths(tensors, graph) if p not in seen and
-            not any(p.startswith(s + ".") for s in seen)]
-    gates += [_flat_gate(path, tensors, paths, graph) for path in flat]
-    return GateReport(gates=tuple(gates), flattened=bool(flat))
+    if isinstance(module, fx.GraphModule):
+        paths |= {n.name for n in module.graph.nodes}
+        sites = find_shortcuts(module)
+        found = [(s.path, s.module) for s in sites]
+        inlined = any(s.inlined for s in sites)
+    else:
+        found = [(name, sub) for name, sub in module.named_modules() if is_shortcut(sub)]
+        inlined = False
+    gates = []
+    for name, sub in found:
+        src, dst = _layer_names(name, paths)
+        gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init.value,
+                          kind=sub.kind, value=None if sub.gate is None
+                          else float(sub.gate.detach().float().item())))
+    return GateReport(gates=tuple(gates), flattened=inlined)
 
 
-def _skip_paths(tensors: dict, graph: fx.Graph | None = None) -> list[str]:
-    """Shortcut paths named by parameters, or (in an exported graph) by nn_module_stack."""
-    found = {m.group("path"): math.inf for k in tensors if (m := _SKIP_PARAM.match(k))}
-    if graph is not None:  # graph order, which parameter order need not follow
-        for i, node in enumerate(graph.nodes):
-            for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-                if is_shortcut_class(cls):
-                    found[path] = min(found.get(path, math.inf), i)
-    return sorted(found, key=found.__getitem__)
+def _skip_paths(tensors: dict) -> list[str]:
+    """Shortcut paths named by the parameters of a state_dict, in parameter order."""
+    return list(dict.fromkeys(m.group("path") for k in tensors if (m := _SKIP_PARAM.match(k))))
 
 
-def _flat_gate(path: str, tensors: dict, paths: set[str], graph: fx.Graph | None) -> Gate:
+def _flat_gate(path: str, tensors: dict, paths: set[str]) -> Gate:
+    """A shortcut seen only through its tensors: the init cannot be told."""
     gate = tensors.get(f"{path}.gate")
     kind = "projection" if f"{path}.proj.weight" in tensors else "identity"
-    if gate is None:
-        init = "standard" if graph is not None else None
-    else:
-        init = _flattened_init(graph, path) if graph is not None else None
     src, dst = _layer_names(path, paths)
-    return Gate(name=path, source_layer=src, target_layer=dst, init=init, kind=kind,
+    return Gate(name=path, source_layer=src, target_layer=dst, init=None, kind=kind,
                 value=None if gate is None else float(gate.detach().float().item()))
-
-
-def _flattened_init(graph: fx.Graph, path: str) -> str | None:
-    """Tell preserve (h + a*S(x)) from rezero (S(x) + a*H(x)) in an inlined shortcut.
-
-    The gate's product and the sum's other operand are S(x) and h in some
-    order; S(x) is computed inside the shortcut (a projection) or is x itself,
-    which the span's output h always comes after in graph order.
-    """
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    gate = next((n for n in graph.nodes if n.op == "get_attr" and n.target == f"{path}.gate"),
-                None)
-    if gate is None or len(gate.users) != 1:
-        return None
-    mul = next(iter(gate.users))
-    scaled = [a for a in mul.args if isinstance(a, fx.Node) and a is not gate]
-    if len(scaled) != 1 or len(mul.users) != 1:
-        return None
-    add = next(iter(mul.users))
-    other = [a for a in add.args if isinstance(a, fx.Node) and a is not mul]
-    if len(other) != 1:
-        return None
-    a, b = scaled[0], other[0]
-
-    def inside(node: fx.Node) -> bool:
-        return any(p == path for p, _ in (node.meta.get("nn_module_stack") or {}).values())
-
-    if inside(a) != inside(b):
-        return "preserve" if inside(a) else "rezero"
-    return "rezero" if order[a] > order[b] else "preserve"
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:

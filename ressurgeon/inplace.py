@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from ._fx import input_dependent, node_order
+
 aten = torch.ops.aten
 
 
@@ -24,7 +26,7 @@ def remove_inplace(gm: fx.GraphModule) -> int:
     """
     graph = gm.graph
     modules = dict(gm.named_modules())
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = node_order(graph)
     from_input = input_dependent(graph)
     # Decided per call site, before any flag flips: a ReLU(inplace=True) module
     # called at several sites overwrites its input at every one of them.
@@ -96,12 +98,3 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, nn.Module],
             node.args = node.args[:i] + (False,) + node.args[i + 1:]
             return node.args[0]
     return None
-
-
-def input_dependent(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes reached from a placeholder."""
-    seen: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(a in seen for a in node.all_input_nodes):
-            seen.add(node)
-    return seen

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from .errors import LoadError, UnsafeFileError, brief
-from .quiet import quiet_torch
-from .trace import graph_module_from_export
+from ._torch import quiet_torch
+from .exported import graph_module_from_export
 
 SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
                "or torch.export.save the model to a .pt2 archive")
@@ -201,6 +201,23 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
         return _with_arch(state, arch, path)
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
                     f"{SAFE_ROUTES}")
+
+
+def read_weights(path: str | Path) -> dict | None:
+    """The tensors of a state_dict file (.pt/.pth/.safetensors), read without running code.
+
+    Returns None when the file is not a state_dict (a pickled module, say):
+    ``load_model`` then says what it is and what to do.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        with quiet_torch():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return as_state_dict(obj)
 
 
 def as_state_dict(obj: object) -> dict | None:

@@ -13,33 +13,23 @@ costs only torch.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._io import atomic_path, check_parent
+from ._torch import eval_mode, normalize_inputs, quiet_copy, quiet_torch
 from .errors import ExportError, VerificationError, brief
-from .quiet import quiet_torch
-from .export import atomic_path, batched_dims, dynamic_batch_args
-from .trace import normalize_inputs
-from .verify import eval_outputs
+from .exported import batched_dims, dynamic_batch_args
+from .verify import compare_outputs, eval_outputs
 
-# ONNX Runtime vs PyTorch, relative to the output scale (max(1, max |output|)).
-# Both runtimes pick their own conv algorithms (im2col, Winograd, NCHWc blocks),
-# so float sums run in another order; the error grows with depth and magnitude.
-ONNX_RTOL = {
-    torch.float64: 1e-8,    # double rounding, summation order only
-    torch.float32: 1e-4,    # ~100 ulps of float32 at the output scale, room for 50+ layers
-    torch.float16: 2e-2,    # fp16 model vs the float32 model: 11-bit mantissa on every layer
-    torch.bfloat16: 6e-2,   # 8-bit mantissa
-}
 FALLBACK_OPSET = 17         # the TorchScript exporter's well-trodden opset
 DYNAMO_MIN_OPSET = 18       # the dynamo exporter's oldest opset
 
@@ -78,7 +68,7 @@ class OnnxReport:
         return max(self.parity.values()) if self.parity else None
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "parity": {str(k): v for k, v in self.parity.items()},
+        return {**asdict(self), "parity": {str(k): v for k, v in self.parity.items()},
                 "parity_checked": self.parity_checked, "max_abs_diff": self.max_abs_diff}
 
 
@@ -100,7 +90,7 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
         opset: ONNX opset; None picks the exporter's default (18+ for dynamo,
             17 for the TorchScript fallback).
         fp16: convert the model and floating inputs to float16 first; parity is
-            then measured against the float32 model (tolerance ``ONNX_RTOL[float16]``).
+            then measured against the float32 model (tolerance ``TOLERANCES["onnx"][float16]``).
         check: run the file in onnxruntime (when installed) at the example batch
             and, with a dynamic batch, at a second batch size.
 
@@ -110,7 +100,8 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
     Raises:
         ExportError: both exporters failed, the checker rejected the file, the
             output folder is missing, or onnxruntime cannot load the model.
-        VerificationError: ONNX Runtime's outputs differ beyond ``ONNX_RTOL`` (CLI exit 3).
+        VerificationError: ONNX Runtime's outputs differ beyond ``verify.TOLERANCES["onnx"]``
+            or hold NaN/infinity where PyTorch's do not (CLI exit 3).
 
     Example:
         >>> report = export_onnx(result.module, "vgg_skips.onnx", (x,))   # doctest: +SKIP
@@ -121,9 +112,7 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
 
     inputs = normalize_inputs(example_inputs)
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"output folder {parent} does not exist; create it first")
+    parent = check_parent(path)
     work, export_inputs = _prepare(module, inputs, fp16)
     reference = _run_torch(module, inputs, fp16)
     in_names = _names("input", len(inputs))
@@ -174,9 +163,7 @@ def _names(stem: str, count: int) -> list[str]:
 def _prepare(module: nn.Module, inputs: tuple, fp16: bool) -> tuple[nn.Module, tuple]:
     if not fp16:
         return module, inputs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # pytree specs of exported graphs
-        work = copy.deepcopy(module).half()
+    work = quiet_copy(module).half()
     return work, tuple(t.half() if t.is_floating_point() else t for t in inputs)
 
 
@@ -189,9 +176,7 @@ def _run_torch(module: nn.Module, inputs: tuple, fp16: bool) -> list[torch.Tenso
 
 def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
             out_names: list[str], dynamic_batch: bool, opset: int | None) -> tuple[str, str | None]:
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         if opset is not None and opset < DYNAMO_MIN_OPSET:
             # the dynamo exporter would quietly write opset 18 instead
             with quiet_torch(stdout=True):
@@ -220,8 +205,6 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
                               f"exporter failed with '{reason}' and the TorchScript exporter "
                               f"with '{brief(exc)}'") from exc
         return "torchscript", f"{type(dynamo_error).__name__}: {reason}"
-    finally:
-        module.train(was_training)
 
 
 def _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset) -> None:
@@ -266,8 +249,7 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
         other = _other_batch(inputs)
         batches.append((other, _run_torch(module, other, fp16)))
     dtype = torch.float16 if fp16 else reference[0].dtype if reference else torch.float32
-    rtol = ONNX_RTOL.get(dtype, ONNX_RTOL[torch.float32])
-    tolerance = 0.0
+    tolerance, notes = 0.0, []
     for batch_inputs, expected in batches:
         batch = batch_inputs[0].shape[0] if batch_inputs[0].dim() else 1
         feed = {i.name: _numpy(t, fp16) for i, t in zip(session.get_inputs(), batch_inputs)}
@@ -277,25 +259,24 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
             raise VerificationError(
                 f"{report.path} fails in onnxruntime at batch {batch}: {brief(exc)}; if the "
                 "model fixes its batch size, export with a static batch (--static-batch)") from exc
-        if len(got) != len(expected):
-            raise VerificationError(f"{report.path} returns {len(got)} outputs, PyTorch "
-                                    f"{len(expected)}")
-        worst = 0.0
-        for want, have in zip(expected, got):
-            have = torch.from_numpy(have).double()
-            if tuple(have.shape) != tuple(want.shape):
-                raise VerificationError(f"{report.path} returns shape {tuple(have.shape)} at "
-                                        f"batch {batch}, PyTorch {tuple(want.shape)}")
-            if want.numel():
-                want = want.detach().cpu().double()
-                worst = max(worst, (want - have).abs().max().item())
-                tolerance = max(tolerance, rtol * max(1.0, want.abs().max().item()))
-        report.parity[int(batch)] = worst
+        try:
+            parity = compare_outputs(expected, [torch.from_numpy(g) for g in got], check="onnx",
+                                     dtype=dtype)
+        except VerificationError as exc:
+            raise VerificationError(f"{report.path} at batch {batch}: {exc}; if the model "
+                                    "fixes its batch size, export with a static batch "
+                                    "(--static-batch)") from exc
+        report.parity[int(batch)] = parity.max_abs_diff
+        tolerance = max(tolerance, parity.tolerance)
+        if parity.nonfinite:
+            notes.append(f"batch {batch}: {parity.nonfinite} value(s) NaN or infinite where "
+                         "PyTorch's are finite")
     report.tolerance = tolerance
-    if report.max_abs_diff is not None and not report.max_abs_diff <= tolerance:
+    if notes or (report.max_abs_diff is not None and not report.max_abs_diff <= tolerance):
         shown = ", ".join(f"batch {b}: {d:.3g}" for b, d in report.parity.items())
         raise VerificationError(f"ONNX Runtime's outputs differ from PyTorch's ({shown}; "
-                                f"tolerance {tolerance:.3g}); {report.path} was not written")
+                                f"tolerance {tolerance:.3g}{'; ' if notes else ''}"
+                                f"{'; '.join(notes)}); {report.path} was not written")
 
 
 def _other_batch(inputs: tuple) -> tuple:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ._io import atomic_path
 from .errors import ConfigError
 
 IDENTITY = "#1f77b4"      # blue
@@ -31,8 +32,6 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
-    from .export import atomic_path
-
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
@@ -235,10 +234,10 @@ def _gate_formula(gates) -> str | None:
     """The legend entry explaining 'a=' labels (None: no gates to show)."""
     if gates is None:
         return None
-    inits = {g.init for g in getattr(gates, "gates", ())}
-    formula = {"preserve": "h + a·S(x)", "rezero": "S(x) + a·H(x)"}
-    if len(inits) == 1 and (init := inits.pop()) in formula:
-        return f"a = gate, {init}: {formula[init]}"
+    rows = [g for g in getattr(gates, "gates", ()) if g.value is not None]
+    formulas = {(g.init, g.formula) for g in rows}
+    if len(formulas) == 1 and (pair := formulas.pop())[1]:
+        return f"a = gate, {pair[0]}: {pair[1].replace('*', '·')}"
     return "a = gate value"
 
 

@@ -1,25 +1,28 @@
 """Stage 4, rewrite: traced graph + plan -> rewritten GraphModule + Skip records.
 
-The plan is checked against the graph first (nodes exist, the source
-dominates the target, the shapes fit the kind); only then is anything
-inserted. Shortcuts are real submodules (``Shortcut``) with names derived
-from the layers they join.
+Decide, check, then execute: every planned shortcut is checked against the
+graph analysis first with the same ``pair_verdict`` that selection uses (the
+nodes exist, the source dominates the target, both are tensors of one dtype,
+the shapes fit the kind); only then is anything inserted. Heuristics that a
+hand-edited plan may override (layout, squeezed ends, overlaps, the head, an
+existing residual) are recorded on the Skip as ``overrides``. Shortcuts are
+real submodules (``Shortcut``) named after the layers they join.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import fx
 
+from ._fx import free_name, info, node_order, set_info
+from ._torch import quiet_copy
+from .analysis.layers import GraphAnalysis, analyze_graph
 from .errors import PlanError
 from .plan import PlannedSkip, SurgeryPlan
-from .registry import build_projection
-from .shortcuts import Shortcut
-from .spans import analyze_graph, join_kind
-from .trace import META, free_name
+from .shortcuts import Shortcut, build_projection
+from .spans import Reason, end_name, pair_verdict, units_between
 
 
 @dataclass(frozen=True)
@@ -37,19 +40,28 @@ class Skip:
     dst_shape: tuple[int, ...]
     stride: int
     params: int                # parameters added (gate + projection)
+    overrides: tuple[str, ...] = ()  # heuristics a plan overrode (Reason values)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "src_shape": list(self.src_shape),
-                "dst_shape": list(self.dst_shape)}
+        return asdict(self)
 
 
-def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *,
+@dataclass(frozen=True)
+class _Checked:
+    planned: PlannedSkip
+    source_layer: str
+    target_layer: str
+    overrides: tuple[str, ...]
+
+
+def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *, analysis: GraphAnalysis | None = None,
                inplace: bool = False) -> tuple[fx.GraphModule, list[Skip]]:
     """Insert the planned shortcuts into a traced graph.
 
     Args:
         gm: a GraphModule from ``trace_model`` (shapes in node.meta).
         plan: from ``plan_skips`` or ``SurgeryPlan.load``.
+        analysis: ``analyze_graph(gm)`` when the caller has it (it is not computed again).
         inplace: edit ``gm`` itself instead of a copy.
 
     Returns:
@@ -57,48 +69,77 @@ def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *,
 
     Raises:
         PlanError: the plan names a node the graph lacks, a source that does not
-            dominate its target, or a kind that the shapes do not allow.
+            dominate its target, ends of another dtype or shapes that do not fit
+            the kind, or layer names that disagree with its node names.
 
     Example:
         >>> module, skips = apply_plan(trace_model(m, x), plan)   # doctest: +SKIP
     """
+    analysis = analysis if analysis is not None else analyze_graph(gm)
+    checked = check_plan(analysis, plan)
     if not inplace:
-        gm = copy.deepcopy(gm)
-    analysis = analyze_graph(gm)
-    checked = [_check(analysis, skip) for skip in plan.skips]
-    _check_disjoint(analysis, plan.skips)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    checked.sort(key=lambda item: order[item[2]])
+        gm = quiet_copy(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = node_order(gm.graph)
+    checked.sort(key=lambda c: order[nodes[c.planned.target]])
 
     current: dict[fx.Node, fx.Node] = {}  # a target's original node -> the sum that replaced it
     skips = []
     init = plan.config.init
-    for planned, src, dst in checked:
-        info = src.meta[META]
+    for item in checked:
+        planned = item.planned
+        src, dst = nodes[planned.source], nodes[planned.target]
+        src_info, dst_info = info(src), info(dst)
         proj = None
         if planned.kind == "projection":
-            proj = build_projection(info["shape"], dst.meta[META]["shape"],
-                                    planned.channel_axis, planned.stride)
-        module = Shortcut(init, proj).to(device=info["device"], dtype=info["dtype"])
-        name = free_name(gm, _module_name(planned))
+            proj = build_projection(src_info.shape, dst_info.shape, planned.channel_axis,
+                                    planned.stride)
+        module = Shortcut(init, proj).to(device=src_info.device, dtype=src_info.dtype)
+        name = free_name(gm, _module_name(item.source_layer, item.target_layer))
         gm.add_submodule(name, module)
         source = current.get(src, src)
         with gm.graph.inserting_after(dst):
             total = gm.graph.call_module(name, (dst, source))
-        total.meta[META] = dict(dst.meta[META], skip=name)
+        total.meta = {}
+        set_info(total, **{**dst_info.__dict__, "skip": name})
         dst.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
         current[dst] = total
         skips.append(Skip(name=name, source=src.name, target=dst.name,
-                          source_layer=planned.source_layer, target_layer=planned.target_layer,
-                          kind=planned.kind, init=init, src_shape=info["shape"],
-                          dst_shape=dst.meta[META]["shape"], stride=planned.stride,
-                          params=sum(p.numel() for p in module.parameters())))
+                          source_layer=item.source_layer, target_layer=item.target_layer,
+                          kind=planned.kind, init=init.value, src_shape=src_info.shape,
+                          dst_shape=dst_info.shape, stride=planned.stride,
+                          params=sum(p.numel() for p in module.parameters()),
+                          overrides=item.overrides))
     gm.graph.lint()
     gm.recompile()
     return gm, skips
 
 
-def _check(analysis, skip: PlannedSkip) -> tuple[PlannedSkip, fx.Node, fx.Node]:
+def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
+    """Check every planned skip against the graph; raise PlanError for the first that cannot work."""
+    targets: dict[str, PlannedSkip] = {}
+    for skip in plan.skips:
+        if skip.target in targets:
+            other = targets[skip.target]
+            raise PlanError(f"two skips end at node '{skip.target}' (from {other.source} and "
+                            f"{skip.source}); keep one of them")
+        targets[skip.target] = skip
+    residual_layers = {name for b in analysis.blocks if b.kind == "residual"
+                       for name in (b.name, *b.covers)}
+    checked, owners = [], {}
+    for i, skip in enumerate(plan.skips):
+        item, inside = _check(analysis, skip, residual_layers)
+        checked.append(item)
+        for name in inside:
+            owners.setdefault(name, []).append(i)
+    # Plan skips that share a layer are allowed, and reported as overriding ``overlaps``.
+    overlapping = {i for users in owners.values() if len(users) > 1 for i in users}
+    return [replace(c, overrides=(*c.overrides, Reason.OVERLAPS.value)) if i in overlapping
+            else c for i, c in enumerate(checked)]
+
+
+def _check(analysis: GraphAnalysis, skip: PlannedSkip,
+           residual_layers: set[str]) -> tuple[_Checked, set[str]]:
     nodes = analysis.nodes
     for end in (skip.source, skip.target):
         if end not in nodes:
@@ -106,35 +147,43 @@ def _check(analysis, skip: PlannedSkip) -> tuple[PlannedSkip, fx.Node, fx.Node]:
                             "write a fresh plan for this model with --plan-out")
     src, dst = nodes[skip.source], nodes[skip.target]
     where = f"skip {skip.source} -> {skip.target}"
-    if src is dst or not analysis.dominators.dominates(src, dst):
+    (src_name, src_axis), (dst_name, _) = end_name(analysis, src), end_name(analysis, dst)
+    for given, actual, end in ((skip.source_layer, src_name, skip.source),
+                               (skip.target_layer, dst_name, skip.target)):
+        if given and given != actual:
+            raise PlanError(f"{where}: the plan calls node '{end}' layer '{given}', but in this "
+                            f"graph it belongs to layer '{actual}'; a plan entry is identified by "
+                            "its node names: fix the layer name or leave it empty")
+    verdict = pair_verdict(analysis, src, dst, src_axis, skip.channel_axis)
+    enforced = verdict.enforced
+    a, b = info(src).shape, info(dst).shape
+    if Reason.NOT_TENSOR in enforced:
+        raise PlanError(f"{where}: both ends must be single tensors")
+    if Reason.NOT_DOMINATED in enforced:
         raise PlanError(f"{where}: a path from the input reaches {dst.format_node()} without "
                         f"passing {skip.source}, so the sum would not be a residual; pick a "
                         "source that every path to the target goes through")
-    src_shape = src.meta.get(META, {}).get("shape")
-    dst_shape = dst.meta.get(META, {}).get("shape")
-    if src_shape is None or dst_shape is None:
-        raise PlanError(f"{where}: both ends must be single tensors")
-    joined = join_kind(src_shape, dst_shape, skip.channel_axis)
-    if joined is None:
-        raise PlanError(f"{where}: shapes {src_shape} and {dst_shape} cannot be joined by a "
-                        "1x1 projection (rank, batch or spatial size differ)")
-    kind, stride = joined
-    if skip.kind == "identity" and kind != "identity":
-        raise PlanError(f"{where}: shapes {src_shape} and {dst_shape} differ; use kind "
-                        f"projection (stride {stride})")
-    if skip.kind == "projection" and stride != skip.stride:
-        raise PlanError(f"{where}: the shapes need stride {stride}, the plan says {skip.stride}")
-    return skip, src, dst
-
-
-def _check_disjoint(analysis, skips: tuple[PlannedSkip, ...]) -> None:
-    seen: dict[str, PlannedSkip] = {}
-    for skip in skips:
-        if skip.target in seen:
-            other = seen[skip.target]
-            raise PlanError(f"two skips end at node '{skip.target}' (from {other.source} and "
-                            f"{skip.source}); keep one of them")
-        seen[skip.target] = skip
+    if Reason.DTYPE in enforced:
+        raise PlanError(f"{where}: the ends have different dtypes ({info(src).dtype} and "
+                        f"{info(dst).dtype}); pick ends of one dtype")
+    if Reason.SHAPE in enforced:
+        raise PlanError(f"{where}: shapes {a} and {b} cannot be joined by a 1x1 projection "
+                        "(rank, batch or spatial size differ)")
+    if skip.kind == "identity" and verdict.kind != "identity":
+        raise PlanError(f"{where}: shapes {a} and {b} differ; use kind projection "
+                        f"(stride {verdict.stride})")
+    if skip.kind == "projection" and verdict.stride != skip.stride:
+        raise PlanError(f"{where}: the shapes need stride {verdict.stride}, the plan says "
+                        f"{skip.stride}")
+    overrides = [r.value for r in verdict.reasons if r.overridable]
+    inside = {u.name for u in units_between(analysis, src, dst)}
+    if inside & analysis.heads:
+        overrides.append(Reason.HEAD.value)
+    if inside & residual_layers:
+        overrides.append(Reason.EXISTING.value)
+    item = _Checked(planned=skip, source_layer=src_name, target_layer=dst_name,
+                    overrides=tuple(overrides))
+    return item, inside
 
 
 def name_part(name: str) -> str:
@@ -142,6 +191,5 @@ def name_part(name: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_") or "node"
 
 
-def _module_name(skip: PlannedSkip) -> str:
-    return (f"skip_{name_part(skip.source_layer or skip.source)}"
-            f"__{name_part(skip.target_layer or skip.target)}")
+def _module_name(source_layer: str, target_layer: str) -> str:
+    return f"skip_{name_part(source_layer)}__{name_part(target_layer)}"

@@ -16,9 +16,9 @@ import torch.nn as nn
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ._fx import META, NodeInfo, info, node_label, op_name
+from ._torch import eval_mode
 from .errors import ShapeError, brief
-
-META = "ressurgeon"  # our annotations live in node.meta[META] and gm.meta[META]
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -33,19 +33,17 @@ class _ShapeRecorder(fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise ShapeError(_shape_message(self.module, n, self.env, exc)) from exc
-        info = n.meta.setdefault(META, {})
+        skip = info(n).skip
         if isinstance(result, torch.Tensor):
-            info.update(shape=tuple(int(d) for d in result.shape), dtype=result.dtype,
-                        device=result.device)
-            info.pop("nodata", None)
+            n.meta[META] = NodeInfo(shape=tuple(int(d) for d in result.shape),
+                                    dtype=result.dtype, device=result.device, skip=skip)
         else:
-            for key in ("shape", "dtype", "device"):
-                info.pop(key, None)
             # Values that hold no tensor (x.shape, x.size(0), an optional input left at
             # None) carry no activations: the dominator tree ignores them, so
             # ``x.view(x.size(0), -1)`` is no join of branches.
-            info["nodata"] = not any(isinstance(v, torch.Tensor)
-                                     for v in pytree.tree_leaves(result))
+            n.meta[META] = NodeInfo(nodata=not any(isinstance(v, torch.Tensor)
+                                                   for v in pytree.tree_leaves(result)),
+                                    skip=skip)
         return result
 
 
@@ -68,13 +66,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = 
         >>> [n.meta["ressurgeon"].get("shape") for n in gm.graph.nodes][:2]
         [(3, 4), (3, 2)]
     """
-    was_training = gm.training
-    gm.eval()  # no running-stat updates; BN accepts batch 1
-    try:
-        with torch.no_grad(), _fake_inputs(example_inputs, fake, gm) as inputs:
-            _ShapeRecorder(gm).run(*inputs)
-    finally:
-        gm.train(was_training)
+    # eval: no running-stat updates; BN accepts batch 1
+    with eval_mode(gm), torch.no_grad(), _fake_inputs(example_inputs, fake, gm) as inputs:
+        _ShapeRecorder(gm).run(*inputs)
 
 
 @contextlib.contextmanager
@@ -113,22 +107,16 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def runs(model: nn.Module, inputs: tuple, *, fake: bool = False) -> bool:
     """Whether the untouched model accepts the inputs (a failure is the user's shape)."""
-    was_training = model.training
-    model.eval()
+    copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
     try:
-        copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
-        with torch.no_grad(), _fake_inputs(copies, fake, model) as args:
+        with eval_mode(model), torch.no_grad(), _fake_inputs(copies, fake, model) as args:
             model(*args)
         return True
     except Exception:
         return False
-    finally:
-        model.train(was_training)
 
 
 def _shape_message(gm: fx.GraphModule, node: fx.Node, env: dict, exc: Exception) -> str:
-    from .trace import node_label, op_name  # trace imports this module
-
     shapes = [tuple(env[a].shape) for a in node.all_input_nodes
               if a.op != "get_attr" and isinstance(env.get(a), torch.Tensor)]
     shown = ", ".join(str(tuple(int(d) for d in s)) for s in shapes) or "no tensor"

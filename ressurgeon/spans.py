@@ -1,40 +1,43 @@
-"""Stage 3, find spans: traced graph + config -> every candidate, chosen or rejected.
+"""Stage 3, find spans: graph analysis + config -> every candidate, chosen or rejected.
 
 Analysis only: nothing here touches weights or edits the graph.
 
-The graph is grouped into *layers* (a weighted op from the registry, the norms
-that follow it, then its activation). Layers form a tree: a layer's parent is
-the nearest layer whose output dominates it. A candidate span runs from the
-output of a layer's ``span``-th ancestor to that layer's output (before its
+A candidate span runs from the output of a unit's ``span``-th ancestor in the
+layer tree (``analysis/layers.py``) to that unit's output (before its
 activation with pre-activation placement), so the source always dominates the
 target and the span is a single-entry region of the graph. Non-overlapping
-spans are then chosen by tiling each path of the tree, ``span`` layers each.
+spans are then chosen by tiling each path of the tree, ``span`` units each.
 
-Merges of branches (``blocks.py``) are units of the tree too: a span that
-crosses an Inception module counts it once, and two spans overlap when they
-share a layer inside one. A merge the model already uses as a shortcut (an
-existing residual) rejects every candidate that covers its layers, so no
-shortcut ever runs inside or parallel to one. Each unit keeps channels at a
-fixed axis (1 for convolutions, last for Linear and attention); the two ends
-of a span must agree, and 1x1-spatial gate tensors are never span ends.
+Whether two nodes may be joined at all is decided by one function,
+``pair_verdict``, used both here and when a plan is checked: the ends must be
+tensors of one dtype, the source must dominate the target, and the shapes must
+join (identity, or a 1x1 projection with one integer stride). Two more
+rules are heuristics that a hand-edited plan may override: each end keeps
+channels on the same axis (``layout``), and neither end is a 1x1-spatial gate
+tensor (``squeezed``). Merges of branches count as one unit, and a merge the
+model already uses as a shortcut (an existing residual) rejects every
+candidate that covers its layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from torch import fx
 
-from .blocks import Residual, find_merges
-from .config import SkipConfig
-from .dominators import DominatorTree
-from .registry import Role, is_getitem, op_info
-from .shortcuts import exported_shortcut_path
-from .trace import META, node_label, op_name
+from ._fx import info, node_label
+from .analysis.blocks import Residual
+from .analysis.layers import GraphAnalysis, Layer, analyze_graph, find_layers, find_residuals
+from .config import Kind, Placement, SkipConfig
+
+__all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "join_kind",
+           "mark_planned", "end_name", "units_between",
+           # the layer tree's names, documented here before analysis/ existed
+           "Layer", "GraphAnalysis", "analyze_graph", "find_layers", "find_residuals", "Residual"]
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why a candidate span was not chosen."""
 
     NOT_TENSOR = "not-tensor"
@@ -55,6 +58,11 @@ class Reason(str, Enum):
     def text(self) -> str:
         return _REASON_TEXT[self]
 
+    @property
+    def overridable(self) -> bool:
+        """A heuristic that an edited plan may override (reported as an override)."""
+        return self in OVERRIDABLE
+
 
 _REASON_TEXT = {
     Reason.NOT_TENSOR: "an end is not a single tensor",
@@ -71,27 +79,8 @@ _REASON_TEXT = {
     Reason.LAYOUT: "the ends keep channels on different axes (channels-first vs channels-last)",
     Reason.NOT_IN_PLAN: "left out of the applied plan",
 }
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A unit of the layer tree; node names, not nodes.
-
-    Usually a weighted op with its norms and activation (``kind`` "layer").
-    ``kind`` "block" is a merge of branches (an Inception module's concat, a
-    squeeze-excitation gate) and "residual" a merge the model already uses as
-    a shortcut; ``covers`` then names the layers inside its branches.
-    """
-
-    name: str            # readable: the anchor's module path, else its node name
-    op: str              # e.g. "Conv2d", "linear"; "cat", "add", "mul" for blocks
-    anchor: str          # the weighted op's node (its first tensor, for tuple outputs)
-    pre_act: str         # last node before the activation
-    out: str             # the activation's node (pre_act when there is none)
-    channel_axis: int
-    has_norm: bool = False
-    kind: str = "layer"
-    covers: tuple[str, ...] = ()
+OVERRIDABLE = frozenset({Reason.LAYOUT, Reason.SQUEEZED, Reason.OVERLAPS, Reason.HEAD,
+                         Reason.EXISTING})
 
 
 @dataclass(frozen=True)
@@ -132,158 +121,131 @@ class Span:
         }
 
 
-@dataclass
-class GraphAnalysis:
-    """What select_spans learnt about a graph; reused by the rewrite to check plans.
+@dataclass(frozen=True)
+class PairVerdict:
+    """Whether a shortcut may join ``src`` to ``dst``: the kind and stride, and what is wrong.
 
-    ``layers`` are the weighted layers, ``blocks`` the merges of branches (kind
-    "block" or "residual"), ``units`` both in graph order: the layer tree's nodes.
+    ``reasons`` lists every rule the pair breaks, in the order reports give
+    them; ``enforced`` those that no plan can override.
     """
 
-    gm: fx.GraphModule
-    layers: list[Layer]
-    dominators: DominatorTree
-    nodes: dict[str, fx.Node] = field(default_factory=dict)
-    blocks: list[Layer] = field(default_factory=list)
-    residuals: list[Residual] = field(default_factory=list)
+    kind: str | None
+    stride: int
+    reasons: tuple[Reason, ...]
 
     @property
-    def units(self) -> list[Layer]:
-        order = {n: i for i, n in enumerate(self.nodes)}
-        return sorted(self.layers + self.blocks, key=lambda u: order[u.anchor])
+    def enforced(self) -> tuple[Reason, ...]:
+        return tuple(r for r in self.reasons if not r.overridable)
 
 
-def find_layers(gm: fx.GraphModule) -> list[Layer]:
-    """Group the traced graph into layers, in graph order."""
-    modules = dict(gm.named_modules())
-    layers: list[Layer] = []
-    seen: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        info = op_info(node, modules)
-        if info is None or info.role is not Role.LAYER:
-            continue
-        if exported_shortcut_path(node) is not None:
-            continue  # a projection of ours, inlined by torch.export: part of a shortcut
-        anchor = node
-        if _shape(node) is None:  # e.g. MultiheadAttention returns (out, weights)
-            firsts = [u for u in node.users if is_getitem(u, 0)]
-            if len(firsts) != 1 or _shape(firsts[0]) is None:
-                continue
-            anchor = firsts[0]
-        pre_act, out, has_norm = _tail(anchor, modules)
-        name = node_label(node)
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:  # a module called twice: each call is its own layer
-            name = f"{name}#{seen[name]}"
-        layers.append(Layer(name=name, op=op_name(node, modules), anchor=anchor.name,
-                            pre_act=pre_act.name, out=out.name,
-                            channel_axis=info.channel_axis, has_norm=has_norm))
-    return layers
-
-
-def _tail(anchor: fx.Node, modules) -> tuple[fx.Node, fx.Node, bool]:
-    """(pre_act, out, has_norm): the norms that follow ``anchor``, then its activation."""
-    pre_act, has_norm = anchor, False
-    nxt = _single_user(pre_act)
-    while nxt is not None and _role(nxt, modules) is Role.NORM and _shape(nxt) is not None:
-        pre_act, has_norm = nxt, True
-        nxt = _single_user(pre_act)
-    out = pre_act
-    if nxt is not None and _role(nxt, modules) is Role.ACTIVATION and _shape(nxt) is not None:
-        out = nxt
-    return pre_act, out, has_norm
-
-
-def analyze_graph(gm: fx.GraphModule) -> GraphAnalysis:
-    """Layers, blocks, residuals and dominators of a traced graph (shapes in node.meta)."""
-    layers = find_layers(gm)
-    dom = DominatorTree(gm.graph)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    modules = dict(gm.named_modules())
-    merges = find_merges(gm, layers, dom)
-    blocks = []
-    for merge in merges:
-        pre_act, out, has_norm = _tail(nodes[merge.node], modules)
-        blocks.append(Layer(name=merge.name, op=merge.op, anchor=merge.node,
-                            pre_act=pre_act.name, out=out.name,
-                            channel_axis=merge.channel_axis, has_norm=has_norm,
-                            kind="residual" if merge.residual else "block",
-                            covers=merge.covers))
-    return GraphAnalysis(gm=gm, layers=layers, dominators=dom, nodes=nodes, blocks=blocks,
-                         residuals=[m.residual for m in merges if m.residual is not None])
-
-
-def find_residuals(gm: fx.GraphModule) -> list[Residual]:
-    """The residual connections a traced model already has, in graph order.
+def pair_verdict(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node,
+                 src_axis: int, dst_axis: int) -> PairVerdict:
+    """The one rule for "may these two nodes be joined by a shortcut".
 
     Args:
-        gm: a GraphModule from ``trace_model`` (shapes in node.meta).
+        analysis: the graph's analysis (for the dominator tree).
+        src, dst: the node the shortcut reads and the node whose value the sum replaces.
+        src_axis, dst_axis: the channel axis each end keeps (1 or -1).
 
     Returns:
-        One Residual per add or concat that one branch reaches past fewer
-        weighted layers than another (``x + F(x)``, ResNet's downsample,
-        DenseNet's concatenation).
-
-    Example:
-        >>> [r.name for r in find_residuals(trace_model(resnet, (x,)))]  # doctest: +SKIP
-        ['layer1.0.add', 'layer1.1.add_1']
+        A PairVerdict: kind "identity" or "projection" and its stride when the
+        shapes join, and every reason the pair is not a valid residual.
     """
-    return analyze_graph(gm).residuals
+    a, b = info(src), info(dst)
+    reasons: list[Reason] = []
+    kind, stride = None, 1
+    if a.shape is None or b.shape is None:
+        reasons.append(Reason.NOT_TENSOR)
+    else:
+        if a.dtype != b.dtype:
+            reasons.append(Reason.DTYPE)
+        if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
+            reasons.append(Reason.LAYOUT)
+        if dst_axis == 1 and (_squeezed(a.shape) or _squeezed(b.shape)):
+            reasons.append(Reason.SQUEEZED)
+        joined = join_kind(a.shape, b.shape, dst_axis)
+        if joined is None:
+            reasons.append(Reason.SHAPE)
+        else:
+            kind, stride = joined
+    if src is dst or not analysis.dominators.dominates(src, dst):
+        reasons.append(Reason.NOT_DOMINATED)
+    return PairVerdict(kind=kind, stride=stride, reasons=tuple(reasons))
 
 
-def select_spans(gm: fx.GraphModule, config: SkipConfig) -> list[Span]:
+def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> list[Span]:
     """Every candidate span of a traced graph, each chosen or rejected with a reason.
 
     Args:
-        gm: a GraphModule from ``trace_model`` (shapes in node.meta).
+        graph: the ``analyze_graph`` result (preferred: computed once and passed
+            on), or a GraphModule from ``trace_model`` (analysed here).
         config: span length, kind, placement, include/exclude, max_skips.
 
     Returns:
         Candidates in graph order of their targets; ``span.chosen`` marks the tiling.
 
     Example:
-        >>> spans = select_spans(trace_model(model, inputs), SkipConfig(span=2))  # doctest: +SKIP
+        >>> spans = select_spans(analyze_graph(trace_model(model, inputs)), SkipConfig())  # doctest: +SKIP
     """
-    analysis = analyze_graph(gm)
-    nodes, dom = analysis.nodes, analysis.dominators
-    parents = _layer_parents(analysis)
-    heads = _head_layers(analysis)
-    units = analysis.units
-    covers = {u.name: frozenset((u.name, *u.covers)) for u in units}
+    analysis = graph if isinstance(graph, GraphAnalysis) else analyze_graph(graph)
+    nodes, parents = analysis.nodes, analysis.parents
+    covers = {u.name: frozenset((u.name, *u.covers)) for u in analysis.units}
     owner = {}  # layer or block name -> the innermost existing residual around it
     for block in reversed(analysis.blocks):  # outer blocks follow the blocks they contain
         if block.kind == "residual":
             owner.update((name, block.name) for name in covers[block.name])
+    # Tiling enumerates `span` offsets: a span longer than the tree is deep finds no
+    # candidate anyway, so the work stays bounded by the number of units.
+    span_len = min(config.span, len(analysis.units) + 1)
     depth: dict[str, int] = {}
     candidates = []
-    for unit in units:
+    for unit in analysis.units:
         parent = parents.get(unit.name)
         depth[unit.name] = depth[parent.name] + 1 if parent is not None else 0
         path = [unit]
-        while len(path) <= config.span and path[-1].name in parents:
+        while len(path) <= span_len and path[-1].name in parents:
             path.append(parents[path[-1].name])
-        if len(path) <= config.span:
+        if len(path) <= span_len:
             continue  # fewer than `span` units above it: no candidate
         src = path[-1]
         inside = tuple(u.name for u in reversed(path[:-1]))
         covered = frozenset().union(*(covers[name] for name in inside))
-        target = unit.out if config.placement == "post-activation" else unit.pre_act
-        span = _candidate(nodes[src.out], nodes[target], src, unit, inside, config)
+        target = unit.out if config.placement is Placement.POST else unit.pre_act
+        span = _candidate(analysis, nodes[src.out], nodes[target], src, unit, inside, config)
         met = next((owner[n] for unit_name in inside for n in covers[unit_name] if n in owner),
                    None)
-        if unit.name in heads:  # says more than the shape mismatch a head usually has too
+        if unit.name in analysis.heads:  # says more than the shape mismatch a head usually has
             span = replace(span, reason=Reason.HEAD)
         elif met is not None:
             span = replace(span, reason=Reason.EXISTING, residual=met)
-        elif span.reason is None and not (config.allows(src.name) and config.allows(unit.name)):
-            span = replace(span, reason=Reason.EXCLUDED)
-        elif span.reason is None and not dom.dominates(nodes[span.source], nodes[span.target]):
-            span = replace(span, reason=Reason.NOT_DOMINATED)
         candidates.append((depth[unit.name], span, covered))
+    offsets = range(min(config.span, max(depth.values(), default=0) + 1))
     # Tiling can start at any of `span` depths; keep the one that places the most
     # shortcuts, then the most identities, then the fewest parameters.
-    tilings = [_tile(candidates, config, offset) for offset in range(config.span)]
+    tilings = [_tile(candidates, config, offset) for offset in offsets]
     return max(tilings, key=_tiling_score) if tilings else []
+
+
+def _candidate(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node, src_layer: Layer,
+               dst_layer: Layer, inside: tuple[str, ...], config: SkipConfig) -> Span:
+    verdict = pair_verdict(analysis, src, dst, src_layer.channel_axis, dst_layer.channel_axis)
+    span = Span(source=src.name, target=dst.name, source_layer=src_layer.name,
+                target_layer=dst_layer.name, layers=inside, src_shape=info(src).shape,
+                dst_shape=info(dst).shape, channel_axis=dst_layer.channel_axis)
+    shape_reasons = [r for r in verdict.reasons if r is not Reason.NOT_DOMINATED]
+    if shape_reasons:
+        return replace(span, reason=shape_reasons[0])
+    kind, stride = verdict.kind, verdict.stride
+    if kind == "projection" and config.kind is Kind.IDENTITY:
+        return replace(span, kind=kind, stride=stride, reason=Reason.NEEDS_PROJECTION)
+    if config.kind is Kind.PROJECTION:
+        kind = "projection"
+    span = replace(span, kind=kind, stride=stride)
+    if not (config.allows(src_layer.name) and config.allows(dst_layer.name)):
+        return replace(span, reason=Reason.EXCLUDED)
+    if verdict.reasons:
+        return replace(span, reason=verdict.reasons[0])
+    return span
 
 
 def _tile(candidates: list[tuple[int, Span, frozenset]], config: SkipConfig,
@@ -334,6 +296,39 @@ def mark_planned(spans: list[Span], planned: set[tuple[str, str]]) -> list[Span]
     return marked
 
 
+def end_name(analysis: GraphAnalysis, node: fx.Node) -> tuple[str, int]:
+    """(name, channel axis) of the unit a span end belongs to.
+
+    The unit whose output (or pre-activation value) the node is; otherwise the
+    nearest unit above it whose output dominates it (a pooled tensor belongs to
+    the layer it pools); otherwise the node's own label, channels last for
+    rank <= 2 tensors and at dim 1 for the rest.
+    """
+    ends = analysis.unit_ends
+    walk = node
+    while walk is not None:
+        unit = ends.get(walk.name)
+        if unit is not None:
+            return unit.name, unit.channel_axis
+        walk = analysis.dominators.parent(walk)
+    shape = info(node).shape
+    return node_label(node), (-1 if shape is None or len(shape) <= 2 else 1)
+
+
+def units_between(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node) -> list[Layer]:
+    """The units whose anchor lies on a path from ``src`` to ``dst`` (``src`` excluded)."""
+    dom, nodes = analysis.dominators, analysis.nodes
+    seen: set[fx.Node] = set()
+    stack = [dst]
+    while stack:
+        n = stack.pop()
+        if n is src or n in seen or not dom.dominates(src, n):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return [u for u in analysis.units if nodes[u.anchor] in seen]
+
+
 def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
               channel_axis: int) -> tuple[str, int] | None:
     """("identity" | "projection", stride) when a shortcut can join the shapes, else None.
@@ -361,32 +356,6 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
     return None
 
 
-def _candidate(src: fx.Node, dst: fx.Node, src_layer: Layer, dst_layer: Layer,
-               inside: tuple[str, ...], config: SkipConfig) -> Span:
-    src_shape, dst_shape = _shape(src), _shape(dst)
-    span = Span(source=src.name, target=dst.name, source_layer=src_layer.name,
-                target_layer=dst_layer.name, layers=inside, src_shape=src_shape,
-                dst_shape=dst_shape, channel_axis=dst_layer.channel_axis)
-    if src_shape is None or dst_shape is None:
-        return replace(span, reason=Reason.NOT_TENSOR)
-    if src.meta[META]["dtype"] != dst.meta[META]["dtype"]:
-        return replace(span, reason=Reason.DTYPE)
-    if len(src_shape) == len(dst_shape) and (
-            _layout(src_layer.channel_axis, src_shape) != _layout(dst_layer.channel_axis, dst_shape)):
-        return replace(span, reason=Reason.LAYOUT)
-    if dst_layer.channel_axis == 1 and (_squeezed(src_shape) or _squeezed(dst_shape)):
-        return replace(span, reason=Reason.SQUEEZED)
-    joined = join_kind(src_shape, dst_shape, dst_layer.channel_axis)
-    if joined is None:
-        return replace(span, reason=Reason.SHAPE)
-    kind, stride = joined
-    if kind == "projection" and config.kind == "identity":
-        return replace(span, kind=kind, stride=stride, reason=Reason.NEEDS_PROJECTION)
-    if config.kind == "projection":
-        kind = "projection"
-    return replace(span, kind=kind, stride=stride)
-
-
 def _layout(channel_axis: int, shape: tuple[int, ...]) -> str:
     """'first' or 'last': where a unit keeps channels (the same thing for [B, F] tensors)."""
     rank = len(shape)
@@ -396,52 +365,3 @@ def _layout(channel_axis: int, shape: tuple[int, ...]) -> str:
 def _squeezed(shape: tuple[int, ...]) -> bool:
     """A channels-first tensor with every spatial dim 1, as a squeeze-excitation gate makes."""
     return len(shape) >= 3 and all(d == 1 for d in shape[2:])
-
-
-def _layer_parents(analysis: GraphAnalysis) -> dict[str, Layer]:
-    """Each unit's nearest unit (layer or block) whose output dominates its anchor."""
-    units = analysis.units
-    by_out = {u.out: u for u in units}
-    dom, nodes = analysis.dominators, analysis.nodes
-    memo: dict[fx.Node, Layer | None] = {}
-
-    def nearest(start: fx.Node | None) -> Layer | None:
-        walked, node = [], start
-        while node is not None and node not in memo and node.name not in by_out:
-            walked.append(node)
-            node = dom.parent(node)
-        found = None if node is None else memo.get(node, by_out.get(node.name))
-        for w in walked:  # path compression keeps the whole walk linear
-            memo[w] = found
-        return found
-
-    parents = {}
-    for unit in units:
-        above = nearest(dom.parent(nodes[unit.anchor]))
-        if above is not None:
-            parents[unit.name] = above
-    return parents
-
-
-def _head_layers(analysis: GraphAnalysis) -> set[str]:
-    """Layers with no norm, no activation and no layer after them: the model's output layer."""
-    anchors = {analysis.nodes[lay.anchor] for lay in analysis.layers}
-    feeds_layer: set[fx.Node] = set()
-    for node in reversed(list(analysis.gm.graph.nodes)):
-        if any(u in anchors or u in feeds_layer for u in node.users):
-            feeds_layer.add(node)
-    return {lay.name for lay in analysis.layers
-            if lay.out == lay.anchor and analysis.nodes[lay.out] not in feeds_layer}
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    return node.meta.get(META, {}).get("shape")
-
-
-def _single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _role(node: fx.Node, modules) -> Role | None:
-    info = op_info(node, modules)
-    return info.role if info else None

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ARCHITECTURES, DataBranchNet, build, deep_mlp
-from ressurgeon import Reason, Shortcut, SkipConfig, add_skips, trace_model
+from ressurgeon._fx import capture_info, info
+from ressurgeon import Reason, Shortcut, SkipConfig, TraceOptions, add_skips, trace_model
 from ressurgeon.spans import analyze_graph, select_spans
 from ressurgeon.verify import PARITY_ATOL
 
@@ -239,17 +240,17 @@ def test_cuda_models(name, dtype):
 # -- tracing robustness: fake shapes, meta models, concrete args, the export fallback ------------
 
 def node_meta(gm):
-    return [(n.name, n.meta["ressurgeon"].get("shape"), n.meta["ressurgeon"].get("dtype"),
-             n.meta["ressurgeon"].get("device")) for n in gm.graph.nodes]
+    return [(n.name, info(n).shape, info(n).dtype,
+             info(n).device) for n in gm.graph.nodes]
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES) + ["shape_branch", "transformer"])
 def test_fake_propagation_records_the_same_shapes(name):
     model, inputs = build(name)
     real = trace_model(model, inputs)
-    fake = trace_model(model, inputs, fake=True)
+    fake = trace_model(model, inputs, TraceOptions(fake=True))
     assert node_meta(fake) == node_meta(real)
-    assert fake.meta["ressurgeon"]["method"] == real.meta["ressurgeon"]["method"]
+    assert capture_info(fake).method == capture_info(real).method
     config = SkipConfig(span=2)
     assert select_spans(fake, config) == select_spans(real, config)
 
@@ -257,10 +258,10 @@ def test_fake_propagation_records_the_same_shapes(name):
 def test_fake_propagation_needs_no_memory_for_huge_inputs():
     model, _ = build("vgg")
     huge = torch.empty(2 ** 16, 3, 512, 512, device="meta")  # 200 GB as real float32
-    gm = trace_model(model, (huge,), fake=True)
+    gm = trace_model(model, (huge,), TraceOptions(fake=True))
     first_conv = next(n for n in gm.graph.nodes if n.op == "call_module")
-    assert first_conv.meta["ressurgeon"]["shape"] == (2 ** 16, 8, 512, 512)
-    assert first_conv.meta["ressurgeon"]["device"] == torch.device("cpu")  # the model's device
+    assert info(first_conv).shape == (2 ** 16, 8, 512, 512)
+    assert info(first_conv).device == torch.device("cpu")  # the model's device
     spans = select_spans(gm, SkipConfig())
     assert [s.dst_shape for s in spans if s.chosen][0] == (2 ** 16, 16, 256, 256)
 
@@ -293,11 +294,11 @@ class WithFlag(nn.Module):
 
 def test_concrete_args_bake_a_flag_into_the_graph():
     model, x = WithFlag().eval(), torch.randn(3, 4)
-    gm = trace_model(model, (x,), concrete_args={"features_only": True})
-    assert gm.meta["ressurgeon"]["method"] == "fx"
+    gm = trace_model(model, (x,), TraceOptions(concrete_args={"features_only": True}))
+    assert capture_info(gm).method == "fx"
     assert not any(n.target == "head" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x, features_only=True), rtol=0, atol=0)
-    result = add_skips(model, (x,), concrete_args={"features_only": True})
+    result = add_skips(model, (x,), trace=TraceOptions(concrete_args={"features_only": True}))
     assert result.skips and result.module(x).shape == (3, 4)
 
 
@@ -324,7 +325,7 @@ def test_export_fallback_keeps_the_batch_dynamic():
     assert result.method == "export" and result.skips
     for batch in (1, 5):
         assert result.module(torch.randn(batch, 4, 8, 8)).shape == (batch, 2)
-    static = trace_model(model, (x,), dynamic_batch=False)
+    static = trace_model(model, (x,), TraceOptions(dynamic_batch=False))
     with pytest.raises(RuntimeError):  # view(2, -1) was baked in
         static(torch.randn(5, 4, 8, 8))
 
@@ -354,7 +355,7 @@ def test_trace_errors_name_the_module_and_the_line():
     assert "models.py" in text and "if x.sum() > 0:" in text  # where the branch is written
     assert "--leaf 'body.2'" in text
     # ...and the leaf it suggests makes the model traceable, with shortcuts around the gate
-    result = add_skips(Nested().eval(), (torch.randn(2, 4),), leaf_modules=("body.2",))
+    result = add_skips(Nested().eval(), (torch.randn(2, 4),), trace=TraceOptions(leaf_modules=("body.2",)))
     assert result.method == "fx" and result.skips
 
 
@@ -375,5 +376,5 @@ def test_timm_notrace_registrations_are_default_leaves(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.layers._fx", fx_registry)
     assert default_leaf_modules() == ((Gate,), ())
     gm = trace_model(Nested().eval(), (torch.randn(2, 4),))
-    assert gm.meta["ressurgeon"]["method"] == "fx"
+    assert capture_info(gm).method == "fx"
     assert any(n.op == "call_module" and n.target == "body.2" for n in gm.graph.nodes)

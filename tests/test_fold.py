@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from examples.models import plain_vgg
 from models import FAMILIES, PlainTransformer, build, plain_cnn, randomize_bn
 from ressurgeon import RessurgeonError, Shortcut, ShapeError, SkipConfig, add_skips
-from ressurgeon.export import save_model
+from ressurgeon.save import save_model
 from ressurgeon.fold import fold
 from ressurgeon.load import load_model
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from models import plain_cnn
 from ressurgeon import LoadError, UnsafeFileError, add_skips
 from ressurgeon.cli import app
-from ressurgeon.export import save_code, save_model
+from ressurgeon.save import save_code, save_model
 from ressurgeon.load import load_model
 
 runner = CliRunner()
@@ -199,7 +199,7 @@ def test_unknown_output_suffix_is_refused(example_models, tmp_path):
 
 
 def test_outputs_get_ordinary_file_modes(tmp_path):
-    from ressurgeon.export import atomic_path
+    from ressurgeon._io import atomic_path
 
     umask = os.umask(0o022)
     try:

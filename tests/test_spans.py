@@ -6,7 +6,7 @@ from torch import fx
 
 from models import FAMILIES, TwoTower, build, deep_mlp
 from ressurgeon import Reason, SkipConfig, find_layers, find_spans, trace_model
-from ressurgeon.dominators import DominatorTree
+from ressurgeon.analysis.dominators import DominatorTree
 from ressurgeon.spans import join_kind
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import fx
 
 from models import FAMILIES, DataBranchNet, InplaceCNN, build
+from ressurgeon._fx import capture_info, info
 from ressurgeon import ShapeError, TraceError, trace_model
-from ressurgeon.trace import remove_inplace
+from ressurgeon.inplace import remove_inplace
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -25,9 +26,9 @@ def test_shapes_recorded_for_every_tensor():
     model, inputs = build("plain_cnn")
     gm = trace_model(model, inputs)
     first_conv = next(n for n in gm.graph.nodes if n.op == "call_module")
-    assert first_conv.meta["ressurgeon"]["shape"] == (2, 8, 16, 16)
-    assert first_conv.meta["ressurgeon"]["dtype"] == torch.float32
-    assert gm.meta["ressurgeon"]["method"] == "fx"
+    assert info(first_conv).shape == (2, 8, 16, 16)
+    assert info(first_conv).dtype == torch.float32
+    assert capture_info(gm).method == "fx"
 
 
 def test_input_model_is_never_modified():
@@ -46,8 +47,8 @@ def test_input_model_is_never_modified():
 def test_fx_failure_falls_back_to_export_and_trains_like_the_original():
     model, inputs = build("shape_branch")
     gm = trace_model(model, inputs)
-    assert gm.meta["ressurgeon"]["method"] == "export"
-    assert "fx_error" in gm.meta["ressurgeon"]
+    assert capture_info(gm).method == "export"
+    assert capture_info(gm).fx_error
     bns = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 3  # aten.batch_norm turned back into modules
     assert any(isinstance(m, nn.Dropout) for m in gm.modules())

@@ -1,11 +1,16 @@
-"""The ressurgeon command line; each module registers its commands on ``app``."""
+"""The ressurgeon command line: every command registered here, in the order of the help."""
 
-from . import deploy, diagnose, surgery  # noqa: F401  (each registers its commands)
 from .app import app, main
+from .deploy import export_cmd, fold_cmd
+from .diagnose import diagnose_cmd, gates_cmd
+from .surgery import add_skips_cmd, inspect_cmd
 
-# `ressurgeon --help` lists the main job first, then the rest in pipeline order.
-_ORDER = ["add-skips", "inspect", "export", "fold", "diagnose", "gates"]
-app.registered_commands.sort(
-    key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
+# the main job first, then the rest in pipeline order
+app.command("add-skips")(add_skips_cmd)
+app.command("inspect")(inspect_cmd)
+app.command("export")(export_cmd)
+app.command("fold")(fold_cmd)
+app.command("diagnose")(diagnose_cmd)
+app.command("gates")(gates_cmd)
 
 __all__ = ["app", "main"]

@@ -1,4 +1,4 @@
-"""The command line: parse, call the library, render, map errors to exit codes.
+"""The command line's root: the typer app, --version, and the console-script entry point.
 
 Exit codes: 0 success; 2 bad input or usage; 3 a verification the user asked
 for failed; 1 a fault of ressurgeon's own. Results go to stdout (a table, or
@@ -7,6 +7,7 @@ JSON with --json); progress, warnings and errors go to stderr.
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Annotated
 
 import typer
@@ -23,11 +24,13 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        import torch
-
         from .. import __version__
 
-        typer.echo(f"ressurgeon {__version__} (torch {torch.__version__})")
+        try:  # the installed torch's version, read without importing torch (seconds)
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch_version = "not installed"
+        typer.echo(f"ressurgeon {__version__} (torch {torch_version})")
         raise typer.Exit()
 
 

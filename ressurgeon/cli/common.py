@@ -1,4 +1,13 @@
-"""What every command shares: options, the error-to-exit-code mapping, input handling."""
+"""What every command shares: options, one session (output + error mapping), input handling.
+
+A command body runs inside ``with session(as_json=..., quiet=..., debug=...) as out:``.
+The session owns the three flags: ``out.step`` shows a spinner on stderr,
+``out.note`` a line on stderr (both silent with --quiet or --json),
+``out.emit(data, render)`` prints JSON on stdout with --json and calls
+``render()`` otherwise, and every exception becomes one line and an exit code.
+
+Nothing here imports torch at module level: ``ressurgeon --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import json
 import re
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,10 +25,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..config import SkipConfig
+from ..config import Init, Kind, Placement, SkipConfig, TraceOptions
 from ..errors import ConfigError, RessurgeonError, brief
 
-out = Console(soft_wrap=True)
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 FIELDS = {f.name: f for f in fields(SkipConfig)}
@@ -26,16 +36,25 @@ DEFAULTS = SkipConfig()
 
 
 def cfg_help(name: str) -> str:
-    meta = FIELDS[name].metadata
-    choices = meta.get("choices")
-    return meta["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
+    return FIELDS[name].metadata["help"]
 
 
-# SkipConfig fields as flags: the help text comes from the dataclass field itself.
+def _choice(flag: str, enum) -> typer.models.OptionInfo:
+    """A flag whose values are an enum's: listed in --help, completed by the shell, and
+    checked by SkipConfig (so a bad value is a one-line error naming the choices)."""
+    values = [m.value for m in enum]
+    return typer.Option(flag, metavar="|".join(values), show_default=True,
+                        help=cfg_help(flag.lstrip("-")),
+                        autocompletion=lambda incomplete: [v for v in values
+                                                           if v.startswith(incomplete)])
+
+
+# SkipConfig fields as flags: the help text comes from the dataclass field itself,
+# the choices from its enum.
 SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
-KindOpt = Annotated[str, typer.Option("--kind", help=cfg_help("kind"))]
-InitOpt = Annotated[str, typer.Option("--init", help=cfg_help("init"))]
-PlacementOpt = Annotated[str, typer.Option("--placement", help=cfg_help("placement"))]
+KindOpt = Annotated[str, _choice("--kind", Kind)]
+InitOpt = Annotated[str, _choice("--init", Init)]
+PlacementOpt = Annotated[str, _choice("--placement", Placement)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
@@ -49,8 +68,8 @@ ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.p
                                           "pickled module (with --trust-pickle).",
                                           show_default=False)]
 InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
-    "--input-shape", "-i", metavar="SHAPE", help="Example input shape, e.g. 1,3,224,224; repeat for models "
-    "with several inputs. Defaults to the shapes stored in a .pt2 archive.",
+    "--input-shape", "-i", metavar="SHAPE", help="Example input shape, e.g. 1,3,224,224; "
+    "repeat for models with several inputs. Defaults to the shapes stored in a .pt2 archive.",
     show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
@@ -62,8 +81,8 @@ DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="Model and input dtype: float32, float16, bfloat16 or float64.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
-    "--leaf", metavar="PATTERN", help="Glob on module names or class names that tracing keeps opaque "
-    "(repeatable).", show_default=False)]
+    "--leaf", metavar="PATTERN", help="Glob on module names or class names that tracing keeps "
+    "opaque (repeatable).", show_default=False)]
 FakeOpt = Annotated[bool, typer.Option(
     "--fake", help="Record shapes with FakeTensors (no activation memory, no arithmetic) for "
     "large models; the parity check still runs the real model, so pair it with --no-verify "
@@ -73,25 +92,91 @@ ConcreteOpt = Annotated[Optional[list[str]], typer.Option(
     "e.g. --concrete features_only=True (value as a Python literal; repeatable).",
     show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option(
-    "--plot", metavar="FILE.png", help="Draw the surgery diagram (layers left to right, "
-    "shortcuts as arcs); needs matplotlib: pip install 'ressurgeon[plot]'.",
-    show_default=False)]
+    "--plot", metavar="FILE.png", help="Also draw a figure (.png, .svg or .pdf); needs "
+    "matplotlib: pip install 'ressurgeon\\[plot]'.", show_default=False)]
+WideOpt = Annotated[bool, typer.Option(
+    "--wide", help="Show every column (full shapes, module names, reasons) even if the "
+    "table gets wider than 80 columns.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
+# Options shared by every command that writes ONNX.
+OnnxOpt = Annotated[Optional[Path], typer.Option(
+    "--onnx", metavar="OUT.onnx", help="Also write the model as ONNX (dynamo exporter, checked "
+    "with onnx.checker and, when onnxruntime is installed, against PyTorch at two batch sizes).",
+    show_default=False)]
+OpsetOpt = Annotated[Optional[int], typer.Option(
+    "--opset", help="ONNX opset version (default: the exporter's own, 18+).", show_default=False)]
+Fp16Opt = Annotated[bool, typer.Option(
+    "--fp16", help="Convert the model to float16 before the ONNX export (parity is measured "
+    "against the float32 model).")]
+StaticBatchOpt = Annotated[bool, typer.Option(
+    "--static-batch", help="Fix the ONNX batch size to the example's instead of a symbolic "
+    "'batch' dimension.")]
+NoCheckOpt = Annotated[bool, typer.Option(
+    "--no-check", help="Skip the ONNX Runtime parity run (the checker still runs).")]
+
+
+class Output:
+    """Where a command's results and messages go: JSON or a table on stdout, notes on stderr."""
+
+    def __init__(self, *, as_json: bool, quiet: bool):
+        self.as_json = as_json
+        self.quiet = quiet or as_json
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        """A spinner on stderr while the block runs."""
+        if self.quiet:
+            yield
+            return
+        with err.status(text):
+            yield
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text, markup=False, highlight=False)
+
+    def line(self, text: str) -> None:
+        """A plain line of the result on stdout (not with --json)."""
+        if not self.as_json:
+            console.print(text, markup=False, highlight=False)
+
+    def emit(self, data: dict, render: Callable[[], None] | None = None) -> None:
+        """The result: ``data`` as JSON on stdout with --json, else ``render()``."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+        elif render is not None:
+            render()
+
+    def table(self, table) -> None:
+        if not self.as_json:
+            console.print(table)
+
+
+def _json_default(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
 
 @contextlib.contextmanager
-def handle_errors(debug: bool):
-    """The one place that turns exceptions into a message and an exit code."""
+def session(*, as_json: bool = False, quiet: bool = False, debug: bool = False) -> Iterator[Output]:
+    """The one place that turns exceptions into a message and an exit code.
+
+    Exit codes: 2 bad input or usage (``RessurgeonError``, or the exit code the
+    error carries), 3 a requested verification failed, 130 interrupted, 1 a
+    fault of ressurgeon's own (with --debug, the traceback).
+    """
     try:
-        yield
+        yield Output(as_json=as_json, quiet=quiet)
     except (typer.Exit, typer.Abort):
         raise
     except RessurgeonError as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -104,23 +189,24 @@ def handle_errors(debug: bool):
         raise typer.Exit(1) from None
 
 
-class Progress:
-    """A spinner on stderr for steps that take a moment; silent with --quiet or --json."""
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
 
-    @contextlib.contextmanager
-    def step(self, text: str):
-        if self.quiet:
-            yield
-            return
-        with err.status(text):
-            yield
+def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
+                      placement=DEFAULTS.placement, include: list[str] | None = None,
+                      exclude: list[str] | None = None,
+                      max_skips: int | None = None) -> SkipConfig:
+    """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
+    return SkipConfig(span=span, kind=kind, init=init, placement=placement,
+                      include=tuple(include or ()), exclude=tuple(exclude or ()),
+                      max_skips=max_skips)
 
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            err.print(text, markup=False, highlight=False)
+
+def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | None = None,
+                     fake: bool = False) -> TraceOptions:
+    return TraceOptions(leaf_modules=tuple(leaf or ()), concrete_args=parse_concrete(concrete),
+                        fake=fake)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -197,7 +283,7 @@ def check_output(model: Path, output: Path | None, flag: str = "-o", *,
 
 
 def _replaceable(folder: Path) -> bool:
-    from ..export import CODE_MARKER
+    from .._io import CODE_MARKER
 
     return (folder / CODE_MARKER).exists() or not any(folder.iterdir())
 
@@ -219,24 +305,40 @@ def check_distinct(inputs: list[Path | None], outputs: dict[str, Path | None]) -
         seen[key] = flag
 
 
-def prepare(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
-             dtype: str, device: str, progress: Progress, plan_shapes=()):
-    """Load the model and build seeded example inputs on the requested dtype and device."""
-    import torch
+def check_plot_extra(plot: Path | None) -> None:
+    """--plot needs matplotlib: say so before any work, not after writing the model."""
+    if plot is None:
+        return
+    import importlib.util
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install 'ressurgeon[plot]'")
+
+
+def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
+                     dtype: str, device: str, out: Output, plan_shapes=()):
+    """Load the model and build seeded example inputs on the requested dtype and device."""
     from ..load import load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
-    with progress.step(f"loading {model_path}"):
+    with out.step(f"loading {model_path}"):
         model = load_model(model_path, arch=arch, trust_pickle=trust)
-    parsed = [parse_shape(s) for s in shapes] if shapes else list(plan_shapes) or stored_shapes(model)
+    model = model.to(device=dev, dtype=dt)
+    return model, example_inputs(model, shapes, model_path, dt, dev, plan_shapes)
+
+
+def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None, device=None,
+                   plan_shapes=()) -> tuple:
+    """Seeded random inputs of the given shapes (or those a plan or a .pt2 recorded)."""
+    import torch
+
+    parsed = [parse_shape(s) for s in shapes] if shapes else list(plan_shapes) or \
+        stored_shapes(model)
     if not parsed:
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
                           "e.g. --input-shape 1,3,224,224")
-    model = model.to(device=dev, dtype=dt)
     gen = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(s, generator=gen).to(device=dev, dtype=dt) for s in parsed)
-    return model, inputs
+    return tuple(torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in parsed)
 
 
 def stored_shapes(model) -> list[tuple[int, ...]]:
@@ -262,9 +364,6 @@ def stored_shapes(model) -> list[tuple[int, ...]]:
     return shapes
 
 
-def default_output(model: Path) -> Path:
-    return model.with_name(f"{model.stem}.skips.pt2")
-
-
-def emit_json(data: dict) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+def default_output(model: Path, suffix: str) -> Path:
+    """MODEL.<suffix>.pt2 beside the input (e.g. vgg.skips.pt2, vgg.folded.pt2)."""
+    return model.with_name(f"{model.stem}.{suffix}.pt2")

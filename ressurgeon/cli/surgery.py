@@ -7,18 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import SkipConfig
-from ..errors import ConfigError
-from .app import app
-from .deploy import Fp16Opt, NoCheckOpt, OnnxOpt, OpsetOpt, StaticBatchOpt, write_onnx
+from . import render
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
-                     FakeOpt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt, LeafOpt,
-                     MaxSkipsOpt, ModelArg, PlacementOpt, PlotOpt, Progress, QuietOpt, SpanOpt,
-                     TrustOpt, check_distinct, check_output, default_output, emit_json,
-                     handle_errors, out, parse_concrete, prepare)
+                     FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt,
+                     LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output,
+                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, WideOpt,
+                     check_distinct, check_output, check_plot_extra, config_from_flags,
+                     default_output, load_with_inputs, session, trace_from_flags)
 
 
-@app.command("add-skips")
 def add_skips_cmd(
     model: ModelArg,
     output: Annotated[Optional[Path], typer.Option(
@@ -40,7 +37,8 @@ def add_skips_cmd(
         "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Plan and verify, but write no model file.")] = False,
+        "--dry-run", help="Plan and verify, but write no model, ONNX or code; only "
+        "--plan-out and --plot are written.")] = False,
     onnx: OnnxOpt = None,
     opset: OpsetOpt = None,
     fp16: Fp16Opt = False,
@@ -59,6 +57,7 @@ def add_skips_cmd(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the parity check against the original model.")] = False,
     plot: PlotOpt = None,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -77,88 +76,125 @@ def add_skips_cmd(
 
       ressurgeon add-skips vgg.pt2 -o vgg_skips.pt2 --onnx vgg_skips.onnx
     """
-    from .. import add_skips
-    from ..export import atomic_path, save_code as write_code, save_model
-    from ..plan import SurgeryPlan
-    from ..report import rejection_summary, skips_table
+    with session(as_json=as_json, quiet=quiet, debug=debug) as out:
+        from ..plan import SurgeryPlan
+        from ..save import check_format
 
-    progress = Progress(quiet or as_json)
-    with handle_errors(debug):
-        config = SkipConfig(span=span, kind=kind, init=init, placement=placement,
-                            include=tuple(include or ()), exclude=tuple(exclude or ()),
-                            max_skips=max_skips)
-        target = None if dry_run else (output or default_output(model))
+        config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
+                                   include=include, exclude=exclude, max_skips=max_skips)
+        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
+        target = None if dry_run else (output or default_output(model, "skips"))
         outputs = {"-o": target, "--plan-out": plan_out, "--onnx": onnx, "--plot": plot}
         for flag, path in outputs.items():
             check_output(model, path, flag)
-        if target is not None and target.suffix not in (".pt2", ".pt", ".pth", ".safetensors"):
-            raise ConfigError(f"-o {target}: cannot tell the format; use a .pt2, .pt, .pth or "
-                              ".safetensors file name")
+        if target is not None:
+            check_format(target)
         check_output(model, save_code, "--save-code", folder=True)
         check_distinct([model, plan], {**outputs, "--save-code": save_code})
+        check_plot_extra(plot)
         loaded_plan = SurgeryPlan.load(plan) if plan else None
-        net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress,
-                               loaded_plan.input_shapes if loaded_plan else ())
-        with progress.step("tracing and inserting shortcuts"):
-            result = add_skips(net, inputs, config, plan=loaded_plan, leaf_modules=leaf or (),
-                               concrete_args=parse_concrete(concrete), fake=fake,
-                               verify=not no_verify)
-        # The ONNX export is the one step that can still fail a check (exit 3):
-        # run it first so a failure leaves no other output behind.
-        onnx_report = None
-        if onnx is not None and result.skips:
-            onnx_report = write_onnx(result.module, inputs, onnx, opset=opset, fp16=fp16,
-                                     static_batch=static_batch, check=not no_check,
-                                     progress=progress)
-        written = None
-        if target is not None and result.skips:
-            with progress.step(f"writing {target}"):
-                written = save_model(result.module, target, inputs)
-            progress.note(f"wrote {written}")
-        if plan_out:
-            with atomic_path(plan_out) as tmp:
-                tmp.write_text(result.plan.to_json())
-            progress.note(f"wrote plan {plan_out}")
-        if plot is not None and result.skips:
-            from ..plot import plot_surgery
-            from ..spans import analyze_graph
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       loaded_plan.input_shapes if loaded_plan else ())
+        with out.step("tracing and inserting shortcuts"):
+            from ..surgery import add_skips
 
-            plot_surgery(analyze_graph(result.module).units, result.skips, plot)
-            progress.note(f"wrote diagram {plot}")
-        if save_code is not None and result.skips:
-            write_code(result.module, save_code)
-            progress.note(f"wrote source to {save_code}/")
-        if as_json:
-            emit_json({**result.to_dict(), "output": str(written) if written else None,
-                       "onnx": onnx_report.to_dict() if onnx_report else None})
-            return
-        if not result.skips:
-            why = rejection_summary(result.spans) or (
-                f"no layer has {result.plan.config.span} layers above it to span; "
-                "try a smaller --span")
-            progress.note(f"no shortcut inserted: {why}; no model written")
-            return
-        out.print(skips_table(result.skips))
-        summary = rejection_summary(result.spans)
-        if summary:
-            progress.note(summary)
-        parity = result.parity
-        if parity is not None and result.plan.config.init != "preserve":
-            progress.note(f"note: init '{result.plan.config.init}' changes the model's outputs "
-                          f"(max abs diff {parity.max_abs_diff:.3g} on the example input); "
-                          "fine-tune before use")
-        elif parity is not None:
-            progress.note(f"outputs unchanged: max abs diff {parity.max_abs_diff:.3g} "
-                          f"(tolerance {parity.tolerance:g})")
+            result = add_skips(net, inputs, config, plan=loaded_plan, verify=not no_verify,
+                               trace=trace)
+        written = _write_outputs(result, inputs, out, target=target, plan_out=plan_out,
+                                 onnx=onnx, save_code=save_code, plot=plot, dry_run=dry_run,
+                                 onnx_options=dict(opset=opset, fp16=fp16,
+                                                   static_batch=static_batch,
+                                                   check=not no_check))
+        out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "onnx": written["onnx"].to_dict() if written["onnx"] else None},
+                 lambda: _render_surgery(result, out, wide))
 
 
-@app.command("inspect")
+def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
+                   dry_run: bool, onnx_options: dict) -> dict:
+    """Write what the flags ask for. The ONNX export is the one step that can still fail a
+    check (exit 3): it runs first, so a failure leaves no other output behind."""
+    from .._io import atomic_path
+    from ..save import save_code as write_code, save_model
+
+    written = {"model": None, "onnx": None}
+    if not result.skips:
+        return written
+    if onnx is not None and not dry_run:
+        written["onnx"] = write_onnx(result.module, inputs, onnx, out, **onnx_options)
+    if target is not None:
+        with out.step(f"writing {target}"):
+            written["model"] = save_model(result.module, target, inputs)
+        out.note(f"wrote {written['model']}")
+    if plan_out:
+        with atomic_path(plan_out) as tmp:
+            tmp.write_text(result.plan.to_json())
+        out.note(f"wrote plan {plan_out}")
+    if plot is not None:
+        from ..analysis.layers import analyze_graph
+        from ..plot import plot_surgery
+
+        plot_surgery(analyze_graph(result.module).units, result.skips, plot)
+        out.note(f"wrote diagram {plot}")
+    if save_code is not None and not dry_run:
+        write_code(result.module, save_code)
+        out.note(f"wrote source to {save_code}/")
+    return written
+
+
+def _render_surgery(result, out: Output, wide: bool) -> None:
+    if not result.skips:
+        why = render.rejection_summary(result.spans) or (
+            f"no layer has {result.plan.config.span} layers above it to span; "
+            "try a smaller --span")
+        out.note(f"no shortcut inserted: {why}; no model written")
+        return
+    out.table(render.skips_table(result.skips, wide=wide))
+    for note in (render.rejection_summary(result.spans), render.overrides_note(result.skips)):
+        if note:
+            out.note(note)
+    parity, init = result.parity, result.plan.config.init
+    if parity is not None and init != "preserve":
+        out.note(f"note: init '{init}' changes the model's outputs (max abs diff "
+                 f"{parity.max_abs_diff:.3g} on the example input); fine-tune before use")
+    elif parity is not None:
+        out.note(f"outputs unchanged: {parity.describe()}")
+
+
+def write_onnx(module, inputs: tuple, path: Path, out: Output, *, opset: int | None = None,
+               fp16: bool = False, static_batch: bool = False, check: bool = True,
+               note: bool = True):
+    """Export ``module`` to ``path`` as ONNX for a command; notes go to stderr.
+
+    Wraps ``export_onnx`` in a progress step, turns the library's fallback
+    warning into a note, and notes the parity figures (``note=False``: the
+    caller prints them). Errors propagate to the session (2 for ExportError,
+    3 for VerificationError).
+    """
+    import warnings
+
+    from ..onnx_export import export_onnx
+
+    with out.step(f"exporting {path}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_onnx(module, path, inputs, dynamic_batch=not static_batch, opset=opset,
+                             fp16=fp16, check=check)
+    for w in caught:
+        out.note(f"warning: {w.message}")
+    if note:
+        out.note(render.onnx_summary(report))
+    return report
+
+
 def inspect_cmd(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     placement: PlacementOpt = DEFAULTS.placement,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    max_skips: MaxSkipsOpt = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
@@ -167,6 +203,7 @@ def inspect_cmd(
     concrete: ConcreteOpt = None,
     fake: FakeOpt = False,
     plot: PlotOpt = None,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -179,42 +216,38 @@ def inspect_cmd(
 
       ressurgeon inspect mlp.pt2 --span 3 --json
 
+      ressurgeon inspect vgg.pt2 --exclude 'classifier.*' --max-skips 2
+
       ressurgeon inspect vgg.pt2 --plot surgery.png
     """
-    from ..report import layers_table, residuals_table, spans_table
-    from ..spans import analyze_graph, select_spans
-    from ..trace import trace_model
-
-    progress = Progress(quiet or as_json)
-    with handle_errors(debug):
-        config = SkipConfig(span=span, kind=kind, placement=placement)
+    with session(as_json=as_json, quiet=quiet, debug=debug) as out:
+        config = config_from_flags(span=span, kind=kind, placement=placement, include=include,
+                                   exclude=exclude, max_skips=max_skips)
+        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
         check_output(model, plot, "--plot")
-        net, inputs = prepare(model, input_shape, arch, trust_pickle, dtype, device, progress)
-        with progress.step("tracing"):
-            gm = trace_model(net, inputs, leaf_modules=leaf or (),
-                             concrete_args=parse_concrete(concrete), fake=fake)
-            analysis = analyze_graph(gm)
-            spans = select_spans(gm, config)
+        check_plot_extra(plot)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
+        with out.step("tracing"):
+            from ..surgery import inspect_model
+
+            found = inspect_model(net, inputs, config, trace=trace)
         if plot is not None:
             from ..plot import plot_surgery
 
-            plot_surgery(analysis.units, spans, plot, show_rejected=True)
-            progress.note(f"wrote diagram {plot}")
-        nodes = len(analysis.nodes)
-        method = gm.meta["ressurgeon"]["method"]
-        if as_json:
-            emit_json({"nodes": nodes, "method": method,
-                       "layers": [lay.__dict__ for lay in analysis.layers],
-                       "existing_residuals": [r.__dict__ for r in analysis.residuals],
-                       "spans": [s.to_dict() for s in spans]})
-            return
-        out.print(f"{model}: {nodes} graph nodes, {len(analysis.layers)} layers, "
-                  f"{len(analysis.residuals)} existing residual(s), traced with {method}",
-                  markup=False, highlight=False)
-        out.print(layers_table(analysis.layers))
-        if analysis.residuals:
-            out.print(residuals_table(analysis.residuals))
-        out.print(spans_table(spans))
-        chosen = sum(s.chosen for s in spans)
-        out.print(f"{chosen} of {len(spans)} candidate spans would be chosen with span={span}",
-                  markup=False, highlight=False)
+            plot_surgery(found.units, found.spans, plot, show_rejected=True)
+            out.note(f"wrote diagram {plot}")
+
+        def show() -> None:
+            out.line(f"{model}: {found.nodes} graph nodes, {len(found.layers)} layers, "
+                     f"{len(found.residuals)} existing residual(s), traced with {found.method}")
+            out.table(render.layers_table(found.layers))
+            if found.residuals:
+                out.table(render.residuals_table(found.residuals))
+            out.table(render.spans_table(found.spans, wide=wide))
+            for line in render.reasons_legend(found.spans):
+                out.line(line)
+            chosen = sum(s.chosen for s in found.spans)
+            out.line(f"{chosen} of {len(found.spans)} candidate spans would be chosen with "
+                     f"span={span}")
+
+        out.emit(found.to_dict(), show)

@@ -16,22 +16,15 @@ never adds a shortcut inside or parallel to one.
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import fx
 
+from .._fx import has_data, node_label, node_order, shape_of, stack_path
+from ..registry import Role, Trait, is_getitem, op_info
+from ..shortcuts import is_shortcut
 from .dominators import DominatorTree
-from .registry import Role, is_getitem, op_info
-from .shortcuts import Shortcut
-from .trace import META, stack_path, node_label
-
-aten = torch.ops.aten
-
-ADD_OPS = frozenset({operator.add, operator.iadd, torch.add, aten.add.Tensor, "add", "add_",
-                     "__add__", "__radd__"})
-CAT_OPS = frozenset({torch.cat, torch.concat, torch.concatenate, aten.cat.default, "cat"})
 
 
 @dataclass(frozen=True)
@@ -52,8 +45,7 @@ class Residual:
     shape: tuple[int, ...] | None
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "layers": list(self.layers),
-                "shape": list(self.shape) if self.shape else None}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -68,18 +60,19 @@ class Merge:
     residual: Residual | None
 
 
-def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree) -> list[Merge]:
+def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree,
+                modules: dict[str, torch.nn.Module]) -> list[Merge]:
     """Every block of a traced graph in graph order, nested blocks first.
 
     Args:
         gm: traced graph with shapes in node.meta.
         layers: ``find_layers(gm)``; their anchors mark the weighted nodes.
         dom: the graph's DominatorTree.
+        modules: ``dict(gm.named_modules())``, computed once by the caller.
 
     Returns:
         One Merge per merge node whose region holds a layer.
     """
-    modules = dict(gm.named_modules())
     unit_at: dict[fx.Node, str] = {}          # weighted node or merge node -> unit name
     axis_at: dict[fx.Node, int] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -95,7 +88,7 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree) -> list[Merge]:
         if node not in unit_at and _opaque_weighted(node, gm, modules):
             unit_at[node] = node_label(node)
             axis_at[node] = -1
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     merges: list[Merge] = []
     merge_nodes: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -104,8 +97,8 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree) -> list[Merge]:
             continue
         # tensors only: sizes read off a tensor (``x.reshape(b, n, c)``) join no branches
         preds = list(dict.fromkeys(a for a in node.all_input_nodes
-                                   if a in dom and a.meta.get(META, {}).get("shape") is not None))
-        if len(preds) < 2 or node.meta.get(META, {}).get("shape") is None:
+                                   if a in dom and shape_of(a) is not None))
+        if len(preds) < 2 or shape_of(node) is None:
             continue
         fork = dom.parent(node)
         region = _region(node, fork, dom)
@@ -124,10 +117,10 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree) -> list[Merge]:
             residual = Residual(
                 name="", source=fork.name if fork is not None else "", target=node.name, op=op,
                 kind="identity" if min(branch) == 0 else "projection",
-                layers=tuple(unit_at[n] for n in weighted), shape=node.meta[META]["shape"])
+                layers=tuple(unit_at[n] for n in weighted), shape=shape_of(node))
         name = _merge_name(node)
         if residual is not None:
-            residual = Residual(**{**residual.__dict__, "name": name})
+            residual = replace(residual, name=name)
         merge = Merge(name=name, node=node.name, op=op,
                       covers=tuple(dict.fromkeys(unit_at[n] for n in inner)),
                       channel_axis=axis_at[weighted[-1]], residual=residual)
@@ -156,8 +149,7 @@ def _region(merge: fx.Node, fork: fx.Node | None, dom: DominatorTree) -> set[fx.
 
 
 def _data_inputs(node: fx.Node, dom: DominatorTree) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes
-            if a in dom and not a.meta.get(META, {}).get("nodata")]
+    return [a for a in node.all_input_nodes if a in dom and has_data(a)]
 
 
 def _layer_depths(region: set[fx.Node], fork, unit_at, order) -> dict[fx.Node, int]:
@@ -174,14 +166,12 @@ def _merge_op(node: fx.Node, modules) -> str:
     if node.op == "call_module":
         module = modules[target]
         # our own shortcut is a sum too: a second pass must see the first one's work
-        return "add" if isinstance(module, Shortcut) else type(module).__name__
-    try:
-        if target in ADD_OPS:
-            return "add"
-        if target in CAT_OPS:
-            return "cat"
-    except TypeError:  # unhashable target
-        pass
+        return "add" if is_shortcut(module) else type(module).__name__
+    info = op_info(node, modules)
+    if info is not None and Trait.ADD in info.traits:
+        return "add"
+    if info is not None and Trait.CAT in info.traits:
+        return "cat"
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__
     return getattr(target, "__name__", str(target))
@@ -196,13 +186,12 @@ def _opaque_weighted(node: fx.Node, gm: fx.GraphModule, modules) -> bool:
     """A call outside the registry that reads a weight matrix (a parameter of rank >= 2)."""
     if node.op == "call_module":
         module = modules.get(node.target)
-        return (module is not None and not isinstance(module, Shortcut)
+        return (module is not None and not is_shortcut(module)
                 and op_info(node, modules) is None
                 and any(p.dim() >= 2 for p in module.parameters()))
     if node.op not in ("call_function", "call_method") or op_info(node, modules) is not None:
         return False
-    if not any(a.op != "get_attr" and a.meta.get(META, {}).get("shape") is not None
-               for a in node.all_input_nodes):
+    if not any(a.op != "get_attr" and shape_of(a) is not None for a in node.all_input_nodes):
         return False  # no activation goes in (e.g. ``self.cls_token.expand(batch, -1, -1)``)
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":

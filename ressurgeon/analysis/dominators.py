@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .shapes import META
+from .._fx import has_data
 
 _ROOT = None  # virtual entry joined to every placeholder
 
@@ -41,7 +41,7 @@ class DominatorTree:
                 self._add(node, _ROOT)
                 continue
             preds = [a for a in node.all_input_nodes
-                     if a in self.index and not a.meta.get(META, {}).get("nodata")]
+                     if a in self.index and has_data(a)]
             if not preds:
                 continue
             dom = preds[0]

@@ -1,0 +1,154 @@
+"""fold, step 3: every shortcut as a sum of terms, and what fold did with it.
+
+A shortcut's terms come from the module itself (``Shortcut.terms()``): each
+is ``coef * P(v)``, v the span's output h or its input x, P the projection or
+nothing, coef the gate's value or 1. A term whose gate is exactly 0 is
+dropped: ``preserve`` with a = 0 leaves ``h``; ``rezero`` with a = 0 leaves
+``S(x)``, so the whole span goes (it is not the shortcut that is removable there).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+from torch import fx
+
+from .._fx import META, free_name
+from ..shortcuts import find_shortcuts, is_shortcut
+
+
+class Outcome(StrEnum):
+    """What fold did with a shortcut."""
+
+    REMOVED = "removed"            # gate exactly 0: the sum is the span's output
+    SPAN_REMOVED = "span-removed"  # rezero gate exactly 0: the block is its shortcut alone
+    MERGED = "merged"              # into the span's conv/linear weights (RepVGG-style)
+    ABSORBED = "absorbed"          # the gate went into weights; a plain Add remains
+    PLAIN = "plain"                # no gate: a plain Add remains
+    KEPT = "kept"                  # the gate stays as a Mul; ``reason`` says why
+
+
+@dataclass
+class FoldedSkip:
+    """What fold did with one shortcut.
+
+    ``outcome`` is an ``Outcome``. For ``kept``, ``reason`` says why the gate
+    stayed; for other outcomes ``reason``, when set, says why a shortcut around
+    one layer could not be merged into it. ``fusion`` is ``"conv+add+act"`` or
+    ``"conv+add"`` when ONNX Runtime and TensorRT can fuse the Add into the
+    convolution before it, else None.
+    """
+
+    name: str
+    kind: str                   # identity | projection
+    init: str                   # preserve | standard | rezero
+    gate: float | None
+    outcome: Outcome = Outcome.PLAIN
+    reason: str | None = None
+    fusion: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldTerm:
+    node: fx.Node                 # the value the term reads
+    proj: str | None              # submodule path of its projection
+    coef: float                   # its gate (1.0 without one)
+
+
+@dataclass
+class Join:
+    node: fx.Node                 # the node whose value is the sum (the Shortcut call)
+    terms: list[FoldTerm]
+    record: FoldedSkip
+    add: fx.Node | None = None    # the emitted Add
+    gates: dict = field(default_factory=dict)   # emitted Mul node -> gate
+
+
+def collect_joins(gm: fx.GraphModule) -> list[Join]:
+    """One Join per shortcut module call in ``gm`` (inlined ones are lifted before)."""
+    joins = []
+    for site in find_shortcuts(gm):
+        module = site.module
+        gate = None if module.gate is None else float(module.gate.detach())
+        proj = None if module.kind == "identity" else f"{site.path}.proj"
+        operands = {"h": site.h, "x": site.x}
+        terms = [FoldTerm(operands[t.operand], proj if t.projected else None,
+                          gate if t.gated else 1.0) for t in module.terms()]
+        record = FoldedSkip(name=site.path, kind=module.kind, init=module.init.value, gate=gate)
+        joins.append(Join(node=site.node, terms=terms, record=record))
+    return joins
+
+
+def drop_zero_terms(joins: list[Join]) -> None:
+    for join in joins:
+        kept = [t for t in join.terms if t.coef != 0.0]
+        if len(kept) == len(join.terms):
+            continue
+        join.terms = kept
+        join.record.outcome = Outcome.SPAN_REMOVED if join.record.init == "rezero" \
+            else Outcome.REMOVED
+
+
+def rebind(joins: list[Join], old: fx.Node, new: fx.Node) -> None:
+    """Later shortcuts that read a replaced sum (post-activation chains) read its replacement."""
+    for join in joins:
+        for term in join.terms:
+            if term.node is old:
+                term.node = new
+
+
+def emit_sums(gm: fx.GraphModule, joins: list[Join]) -> None:
+    """Every join becomes ``add(c1*P1(v1), c2*P2(v2))`` with explicit projection calls and Muls.
+
+    The Shortcut module goes; its projection, where a term still uses it, moves
+    to a free path beside it.
+    """
+    for join in joins:
+        if join.record.outcome is Outcome.MERGED:
+            continue
+        values = []
+        with gm.graph.inserting_before(join.node):
+            for term in join.terms:
+                value = term.node
+                if term.proj is not None:
+                    value = gm.graph.call_module(_own_proj(gm, join, term.proj), (value,))
+                if term.coef != 1.0:
+                    mul = gm.graph.call_function(operator.mul, (value, term.coef))
+                    join.gates[mul] = term.coef
+                    value = mul
+                values.append(value)
+            out = values[0] if len(values) == 1 else gm.graph.call_function(operator.add,
+                                                                            tuple(values))
+        if len(values) == 2:
+            join.add = out
+        if META in join.node.meta:
+            out.meta[META] = join.node.meta[META]
+        join.node.replace_all_uses_with(out)
+        rebind(joins, join.node, out)
+        gm.graph.erase_node(join.node)
+        if join.record.outcome is Outcome.PLAIN and join.gates:
+            join.record.outcome = Outcome.ABSORBED   # until the rescaling says otherwise
+    gm.graph.eliminate_dead_code()
+    for join in joins:
+        if is_shortcut(_submodule(gm, join.record.name)):
+            gm.delete_submodule(join.record.name)
+
+
+def _own_proj(gm: fx.GraphModule, join: Join, path: str) -> str:
+    """Move a Shortcut's projection to a free path beside it, so the Shortcut can be deleted."""
+    proj = gm.get_submodule(path)
+    new = free_name(gm, f"{join.record.name}_proj")
+    gm.add_submodule(new, proj)
+    return new
+
+
+def _submodule(gm: fx.GraphModule, path: str):
+    try:
+        return gm.get_submodule(path)
+    except AttributeError:
+        return None
