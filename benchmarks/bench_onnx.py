@@ -35,89 +35,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for examples/
-from examples.models import plain_vgg  # noqa: E402
-from ressurgeon import SkipConfig, add_skips
-from ressurgeon.fold import fold
-from ressurgeon.onnx_export import export_onnx, fusion_report
-
-STAGES = (32, 64, 128, 256)
-PER_STAGE = 5
-WIDTHS = tuple(w for stage in STAGES for w in ("M",) * (stage != STAGES[0]) + (stage,) * PER_STAGE)
-
-
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
-
-
-class Block(nn.Module):
-    """relu(body(x) + shortcut(x)); the body ends in conv + BN, as in ResNet v1."""
-
-    def __init__(self, *body: nn.Module, proj: nn.Module | None = None):
-        super().__init__()
-        self.body = nn.Sequential(*body)
-        self.shortcut = proj if proj is not None else nn.Identity()
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-def hand_written_resnet(classes: int = 10) -> nn.Sequential:
-    """(b): the plain CNN's 20 convs with residual blocks where add_skips(span=2) puts them."""
-    relu, pool = nn.ReLU, lambda: nn.MaxPool2d(2)
-
-    def down(cin, cout):
-        return nn.Conv2d(cin, cout, 1, stride=2, bias=False)
-
-    return nn.Sequential(
-        conv_bn(3, 32), relu(),
-        Block(conv_bn(32, 32), relu(), conv_bn(32, 32)),
-        Block(conv_bn(32, 32), relu(), conv_bn(32, 32)),
-        Block(pool(), conv_bn(32, 64), relu(), conv_bn(64, 64), proj=down(32, 64)),
-        Block(conv_bn(64, 64), relu(), conv_bn(64, 64)),
-        Block(conv_bn(64, 64), relu(), pool(), conv_bn(64, 128), proj=down(64, 128)),
-        Block(conv_bn(128, 128), relu(), conv_bn(128, 128)),
-        Block(conv_bn(128, 128), relu(), conv_bn(128, 128)),
-        Block(pool(), conv_bn(128, 256), relu(), conv_bn(256, 256), proj=down(128, 256)),
-        Block(conv_bn(256, 256), relu(), conv_bn(256, 256)),
-        conv_bn(256, 256), relu(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, classes))
-
-
-def calibrate(model: nn.Module, size: int) -> nn.Module:
-    """Give BatchNorm realistic running statistics (no tiny or denormal activations)."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
+from benchmarks._models import build_cnns  # noqa: E402
+from ressurgeon import export_onnx, fold, fusion_report  # noqa: E402
 
 
 def build_models(size: int, folder: Path) -> dict[str, Path]:
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, size, size)
-    plain = calibrate(plain_vgg(WIDTHS, classes=10), size)
-    hand = calibrate(hand_written_resnet(), size)
-    standard = add_skips(plain, (x,), SkipConfig(span=2, init="standard"))
-    hand_skips = sum(isinstance(m, Block) for m in hand.modules())
-    assert len(standard.skips) == hand_skips, (len(standard.skips), hand_skips)
-    preserve = add_skips(plain, (x,), SkipConfig(span=2, init="preserve"))
-    trained = add_skips(plain, (x,), SkipConfig(span=2, init="preserve"))
-    gates = iter(np.linspace(0.3, 0.7, len(trained.skips)))
-    for m in trained.module.modules():
-        if getattr(m, "gate", None) is not None:
-            m.gate.data.fill_(float(next(gates)))
+    cnns = build_cnns(size)
+    x = cnns.example
     models = {
-        "(a) plain CNN": plain,
-        "(b) hand-written residual": hand,
-        "(c) add_skips standard": standard.module,
-        "(d) fold(add_skips preserve)": fold(preserve.module, (x,)).module,
-        "(e) preserve, gates 0.3-0.7": trained.module,
-        "(f) fold(e)": fold(trained.module, (x,)).module,
+        "(a) plain CNN": cnns.plain,
+        "(b) hand-written residual": cnns.twin,
+        "(c) add_skips standard": cnns.standard,
+        "(d) fold(add_skips preserve)": fold(cnns.preserve, (x,)).module,
+        "(e) preserve, gates 0.3-0.7": cnns.trained,
+        "(f) fold(e)": fold(cnns.trained, (x,)).module,
     }
     paths = {}
     for i, (name, model) in enumerate(models.items()):
