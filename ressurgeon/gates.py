@@ -86,7 +86,7 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
 
     Example:
         >>> tuned = add_skips(model, (x,), SkipConfig(init="preserve")).module  # doctest: +SKIP
-        >>> ...  # fine-tune tuned
+        >>> ...  # fine-tune tuned                                               # doctest: +SKIP
         >>> gate_report(tuned).values                                             # doctest: +SKIP
         {'skip_0__4': 0.31, 'skip_4__8': -0.02}
     """

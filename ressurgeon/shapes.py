@@ -48,7 +48,7 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = False) -> None:
-    """Record shape/dtype/device of every tensor in ``node.meta["ressurgeon"]`` (eval mode).
+    """Record a NodeInfo (shape, dtype, device) for every node in ``node.meta["ressurgeon"]``.
 
     Args:
         gm: the graph to annotate (its train/eval mode is restored).
@@ -63,7 +63,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = 
     Example:
         >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 2))
         >>> propagate_shapes(gm, (torch.randn(3, 4),), fake=True)
-        >>> [n.meta["ressurgeon"].get("shape") for n in gm.graph.nodes][:2]
+        >>> from ressurgeon._fx import shape_of
+        >>> [shape_of(n) for n in gm.graph.nodes if n.op in ("placeholder", "call_function")]
         [(3, 4), (3, 2)]
     """
     # eval: no running-stat updates; BN accepts batch 1

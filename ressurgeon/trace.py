@@ -65,7 +65,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     Example:
         >>> gm = trace_model(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
         >>> from ressurgeon._fx import shape_of
-        >>> [shape_of(n) for n in gm.graph.nodes if n.op == "call_module"]
+        >>> [shape_of(n) for n in gm.graph.nodes if n.op == "call_function"]
         [(3, 2)]
     """
     options = options or TraceOptions()

@@ -7,33 +7,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-import ressurgeon.cli.diagnose  # noqa: F401  (registers diagnose and gates)
+from helpers import run_cli as run, with_gates
 from models import deep_mlp, mlp_changing_widths, plain_cnn
 from ressurgeon import SkipConfig, add_skips, find_layers, select_spans, trace_model
-from ressurgeon.cli import app
 from ressurgeon.diagnose import gradient_flow
 from ressurgeon.gates import gate_report
 from ressurgeon.errors import ConfigError, ExportError
 from ressurgeon.save import save_model
 from ressurgeon.load import load_model
 
-runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def with_gates(result, values):
-    """Set the gates of a rewritten module to ``values`` in order, as fine-tuning would."""
-    gates = [p for n, p in result.module.named_parameters() if n.endswith(".gate")]
-    with torch.no_grad():
-        for p, v in zip(gates, values, strict=True):
-            p.fill_(v)
-    return result
 
 
 # -- gradient_flow -------------------------------------------------------------------

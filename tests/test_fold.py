@@ -14,9 +14,9 @@ import operator
 import pytest
 import torch
 from torch import fx, nn
-from typer.testing import CliRunner
 
 from examples.models import plain_vgg
+from helpers import run_cli
 from models import FAMILIES, PlainTransformer, build, plain_cnn, randomize_bn
 from ressurgeon import RessurgeonError, Shortcut, ShapeError, SkipConfig, add_skips
 from ressurgeon.save import save_model
@@ -211,16 +211,11 @@ def test_every_family_folds_exactly(name):
 # -- the fold command ------------------------------------------------------------------------
 
 def test_fold_command_writes_pt2_and_onnx(example_models, tmp_path):
-    from ressurgeon.cli import app
-    import ressurgeon.cli.deploy  # noqa: F401  (registers export and fold)
-
-    runner = CliRunner()
     skips = tmp_path / "vgg_skips.pt2"
-    assert runner.invoke(app, ["add-skips", str(example_models["vgg"]), "--span", "1", "-o",
-                               str(skips), "-q"]).exit_code == 0
+    assert run_cli("add-skips", example_models["vgg"], "--span", "1", "-o", skips,
+                   "-q").exit_code == 0
     out, onnx = tmp_path / "folded.pt2", tmp_path / "folded.onnx"
-    result = runner.invoke(app, ["fold", str(skips), "-o", str(out), "--onnx", str(onnx),
-                                 "--json"])
+    result = run_cli("fold", skips, "-o", out, "--onnx", onnx, "--json")
     assert result.exit_code == 0, result.output
     import json
     report = json.loads(result.stdout)
@@ -229,7 +224,7 @@ def test_fold_command_writes_pt2_and_onnx(example_models, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     folded, original = torch.export.load(out).module(), torch.export.load(skips).module()
     assert rel_diff(original(x), folded(x)) <= BN_FOLD
-    result = runner.invoke(app, ["fold", str(skips), "-o", str(skips)])
+    result = run_cli("fold", skips, "-o", skips)
     assert result.exit_code == 2 and "never overwrites its input" in result.stderr
 
 

@@ -16,8 +16,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from helpers import run_cli
 import ressurgeon.onnx_export as onnx_export
 from examples.models import plain_vgg
 from models import mlp_changing_widths, plain_cnn, randomize_bn
@@ -151,27 +151,20 @@ def test_folded_gates_fuse_into_convolutions_in_ort(tmp_path):
 
 
 def test_export_command(small_mlp, example_models, tmp_path, monkeypatch):
-    from ressurgeon.cli import app
-    import ressurgeon.cli.deploy  # noqa: F401  (registers export and fold)
-
-    runner = CliRunner()
     out = tmp_path / "vgg.onnx"
-    result = runner.invoke(app, ["export", str(example_models["vgg"]), "--onnx", str(out)])
+    result = run_cli("export", example_models["vgg"], "--onnx", out)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out}") and "batch 1" in result.stdout
-    result = runner.invoke(app, ["export", str(example_models["mlp"]), "--onnx",
-                                 str(tmp_path / "m.onnx"), "--static-batch", "--opset", "18",
-                                 "--json"])
+    result = run_cli("export", example_models["mlp"], "--onnx", tmp_path / "m.onnx",
+                     "--static-batch", "--opset", "18", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["onnx"]
     assert report["opset"] == 18 and not report["dynamic_batch"] and report["parity_checked"]
-    missing = runner.invoke(app, ["export", str(example_models["mlp"]), "--onnx",
-                                  str(tmp_path / "no" / "m.onnx")])
+    missing = run_cli("export", example_models["mlp"], "--onnx", tmp_path / "no" / "m.onnx")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
     real = onnx_export._run_torch
     monkeypatch.setattr(onnx_export, "_run_torch", lambda *a: [t + 1.0 for t in real(*a)])
-    bad = runner.invoke(app, ["export", str(example_models["mlp"]), "--onnx",
-                              str(tmp_path / "bad.onnx")])
+    bad = run_cli("export", example_models["mlp"], "--onnx", tmp_path / "bad.onnx")
     assert bad.exit_code == 3 and bad.stderr.startswith("error: ONNX Runtime's outputs differ")
     assert not (tmp_path / "bad.onnx").exists()
 
