@@ -1,20 +1,16 @@
 """One error hierarchy for the whole library.
 
 The library raises these and never prints or exits; the CLI alone turns them
-into one-line messages and exit codes (see ``cli/common.py``).
+into one-line messages and exit codes (``cli/common.py``: 3 for a
+VerificationError, 2 for every other RessurgeonError). Errors about a value
+the caller passed also derive from ValueError.
 """
 
 from __future__ import annotations
 
 
 class RessurgeonError(Exception):
-    """Base class of every error ressurgeon raises on purpose.
-
-    ``exit_code`` is what the CLI exits with: 2 for bad input or usage,
-    3 for a verification the user asked for that failed.
-    """
-
-    exit_code = 2
+    """Base class of every error ressurgeon raises on purpose."""
 
 
 class ConfigError(RessurgeonError, ValueError):
@@ -33,11 +29,11 @@ class TraceError(RessurgeonError):
     """Neither torch.fx nor torch.export could capture the model's graph."""
 
 
-class ShapeError(RessurgeonError):
+class ShapeError(RessurgeonError, ValueError):
     """The example inputs do not fit the model (names the node that rejected them)."""
 
 
-class PlanError(RessurgeonError):
+class PlanError(RessurgeonError, ValueError):
     """A surgery plan does not fit the model it is applied to."""
 
 
@@ -47,8 +43,6 @@ class ExportError(RessurgeonError):
 
 class VerificationError(RessurgeonError):
     """A requested check (parity, gradients) failed beyond its tolerance."""
-
-    exit_code = 3
 
 
 def brief(exc: BaseException | None, limit: int = 160) -> str:

@@ -24,6 +24,7 @@ from torch import fx
 
 from ._fx import attr, node_order
 from .config import Init
+from .errors import ConfigError
 from .registry import Trait, lookup
 
 
@@ -66,7 +67,7 @@ class Shortcut(nn.Module):
         try:
             self.init = Init(init)
         except ValueError:
-            raise ValueError(f"unknown shortcut init {init!r}; one of "
+            raise ConfigError(f"unknown shortcut init {init!r}; one of "
                              f"{', '.join(i.value for i in Init)}") from None
         self.proj = proj if proj is not None else nn.Identity()
         if self.init is Init.STANDARD:

@@ -14,13 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ARCHITECTURES, DataBranchNet, build, deep_mlp
+from ressurgeon.verify import PARITY_ATOL
 from ressurgeon._fx import capture_info, info
 from ressurgeon import Reason, Shortcut, SkipConfig, TraceOptions, add_skips, trace_model
 from ressurgeon.spans import analyze_graph, select_spans
 from ressurgeon.verify import PARITY_ATOL
 
 # Tolerances, with the reason for each.
-PRESERVE_ATOL = 1e-6   # DESIGN contract: preserve mode equals the original (fp32, eval)
+PRESERVE_ATOL = PARITY_ATOL[torch.float32]  # preserve mode equals the original (fp32, eval)
 CHANGED_MIN = 1e-3     # standard init must move outputs by far more than rounding
 
 # name -> (shortcuts inserted, existing residuals found, rejections by reason), span 2.

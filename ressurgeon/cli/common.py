@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 
 from ..config import Init, Kind, Placement, SkipConfig, TraceOptions
-from ..errors import ConfigError, RessurgeonError, brief
+from ..errors import ConfigError, RessurgeonError, VerificationError, brief
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -165,9 +165,9 @@ def _json_default(value):
 def session(*, as_json: bool = False, quiet: bool = False, debug: bool = False) -> Iterator[Output]:
     """The one place that turns exceptions into a message and an exit code.
 
-    Exit codes: 2 bad input or usage (``RessurgeonError``, or the exit code the
-    error carries), 3 a requested verification failed, 130 interrupted, 1 a
-    fault of ressurgeon's own (with --debug, the traceback).
+    Exit codes: 2 bad input or usage (any ``RessurgeonError``), 3 a requested
+    verification failed (``VerificationError``), 130 interrupted, 1 a fault of
+    ressurgeon's own (with --debug, the traceback).
     """
     try:
         yield Output(as_json=as_json, quiet=quiet)
@@ -177,7 +177,7 @@ def session(*, as_json: bool = False, quiet: bool = False, debug: bool = False) 
         if debug:
             traceback.print_exc()
         typer.echo(f"error: {_one_line(exc)}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise typer.Exit(3 if isinstance(exc, VerificationError) else 2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
