@@ -24,7 +24,9 @@ class NodeInfo:
     ``shape``/``dtype``/``device`` are set for single tensors; ``nodata`` marks
     values that hold no tensor at all (``x.shape``, ``x.size(0)``, an optional
     input left at None): they carry no activation, so no branch joins through
-    them. ``skip`` names the shortcut whose sum this node is.
+    them. ``skip`` names the shortcut whose sum this node is. ``absmax`` is the
+    largest magnitude of a floating-point value on the example inputs (inf or
+    nan when it is not finite; None with fake shapes).
     """
 
     shape: tuple[int, ...] | None = None
@@ -32,6 +34,7 @@ class NodeInfo:
     device: torch.device | None = None
     nodata: bool = False
     skip: str | None = None
+    absmax: float | None = None      # max |value| on the example inputs (None: not measured)
 
 
 _EMPTY = NodeInfo()

@@ -59,6 +59,8 @@ def _enum(cls, name: str, value):
 
 def _patterns(name: str, value) -> tuple[str, ...]:
     # A bare string would be iterated per character: accept it as one pattern.
+    if value is not None and not isinstance(value, (str, list, tuple)):
+        raise ConfigError(f"{name} must hold non-empty glob patterns, got {value!r}")
     items = (value,) if isinstance(value, str) else tuple(value or ())
     if not all(isinstance(p, str) and p for p in items):
         raise ConfigError(f"{name} must hold non-empty glob patterns, got {value!r}")

@@ -14,7 +14,6 @@ costs only torch.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -24,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_path, check_parent
+from ._io import atomic_path, check_parent, scratch_dir
 from ._torch import eval_mode, normalize_inputs, quiet_copy, quiet_torch
-from .errors import ExportError, VerificationError, brief
+from .errors import ConfigError, ExportError, VerificationError, brief
 from .exported import batched_dims, dynamic_batch_args
 from .verify import compare_outputs, eval_outputs
 
@@ -111,15 +110,18 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
     import onnx
 
     inputs = normalize_inputs(example_inputs)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and (type(opset) is not int or not 7 <= opset <= newest):
+        raise ConfigError(f"opset {opset!r} does not exist: ONNX opsets run from 7 to {newest} "
+                          "in the installed onnx")
     path = Path(path)
     parent = check_parent(path)
     work, export_inputs = _prepare(module, inputs, fp16)
     reference = _run_torch(module, inputs, fp16)
     in_names = _names("input", len(inputs))
     out_names = _names("output", len(reference))
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    target = scratch / path.name
-    try:
+    with scratch_dir(path) as scratch:
+        target = scratch / path.name
         exporter, reason = _export(work, export_inputs, target, in_names, out_names,
                                    dynamic_batch, opset)
         try:
@@ -147,8 +149,6 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
             os.replace(target, tmp)
         report.files = [str(path)] + [str(parent / name) for name in extras]
         return report
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _model_dtype(module: nn.Module, inputs: tuple) -> torch.dtype:

@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import SkipConfig
-from .errors import PlanError
+from .errors import ConfigError, PlanError
 from .spans import Span
 
 PLAN_VERSION = 1
+MAX_PLAN_BYTES = 16 * 2 ** 20    # a plan is a few KB; anything this big is not one
+MAX_DIM = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,17 @@ class PlannedSkip:
     target_layer: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("source", "target", "source_layer", "target_layer"):
+            if not isinstance(getattr(self, name), str):
+                raise PlanError(f"a skip's {name} must be a string (a node or layer name), got "
+                                f"{getattr(self, name)!r}")
+        if type(self.channel_axis) is not int:
+            raise PlanError(f"skip {self.source} -> {self.target}: channel_axis must be an "
+                            f"integer (1 or -1), got {self.channel_axis!r}")
         if self.kind not in ("identity", "projection"):
             raise PlanError(f"skip {self.source} -> {self.target}: kind must be identity or "
                             f"projection, got {self.kind!r}")
-        if not isinstance(self.stride, int) or self.stride < 1:
+        if type(self.stride) is not int or not 1 <= self.stride <= MAX_DIM:
             raise PlanError(f"skip {self.source} -> {self.target}: stride must be an integer "
                             f">= 1, got {self.stride!r}")
         if self.kind == "identity" and self.stride != 1:
@@ -71,18 +80,30 @@ class SurgeryPlan:
         if data.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')} is not supported "
                             f"(this ressurgeon writes version {PLAN_VERSION})")
+        if not isinstance(data["skips"], list) or not all(isinstance(s, dict)
+                                                           for s in data["skips"]):
+            raise PlanError("the plan's 'skips' must be a list of objects, one per shortcut; "
+                            "write one with --plan-out")
         try:
             skips = tuple(PlannedSkip(**s) for s in data["skips"])
         except TypeError as exc:
             raise PlanError(f"a skip in the plan has unknown or missing fields: {exc}") from exc
-        shapes = data.get("input_shapes", ())
+        except PlanError as exc:
+            raise PlanError(f"in the plan: {exc}") from exc
+        shapes = data.get("input_shapes") or []  # missing or empty: --input-shape gives them
         if not isinstance(shapes, list) or not all(
-                isinstance(s, list) and s and all(type(d) is int and d > 0 for d in s)
+                isinstance(s, list) and s and all(type(d) is int and 0 < d <= MAX_DIM for d in s)
                 for s in shapes):
             raise PlanError("the plan's input_shapes must be a list of shapes of positive "
-                            f"integers, e.g. [[1, 3, 32, 32]]; got {shapes!r}")
-        return cls(config=SkipConfig.from_dict(data["config"]), skips=skips,
-                   input_shapes=tuple(tuple(s) for s in shapes))
+                            f"integers, e.g. [[1, 3, 32, 32]]; got {str(shapes)[:80]}")
+        if not isinstance(data["config"], dict):
+            raise PlanError("the plan's 'config' must be an object of SkipConfig fields, e.g. "
+                            '{"span": 2, "init": "preserve"}; write one with --plan-out')
+        try:
+            config = SkipConfig.from_dict(data["config"])
+        except ConfigError as exc:
+            raise PlanError(f"the plan's config: {exc}") from exc
+        return cls(config=config, skips=skips, input_shapes=tuple(tuple(s) for s in shapes))
 
     @classmethod
     def from_json(cls, text: str) -> "SurgeryPlan":
@@ -90,14 +111,31 @@ class SurgeryPlan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"the plan is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except RecursionError:
+            raise PlanError("the plan is nested too deeply to be a plan; write one with "
+                            "--plan-out") from None
         return cls.from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path) -> "SurgeryPlan":
+        path = Path(path)
         try:
-            text = Path(path).read_text()
+            if not path.is_file():
+                raise PlanError(f"the plan {path} is not a regular file; give the JSON file "
+                                "--plan-out wrote")
+            if path.stat().st_size > MAX_PLAN_BYTES:
+                raise PlanError(f"the plan {path} is {path.stat().st_size:,} bytes, too large to "
+                                f"be a plan (at most {MAX_PLAN_BYTES:,}); give the file "
+                                "--plan-out wrote")
+            with path.open("rb") as f:
+                raw = f.read(MAX_PLAN_BYTES + 1)
         except OSError as exc:
-            raise PlanError(f"cannot read plan {path}: {exc.strerror}") from exc
+            raise PlanError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"the plan {path} is not UTF-8 text; give the JSON file --plan-out "
+                            "wrote") from None
         return cls.from_json(text)
 
 

@@ -169,6 +169,10 @@ def _check(analysis: GraphAnalysis, skip: PlannedSkip,
     if Reason.SHAPE in enforced:
         raise PlanError(f"{where}: shapes {a} and {b} cannot be joined by a 1x1 projection "
                         "(rank, batch or spatial size differ)")
+    if Reason.NON_FINITE in enforced:
+        raise PlanError(f"{where}: the shortcut path would be NaN or infinite on the example "
+                        f"inputs (|x| up to {info(src).absmax:.3g} in {info(src).dtype}); pick "
+                        "another source, or run in a wider dtype")
     if skip.kind == "identity" and verdict.kind != "identity":
         raise PlanError(f"{where}: shapes {a} and {b} differ; use kind projection "
                         f"(stride {verdict.stride})")

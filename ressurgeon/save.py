@@ -7,6 +7,7 @@ renamed into place, so a failure never leaves a half-written output.
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ._io import CODE_MARKER, atomic_path
+from ._io import atomic_path, owned_folder
 from ._torch import eval_mode
 from .errors import ExportError, brief
 from .exported import dynamic_batch_args
@@ -45,14 +46,20 @@ def save_model(module: nn.Module, path: str | Path, example_inputs: tuple, *,
     """
     path = Path(path)
     fmt = check_format(path)
-    writer: Callable[[Path], None] = {
-        "pt2": lambda tmp: torch.export.save(export_program(module, example_inputs,
-                                                            dynamic_batch=dynamic_batch), tmp),
-        "pt": lambda tmp: torch.save(module, tmp),
-        "safetensors": lambda tmp: _save_safetensors(module, tmp),
+    # torch's C++ archive writers abort the process when the disk fills up or a
+    # file-size limit is hit; serialised to memory first, the file is written by
+    # Python, where such a failure is an OSError and a one-line error.
+    serialise: Callable[[io.BytesIO], None] = {
+        "pt2": lambda buf: torch.export.save(export_program(module, example_inputs,
+                                                            dynamic_batch=dynamic_batch), buf),
+        "pt": lambda buf: torch.save(module, buf),
+        "safetensors": lambda buf: buf.write(_safetensors_bytes(module)),
     }[fmt]
+    buffer = io.BytesIO()
+    serialise(buffer)
     with atomic_path(path) as tmp:
-        writer(tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
     return path
 
 
@@ -83,33 +90,37 @@ def _export_dynamic(module: nn.Module, inputs: tuple) -> torch.export.ExportedPr
     return torch.export.export(module, grown, dynamic_shapes=dynamic, strict=False)
 
 
-def _save_safetensors(module: nn.Module, tmp: Path) -> None:
+def _safetensors_bytes(module: nn.Module) -> bytes:
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError as exc:
         raise ExportError("writing .safetensors needs the safetensors package: "
                           "pip install 'ressurgeon[safetensors]'") from exc
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp))
+    return save(state)
 
 
 def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel") -> Path:
     """Write the GraphModule as readable Python source plus weights (``GraphModule.to_folder``).
 
     ``from folder import RewrittenModel`` (with the folder's parent on the path)
-    rebuilds the model; ``module.py`` shows every inserted shortcut.
+    rebuilds the model; ``module.py`` shows every inserted shortcut. The folder
+    may be new or one ressurgeon wrote before: only the files its marker lists
+    are replaced, a user's own files there are left alone.
+
+    Raises:
+        ExportError: not a GraphModule; the folder is a file, a symbolic link, the
+            current folder, or a folder ressurgeon did not write.
     """
     folder = Path(folder)
     if not isinstance(module, fx.GraphModule):
         raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
-    with atomic_path(folder, is_dir=True) as tmp, warnings.catch_warnings():
+    with owned_folder(folder) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saved as pickled files instead"
         module.to_folder(tmp, name)
         # to_folder writes absolute paths to its weight files; make them relative
-        # to module.py so the folder survives the rename (and any later move).
+        # to module.py so the folder survives the move (and any later one).
         code = tmp / "module.py"
         text = code.read_text().replace(f"r'{tmp}/", "_HERE + r'/")
         code.write_text("import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n" + text)
-        (tmp / CODE_MARKER).write_text("written by ressurgeon --save-code; the folder is "
-                                       "replaced as a whole when written again\n")
     return folder

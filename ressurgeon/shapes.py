@@ -24,9 +24,10 @@ from .errors import ShapeError, brief
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph once and writes each value's shape, dtype and device into node.meta."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, measure: bool):
         super().__init__(gm)
         self.extra_traceback = False  # our ShapeError already names the node
+        self.measure = measure        # max |value| needs real values (not under fake mode)
 
     def run_node(self, n: fx.Node):
         try:
@@ -36,7 +37,8 @@ class _ShapeRecorder(fx.Interpreter):
         skip = info(n).skip
         if isinstance(result, torch.Tensor):
             n.meta[META] = NodeInfo(shape=tuple(int(d) for d in result.shape),
-                                    dtype=result.dtype, device=result.device, skip=skip)
+                                    dtype=result.dtype, device=result.device, skip=skip,
+                                    absmax=_absmax(result) if self.measure else None)
         else:
             # Values that hold no tensor (x.shape, x.size(0), an optional input left at
             # None) carry no activations: the dominator tree ignores them, so
@@ -45,6 +47,15 @@ class _ShapeRecorder(fx.Interpreter):
                                                    for v in pytree.tree_leaves(result)),
                                     skip=skip)
         return result
+
+
+def _absmax(t: torch.Tensor) -> float | None:
+    """max |t| for a real floating-point tensor (nan if any is nan); None otherwise."""
+    if not t.is_floating_point() or not t.numel() or t.device.type == "meta":
+        return None
+    if bool(torch.isnan(t).any()):
+        return float("nan")
+    return float(t.detach().abs().max())
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = False) -> None:
@@ -69,7 +80,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = 
     """
     # eval: no running-stat updates; BN accepts batch 1
     with eval_mode(gm), torch.no_grad(), _fake_inputs(example_inputs, fake, gm) as inputs:
-        _ShapeRecorder(gm).run(*inputs)
+        _ShapeRecorder(gm, measure=not fake).run(*inputs)
 
 
 @contextlib.contextmanager

@@ -21,9 +21,11 @@ candidate that covers its layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+import torch
 from torch import fx
 
 from ._fx import info, node_label
@@ -53,6 +55,7 @@ class Reason(StrEnum):
     SQUEEZED = "squeezed"
     LAYOUT = "layout-mismatch"
     NOT_IN_PLAN = "not-in-plan"
+    NON_FINITE = "non-finite"
 
     @property
     def text(self) -> str:
@@ -78,6 +81,8 @@ _REASON_TEXT = {
     Reason.SQUEEZED: "an end is a 1x1-spatial tensor (a squeeze-excitation gate, not a feature map)",
     Reason.LAYOUT: "the ends keep channels on different axes (channels-first vs channels-last)",
     Reason.NOT_IN_PLAN: "left out of the applied plan",
+    Reason.NON_FINITE: ("the shortcut path S(x) is NaN or infinite on the example inputs "
+                        "(a zero gate would turn it into NaN and cut the gate's gradient)"),
 }
 OVERRIDABLE = frozenset({Reason.LAYOUT, Reason.SQUEEZED, Reason.OVERLAPS, Reason.HEAD,
                          Reason.EXISTING})
@@ -168,6 +173,8 @@ def pair_verdict(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node,
             reasons.append(Reason.SHAPE)
         else:
             kind, stride = joined
+            if _overflows(a, kind, src_axis):
+                reasons.append(Reason.NON_FINITE)
     if src is dst or not analysis.dominators.dominates(src, dst):
         reasons.append(Reason.NOT_DOMINATED)
     return PairVerdict(kind=kind, stride=stride, reasons=tuple(reasons))
@@ -354,6 +361,23 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
     if src_shape[:-1] == dst_shape[:-1]:
         return "projection", 1
     return None
+
+
+def _overflows(a, kind: str, axis: int) -> bool:
+    """Whether S(x) may not be finite: x itself is not, or a projection's sum may overflow.
+
+    A 1x1 projection at PyTorch's default init has |w| <= 1/sqrt(C_in), so each
+    output is at most sqrt(C_in) * max|x|; past the dtype's largest value it can
+    be infinite (float16 activations of ~6e4 already are).
+    """
+    if a.absmax is None:
+        return False
+    if not math.isfinite(a.absmax):
+        return True
+    if kind == "identity":
+        return False
+    channels = a.shape[axis] if a.shape else 1
+    return a.absmax * math.sqrt(channels) > torch.finfo(a.dtype).max
 
 
 def _layout(channel_axis: int, shape: tuple[int, ...]) -> str:

@@ -7,7 +7,7 @@ the ``inspect`` command shows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 from torch import fx
@@ -20,9 +20,9 @@ from .config import Init, SkipConfig, TraceOptions
 from .errors import VerificationError
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
-from .spans import Span, mark_planned, select_spans
+from .spans import Reason, Span, mark_planned, select_spans
 from .trace import trace_model
-from .verify import ParityReport, check_parity
+from .verify import ParityReport, check_parity, nonfinite_shortcut_paths
 
 
 @dataclass
@@ -177,6 +177,7 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     gm = trace_model(model, inputs, trace)
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
+        _drop_nonfinite(result, inputs)
         concrete = trace.concrete_args if trace is not None else None
         result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete)
         _judge(result.parity, result.plan.config, bool(result.skips))
@@ -196,6 +197,28 @@ def rewrite_traced(gm: fx.GraphModule, inputs: tuple, config: SkipConfig | None 
     module, skips = apply_plan(gm, plan, analysis=analysis, inplace=True)
     return SurgeryResult(module=module, skips=skips, spans=spans, plan=plan, parity=None,
                          method=capture_info(gm).method, residuals=analysis.residuals)
+
+
+def _drop_nonfinite(result: SurgeryResult, inputs: tuple) -> None:
+    """Take out every shortcut whose path S(x) is not finite; its span says ``non-finite``."""
+    bad = set(nonfinite_shortcut_paths(result.module, inputs))
+    if not bad:
+        return
+    gm = result.module
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in bad:
+            node.replace_all_uses_with(node.args[0])  # the span's output, as before surgery
+            gm.graph.erase_node(node)
+    for name in bad:
+        gm.delete_submodule(name)
+    gm.graph.lint()
+    gm.recompile()
+    dropped = {(s.source, s.target) for s in result.skips if s.name in bad}
+    result.skips = [s for s in result.skips if s.name not in bad]
+    result.plan = replace(result.plan, skips=tuple(
+        p for p in result.plan.skips if (p.source, p.target) not in dropped))
+    result.spans = [replace(s, reason=Reason.NON_FINITE) if (s.source, s.target) in dropped
+                    else s for s in result.spans]
 
 
 def _judge(parity: ParityReport, config: SkipConfig, inserted: bool) -> None:

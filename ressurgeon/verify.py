@@ -183,6 +183,32 @@ def eval_outputs(model: nn.Module, inputs: tuple, kwargs: dict | None = None) ->
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def nonfinite_shortcut_paths(module: nn.Module, inputs: tuple) -> list[str]:
+    """Shortcuts whose path ``S(x)`` (the output of their ``proj``) is NaN or infinite.
+
+    One eval-mode run with a hook on every shortcut's projection (``nn.Identity``
+    for identity shortcuts). A zero gate times an infinite S(x) is NaN, and even
+    where the sum hides it, the gate's gradient is lost.
+    """
+    from .shortcuts import is_shortcut
+
+    bad: list[str] = []
+    handles = []
+    for name, sub in module.named_modules():
+        if is_shortcut(sub) and hasattr(sub, "proj"):
+            def hook(_module, _args, output, name=name):
+                if isinstance(output, torch.Tensor) and output.is_floating_point() \
+                        and not bool(torch.isfinite(output).all()):
+                    bad.append(name)
+            handles.append(sub.proj.register_forward_hook(hook))
+    try:
+        eval_outputs(module, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(bad))
+
+
 @dataclass(frozen=True)
 class GradientReport:
     """Gradient norm that one backward pass gives each named parameter (None: not reached)."""

@@ -7,6 +7,7 @@ JSON with --json); progress, warnings and errors go to stderr.
 
 from __future__ import annotations
 
+import signal
 from importlib import metadata
 from typing import Annotated
 
@@ -46,4 +47,8 @@ def _root(version: Annotated[bool, typer.Option(
 
 def main() -> None:
     """Console-script entry point."""
+    if hasattr(signal, "SIGXFSZ"):
+        # past a file-size limit, writes fail with EFBIG (a one-line error, exit 2)
+        # instead of the signal killing the process with a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()

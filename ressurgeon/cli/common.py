@@ -209,14 +209,36 @@ def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | Non
                         fake=fake)
 
 
+MAX_DIM = 2 ** 31 - 1
+# Example inputs only need to be representative; past this they would take more
+# memory than any shape check needs (the model's activations take far more still).
+MAX_INPUT_BYTES = 2 ** 30
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,32,32' (or 1x3x32x32) -> (1, 3, 32, 32)."""
     parts = re.split(r"[,x]", text.replace(" ", "").strip("()[]"))
-    shape = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
-    if not shape or any(d < 1 for d in shape):
+    ascii_digits = all(re.fullmatch(r"[0-9]{1,12}", p) for p in parts)
+    shape = tuple(int(p) for p in parts) if ascii_digits else ()
+    if not shape or any(not 1 <= d <= MAX_DIM for d in shape):
         raise ConfigError(f"--input-shape {text!r} is not a shape; write positive integers "
                           "separated by commas, e.g. --input-shape 1,3,224,224")
     return shape
+
+
+def check_input_memory(shapes: list[tuple[int, ...]], dtype, flag: str = "--input-shape") -> None:
+    """Refuse example inputs too large to build (they are only examples)."""
+    import math
+
+    import torch
+
+    size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    if size > MAX_INPUT_BYTES:
+        shown = " ".join(",".join(map(str, s)) for s in shapes)
+        raise ConfigError(f"{flag} {shown} would take {size / 2 ** 30:.1f} GiB of example input "
+                          f"(at most {MAX_INPUT_BYTES / 2 ** 30:.0f} GiB): give a smaller "
+                          "example (a batch of 1-2 and a small size show the same layers), or "
+                          "plan with shapes only: --fake --no-verify -o OUT.pt")
 
 
 def parse_concrete(items: list[str] | None) -> dict | None:
@@ -259,50 +281,68 @@ def parse_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is available; "
                           "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name} does not exist: this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but MPS is not available here; "
+                          "use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: ressurgeon runs models on cpu, cuda or mps; for "
+                          "shapes without memory use --fake")
     return device
 
 
-def check_output(model: Path, output: Path | None, flag: str = "-o", *,
-                 folder: bool = False) -> None:
-    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
-    if output is None:
-        return
-    if output.exists() and model.exists() and output.resolve() == model.resolve():
-        raise ConfigError(f"{flag} {output} is the input file; ressurgeon never overwrites its "
-                          "input: choose another output name")
-    if folder and model.exists() and output.resolve() in model.resolve().parents:
-        raise ConfigError(f"{flag} {output} holds the input model; choose a new folder")
-    if folder and output.is_dir() and not _replaceable(output):
-        raise ConfigError(f"{flag} {output} already exists and is not a folder ressurgeon "
-                          "wrote; choose a new folder (ressurgeon only replaces its own)")
-    if not folder and output.is_dir():
-        raise ConfigError(f"{flag} {output} is a folder; give a file name")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"output folder {parent} does not exist; create it first")
+def _resolved(path: Path, flag: str) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise ConfigError(f"{flag} {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _replaceable(folder: Path) -> bool:
-    from .._io import CODE_MARKER
+def check_paths(inputs: list[Path | None], outputs: dict[str, Path | None],
+                code_folder: Path | None = None) -> None:
+    """Check every input and output path of a run against each other, before any work.
 
-    return (folder / CODE_MARKER).exists() or not any(folder.iterdir())
+    No output is an input (ressurgeon never overwrites its input), a folder, or
+    another output; each output's folder exists and takes a new file; the
+    --save-code folder is new or one ressurgeon wrote, and holds no other input
+    or output of the run (its old files may be replaced).
+    """
+    from .._io import check_code_folder, check_writable
 
-
-def check_distinct(inputs: list[Path | None], outputs: dict[str, Path | None]) -> None:
-    """No two outputs share a path, and none is one of the inputs (a --plan file, say)."""
+    sources = {_resolved(p, "input"): p for p in inputs if p is not None}
     seen: dict[Path, str] = {}
-    sources = {p.resolve() for p in inputs if p is not None}
     for flag, path in outputs.items():
         if path is None:
             continue
-        key = path.resolve()
+        key = _resolved(path, flag)
         if key in sources:
             raise ConfigError(f"{flag} {path} is one of the inputs; ressurgeon never overwrites "
-                              "its input: choose another name")
+                              "its input: choose another output name")
         if key in seen:
             raise ConfigError(f"{seen[key]} and {flag} both name {path}; give each output its "
                               "own file")
+        try:
+            if path.is_dir():
+                raise ConfigError(f"{flag} {path} is a folder; give a file name")
+            check_writable(path)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {str(path)[:80]}: {exc.strerror or exc}") from None
         seen[key] = flag
+    if code_folder is None:
+        return
+    folder = _resolved(code_folder, "--save-code")
+    for key, label in [*((k, f"the input {p}") for k, p in sources.items()),
+                       *((k, f"{f} {outputs[f]}") for k, f in seen.items())]:
+        if key == folder or folder in key.parents:
+            raise ConfigError(f"--save-code {code_folder} holds {label}; give the source code a "
+                              "folder of its own")
+    try:
+        check_code_folder(code_folder)
+        check_writable(code_folder)
+    except OSError as exc:
+        raise ConfigError(f"--save-code {str(code_folder)[:80]}: {exc.strerror or exc}") from None
 
 
 def check_plot_extra(plot: Path | None) -> None:
@@ -316,15 +356,21 @@ def check_plot_extra(plot: Path | None) -> None:
 
 
 def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
-                     dtype: str, device: str, out: Output, plan_shapes=()):
-    """Load the model and build seeded example inputs on the requested dtype and device."""
+                     dtype: str, device: str, out: Output, plan_shapes=(), *,
+                     shapes_only: bool = False):
+    """Load the model and build seeded example inputs on the requested dtype and device.
+
+    ``shapes_only`` (``--fake --no-verify``): the inputs are ``meta`` tensors,
+    which hold no memory; ``real_inputs`` makes real ones where a writer needs them.
+    """
     from ..load import load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
     with out.step(f"loading {model_path}"):
         model = load_model(model_path, arch=arch, trust_pickle=trust)
     model = model.to(device=dev, dtype=dt)
-    return model, example_inputs(model, shapes, model_path, dt, dev, plan_shapes)
+    return model, example_inputs(model, shapes, model_path, dt, "meta" if shapes_only else dev,
+                                 plan_shapes)
 
 
 def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None, device=None,
@@ -337,8 +383,20 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
     if not parsed:
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
                           "e.g. --input-shape 1,3,224,224")
+    if str(device) == "meta":
+        return tuple(torch.empty(s, dtype=dtype, device="meta") for s in parsed)
+    check_input_memory(parsed, dtype or torch.float32)
     gen = torch.Generator().manual_seed(0)
     return tuple(torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in parsed)
+
+
+def real_inputs(model, inputs: tuple) -> tuple:
+    """``inputs`` as real seeded tensors on the model's device (they may be ``meta``)."""
+    if not any(t.device.type == "meta" for t in inputs):
+        return inputs
+    device = next((p.device for p in model.parameters()), None)
+    return example_inputs(model, None, Path("model"), inputs[0].dtype, device,
+                          plan_shapes=[tuple(t.shape) for t in inputs])
 
 
 def stored_shapes(model) -> list[tuple[int, ...]]:

@@ -10,7 +10,7 @@ import typer
 from . import render
 from .common import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
                      LeafOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output, QuietOpt,
-                     StaticBatchOpt, TrustOpt, WideOpt, check_distinct, check_output,
+                     StaticBatchOpt, TrustOpt, WideOpt, check_paths,
                      default_output, load_with_inputs, session, trace_from_flags)
 from .surgery import write_onnx
 
@@ -47,7 +47,7 @@ def export_cmd(
       ressurgeon export weights.pt --arch mynets:build_vgg -i 1,3,224,224 --onnx vgg.onnx --opset 17 --static-batch
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        check_output(model, onnx, "--onnx")
+        check_paths([model], {"--onnx": onnx})
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
         folded = None
         if fold_first:
@@ -105,11 +105,9 @@ def fold_cmd(
 
         target = output if output is not None or onnx is not None else \
             default_output(model, "folded")
-        check_output(model, target, "-o")
+        check_paths([model], {"-o": target, "--onnx": onnx})
         if target is not None:
             check_format(target)
-        check_output(model, onnx, "--onnx")
-        check_distinct([model], {"-o": target, "--onnx": onnx})
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
         result = _fold(net, inputs, out, fold_batchnorm=not keep_batchnorm,
                        trace=trace_from_flags(leaf=leaf))

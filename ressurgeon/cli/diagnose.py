@@ -13,7 +13,7 @@ from . import render
 from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
                      InputShapeOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
                      PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, WideOpt, cfg_help,
-                     check_output, check_plot_extra, config_from_flags, console, example_inputs,
+                     check_paths, check_plot_extra, config_from_flags, console, example_inputs,
                      load_with_inputs, session, trace_from_flags)
 
 
@@ -72,7 +72,7 @@ def diagnose_cmd(
 
         config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
                                    include=include, exclude=exclude, max_skips=max_skips)
-        check_output(model, plot, "--plot")
+        check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
         other = None
@@ -141,7 +141,7 @@ def gates_cmd(
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         from ..gates import gate_report
 
-        check_output(model, plot, "--plot")
+        check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         with out.step(f"loading {model}"):
             loaded = _load_rewritten(model, arch, trust_pickle)

@@ -12,8 +12,9 @@ from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeO
                      FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt,
                      LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output,
                      PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, WideOpt,
-                     check_distinct, check_output, check_plot_extra, config_from_flags,
-                     default_output, load_with_inputs, session, trace_from_flags)
+                     check_paths, check_plot_extra, config_from_flags,
+                     default_output, load_with_inputs, real_inputs, session,
+                     trace_from_flags)
 
 
 def add_skips_cmd(
@@ -84,24 +85,24 @@ def add_skips_cmd(
                                    include=include, exclude=exclude, max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
         target = None if dry_run else (output or default_output(model, "skips"))
-        outputs = {"-o": target, "--plan-out": plan_out, "--onnx": onnx, "--plot": plot}
-        for flag, path in outputs.items():
-            check_output(model, path, flag)
+        if dry_run:  # writes only what planning makes: the plan and the diagram
+            onnx = save_code = None
+        check_paths([model, plan], {"-o": target, "--plan-out": plan_out, "--onnx": onnx,
+                                    "--plot": plot}, code_folder=save_code)
         if target is not None:
             check_format(target)
-        check_output(model, save_code, "--save-code", folder=True)
-        check_distinct([model, plan], {**outputs, "--save-code": save_code})
         check_plot_extra(plot)
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
-                                       loaded_plan.input_shapes if loaded_plan else ())
+                                       loaded_plan.input_shapes if loaded_plan else (),
+                                       shapes_only=fake and no_verify)
         with out.step("tracing and inserting shortcuts"):
             from ..surgery import add_skips
 
             result = add_skips(net, inputs, config, plan=loaded_plan, verify=not no_verify,
                                trace=trace)
         written = _write_outputs(result, inputs, out, target=target, plan_out=plan_out,
-                                 onnx=onnx, save_code=save_code, plot=plot, dry_run=dry_run,
+                                 onnx=onnx, save_code=save_code, plot=plot,
                                  onnx_options=dict(opset=opset, fp16=fp16,
                                                    static_batch=static_batch,
                                                    check=not no_check))
@@ -111,7 +112,7 @@ def add_skips_cmd(
 
 
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
-                   dry_run: bool, onnx_options: dict) -> dict:
+                   onnx_options: dict) -> dict:
     """Write what the flags ask for. The ONNX export is the one step that can still fail a
     check (exit 3): it runs first, so a failure leaves no other output behind."""
     from .._io import atomic_path
@@ -120,7 +121,9 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
     written = {"model": None, "onnx": None}
     if not result.skips:
         return written
-    if onnx is not None and not dry_run:
+    if onnx is not None or (target is not None and target.suffix == ".pt2"):
+        inputs = real_inputs(result.module, inputs)  # exporters trace with real examples
+    if onnx is not None:
         written["onnx"] = write_onnx(result.module, inputs, onnx, out, **onnx_options)
     if target is not None:
         with out.step(f"writing {target}"):
@@ -136,7 +139,7 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
 
         plot_surgery(analyze_graph(result.module).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
-    if save_code is not None and not dry_run:
+    if save_code is not None:
         write_code(result.module, save_code)
         out.note(f"wrote source to {save_code}/")
     return written
@@ -224,7 +227,7 @@ def inspect_cmd(
         config = config_from_flags(span=span, kind=kind, placement=placement, include=include,
                                    exclude=exclude, max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
-        check_output(model, plot, "--plot")
+        check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
         with out.step("tracing"):
