@@ -1,8 +1,10 @@
 """Stage 1, load: a file -> nn.Module, without running code the user did not allow.
 
-Safe routes: a torch.export archive (``.pt2``), or weights (a state_dict saved
-with torch.save, or ``.safetensors``) plus ``arch="module:callable"`` that
-builds the architecture. A pickled whole module is loaded only with
+Safe routes: a torch.export archive (``.pt2``, in the current layout or the
+pre-2.8 one), loaded with every code-running reader shut (``_refuse_code``),
+or weights (a state_dict saved with torch.save, or ``.safetensors``) plus
+``arch="module:callable"`` that builds the architecture. A pickled whole
+module, or a ``.pt2`` that needs unpickling, is loaded only with
 ``trust_pickle=True``. TorchScript archives are refused: fx cannot trace them.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import json
 import pickletools
 import sys
 import zipfile
@@ -20,12 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ._refuse_code import foreign_callables, refuse_code_execution
 from .errors import LoadError, UnsafeFileError, brief
 from .quiet import quiet_torch
 from .trace import graph_module_from_export
 
 SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
                "or torch.export.save the model to a .pt2 archive")
+TRUST_ONLY_YOURS = "pass --trust-pickle only for files you made yourself"
 
 
 def load_model(path: str | Path, *, arch: str | None = None,
@@ -64,9 +67,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         return _with_arch(read_safetensors(path), arch, path)
     _check_zip(path)
     if _is_torch_export(path):
-        if not trust_pickle:
-            _check_pt2_pickles(path)
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if path.suffix == ".pt2":
         raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
                         "write it again with torch.export.save")
@@ -99,46 +100,8 @@ def _check_zip(path: Path) -> None:
 
 def _is_torch_export(path: Path) -> bool:
     names = _zip_names(path)
-    return any(n.endswith("archive_format") for n in names) or any(
-        "/models/" in n and n.endswith(".json") for n in names)
-
-
-def _check_pt2_pickles(path: Path) -> None:
-    """Refuse a .pt2 whose loading would unpickle arbitrary objects.
-
-    torch.export.load runs ``torch.load(weights_only=False)`` on payloads marked
-    ``use_pickle``, ``pickle.loads`` on opaque constants, and falls back to a
-    full unpickle for sample inputs that a safe load rejects. An archive made
-    by torch.export.save from plain tensors needs none of these.
-    """
-    problems: list[str] = []
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            leaf = name.rsplit("/", 1)[-1]
-            if leaf.endswith("_config.json") and "/data/" in name:
-                try:
-                    config = json.loads(z.read(name)).get("config", {})
-                except (ValueError, AttributeError) as exc:
-                    raise LoadError(f"{path} has a damaged {leaf} ({brief(exc)}); write it "
-                                    "again with torch.export.save") from exc
-                for fqn, meta in (config.items() if isinstance(config, dict) else ()):
-                    meta = meta if isinstance(meta, dict) else {}
-                    stored = str(meta.get("path_name", ""))
-                    if meta.get("use_pickle") or stored.startswith(("custom_obj", "opaque_obj")):
-                        problems.append(f"{fqn} is stored as a pickle")
-            elif leaf.endswith(".pt"):
-                try:
-                    with quiet_torch():
-                        torch.load(io.BytesIO(z.read(name)), map_location="cpu",
-                                   weights_only=True)
-                except Exception:
-                    problems.append(f"{name.split('/', 1)[-1]} needs full unpickling")
-    if problems:
-        shown = "; ".join(problems[:2]) + (" ..." if len(problems) > 2 else "")
-        raise UnsafeFileError(
-            f"{path} would run code from the file while loading ({shown}); re-export it from "
-            "plain tensors with torch.export.save, or pass --trust-pickle only for files you "
-            "made yourself")
+    return any(n.endswith(("archive_format", "serialized_exported_program.json"))
+               for n in names) or any("/models/" in n and n.endswith(".json") for n in names)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -154,15 +117,32 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
-def _load_pt2(path: Path) -> nn.Module:
+def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
+    refused: list[str] = []
+    shut = contextlib.nullcontext(refused) if trust_pickle else refuse_code_execution()
     try:
-        with quiet_torch():
+        with quiet_torch(), shut as refused:
             ep = torch.export.load(path)
-            return graph_module_from_export(ep)
+            if not trust_pickle:
+                refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
+            module = None if refused else graph_module_from_export(ep)
     except Exception as exc:
+        if refused:
+            raise _would_run_code(path, refused) from exc
         raise LoadError(f"{path} is not a readable torch.export archive ({brief(exc)}); "
                         "it may be truncated or corrupted: write it again with "
                         "torch.export.save") from exc
+    if refused:  # torch caught a refusal and went on: the file still asked to run code
+        raise _would_run_code(path, refused)
+    return module
+
+
+def _would_run_code(path: Path, refused: list[str]) -> UnsafeFileError:
+    unique = list(dict.fromkeys(refused))
+    shown = "; ".join(unique[:2]) + (" ..." if len(unique) > 2 else "")
+    return UnsafeFileError(
+        f"{path} would run code from the file (it holds {shown}); re-export it from plain "
+        f"tensors with torch.export.save, or {TRUST_ONLY_YOURS}")
 
 
 def read_safetensors(path: Path) -> dict:
