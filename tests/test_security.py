@@ -172,6 +172,19 @@ def case_changed_weight(members, marker):
             for n, d in members]
 
 
+def duplicated_sample_inputs(evil_first: bool, upper: bool):
+    """Two sample-input members with one name (or names equal but for case). The readers
+    disagree on which one counts: torch 2.13's took the later copy, Python's zipfile
+    takes the last, a scan over the member list sees both."""
+    def build(members, marker):
+        i = next(i for i, (n, _) in enumerate(members) if n.endswith("sample_inputs/model.pt"))
+        name = members[i][0].replace("model.pt", "MODEL.PT") if upper else members[i][0]
+        evil = (name, saved(RunsACommand(marker)))
+        return (members[:i] + [evil] + members[i:] if evil_first
+                else members[:i + 1] + [evil] + members[i + 1:])
+    return build
+
+
 def legacy_members(ep, *, state_dict=None, constants=None, example_inputs=None,
                    state_dict_name="serialized_state_dict.pt",
                    constants_name="serialized_constants.pt"):
@@ -249,6 +262,10 @@ PT2_ATTACKS = [
      added_member("data/constants/model.pt", lambda m: saved(RunsACommand(m))), True),
     ("AOTInductor library", added_member("data/aotinductor/model/model.so", garbage), False),
     ("graph argument naming torch.os.system", graph_argument("torch.os.system"), False),
+    ("duplicate names, payload second", duplicated_sample_inputs(False, False), True),
+    ("duplicate names, payload first", duplicated_sample_inputs(True, False), False),
+    ("names equal but for case, payload second", duplicated_sample_inputs(False, True), True),
+    ("names equal but for case, payload first", duplicated_sample_inputs(True, True), False),
 ]
 LEGACY_ATTACKS = ["serialized_state_dict.json", "serialized_constants.json",
                   "serialized_state_dict.pt", "serialized_constants.pt",
@@ -341,3 +358,62 @@ def test_context_restores_every_entry_point(clean_pt2):
              torch.serialization.load, torch.jit.load, torch._C._pickle_load_obj, sympy.sympify)
     assert after == before
     assert pickle.loads(pickle.dumps([1])) == [1]
+
+
+def deflated_zeros(path, members: dict[str, int]) -> None:
+    """A zip whose members are runs of zeros, deflated on the fly (never held in memory)."""
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, size in members.items():
+            with z.open(name, "w", force_zip64=True) as f:
+                for _ in range(size >> 20):
+                    f.write(chunk)
+
+
+@pytest.mark.parametrize("layout", ["one big member", "many small members"])
+def test_zip_bomb_is_refused_before_inflating(layout, tmp_path, monkeypatch):
+    members = ({"bomb/data/weights/weight_0": 64 << 20} if layout == "one big member"
+               else {f"bomb/data/weights/weight_{i}": 3 << 20 for i in range(30)})
+    path = tmp_path / "bomb.pt2"
+    deflated_zeros(path, members)
+    assert path.stat().st_size < sum(members.values()) / 200
+
+    def inflates(*args, **kwargs):
+        raise AssertionError("the archive was inflated")
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", inflates)
+    monkeypatch.setattr(zipfile.ZipFile, "read", inflates)
+    monkeypatch.setattr(torch.export, "load", inflates)
+    monkeypatch.setattr(torch, "load", inflates)
+    with pytest.raises(LoadError, match="zip bomb.*than 200:1"):
+        load_model(path)
+    monkeypatch.undo()
+    assert "zip bomb" in cli_refuses(path, tmp_path)
+
+
+def test_empty_member_cannot_claim_gigabytes_of_zeros(clean_pt2, tmp_path, monkeypatch):
+    """torch.export.load fills a tensor whose member is empty with torch.zeros(sizes from
+    the config): a few bytes would otherwise allocate 16 GiB."""
+    members = read_zip(clean_pt2)
+    replace(members, "data/weights/weight_0", b"")
+    edit_config(members, "model_weights_config.json", lambda c: c["0.0.weight"]["tensor_meta"]
+                .update(sizes=[{"as_int": 1 << 16}, {"as_int": 1 << 16}]))
+    path = tmp_path / "zeros.pt2"
+    write_zip(path, members)
+
+    def allocates(*args, **kwargs):
+        raise AssertionError("torch.export.load was reached")
+
+    monkeypatch.setattr(torch.export, "load", allocates)
+    with pytest.raises(LoadError, match="claims 32.0 GiB of tensors that its empty members"):
+        load_model(path)
+
+
+def test_recompressed_archive_is_no_bomb(cnn, clean_pt2, tmp_path):
+    """A user who zips a .pt2 again with deflate gets ordinary ratios: it still loads."""
+    model, x, _ = cnn
+    path = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in read_zip(clean_pt2):
+            z.writestr(name, data)
+    torch.testing.assert_close(load_model(path).eval()(x), model(x), rtol=0, atol=0)
