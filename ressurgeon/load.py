@@ -1,14 +1,18 @@
 """Stage 1, load: a file -> nn.Module, without running code the user did not allow.
 
-Safe routes: a torch.export archive (``.pt2``, in the current layout or the
-pre-2.8 one), loaded with every code-running reader shut (``_refuse_code``),
-or weights (a state_dict saved with torch.save, or ``.safetensors``) plus
-``arch="module:callable"`` that builds the architecture. A pickled whole
-module, or a ``.pt2`` that needs unpickling, is loaded only with
-``trust_pickle=True``. TorchScript archives are refused: fx cannot trace them.
-Every zip is checked from its central directory before a byte is inflated
-(one member per name, also ignoring case; no zip bombs), then every member's
-checksum.
+Safe routes, where nothing from the file runs:
+
+- a torch.export archive (``.pt2``, in the current layout or the pre-2.8 one),
+  loaded with every code-running reader shut (``_refuse_code``);
+- weights (a state_dict saved with torch.save, or ``.safetensors``) plus
+  ``arch="module:callable"`` that builds the architecture;
+- a pickled module made only of torch.nn's own classes, rebuilt by torch's
+  weights_only unpickler with the allowlist in ``_nn_pickle``.
+
+Only with ``trust_pickle=True``: any other pickle, and a ``.pt2`` that needs
+unpickling. TorchScript archives are refused: fx cannot trace them. Every zip
+is checked from its central directory before a byte is inflated (one member
+per name, also ignoring case; no zip bombs), then every member's checksum.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._refuse_code import foreign_callables, refuse_code_execution
+from ._nn_pickle import nn_global_names, nn_safe_globals
+from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from .errors import LoadError, UnsafeFileError, brief
 from .quiet import quiet_torch
 from .trace import graph_module_from_export
@@ -55,7 +60,8 @@ def load_model(path: str | Path, *, arch: str | None = None,
             or ``.safetensors`` weights.
         arch: "module:callable" that returns the architecture for a weights file;
             the module is imported from the current directory or PYTHONPATH.
-        trust_pickle: allow full unpickling of a pickled nn.Module (runs code from the file).
+        trust_pickle: allow full unpickling (runs code from the file): a pickle of
+            classes other than torch.nn's, a ``.pt2`` that holds pickles.
 
     Returns:
         The model (for ``.pt2``: a plain, trainable GraphModule).
@@ -68,6 +74,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
     Example:
         >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
         >>> model = load_model("w.safetensors", arch="mynets:build_vgg")  # doctest: +SKIP
+        >>> model = load_model("torch_save_of_nn_sequential.pt")           # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():
@@ -259,19 +266,20 @@ def read_safetensors(path: Path) -> dict:
 
 def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     try:
-        with quiet_torch():
+        with quiet_torch(), nn_safe_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        imports = _pickle_imports(path)
-        if imports is None:
+        blocked = _blocked_globals(path)
+        if blocked is None:
             raise LoadError(f"{path} is not a readable PyTorch file (no intact zip archive or "
                             "pickle inside); it may be truncated or corrupted") from exc
         if not trust_pickle:
-            shown = ", ".join(imports[:3]) + (" ..." if len(imports) > 3 else "")
+            shown = ", ".join(blocked[:3]) + (" ..." if len(blocked) > 3 else "")
+            why = (f"it uses {shown}, not torch.nn classes" if blocked
+                   else f"the safe unpickler refused it: {unpickling_refusal(exc)}")
             raise UnsafeFileError(
-                f"{path} needs full unpickling, which runs code from the file (it imports "
-                f"{shown}); {SAFE_ROUTES}; pass --trust-pickle only for files you made "
-                "yourself") from exc
+                f"{path} needs full unpickling, which runs code from the file ({why}); "
+                f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
         return obj
@@ -280,6 +288,31 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
         return _with_arch(state, arch, path)
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
                     f"{SAFE_ROUTES}")
+
+
+def _blocked_globals(path: Path) -> list[str] | None:
+    """The globals the pickle names that no allowlist admits, read without running it.
+
+    None when there is no pickle to read. For messages only: what loads is
+    decided by torch's weights_only unpickler.
+    """
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a torch.save zip: a raw (legacy) pickle
+        names = _pickle_imports(path)
+        if names is None:
+            return None
+    allowed = nn_global_names() | _default_safe_globals()
+    return sorted({n for n in names if n not in allowed})
+
+
+def _default_safe_globals() -> frozenset[str]:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return frozenset(_get_allowed_globals())
+    except (ImportError, AttributeError):  # private: only the message gets longer without it
+        return frozenset()
 
 
 def as_state_dict(obj: object) -> dict | None:

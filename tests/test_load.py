@@ -90,8 +90,28 @@ def test_weights_without_arch_say_what_to_pass(arch_module, tmp_path):
         load_model(tmp_path / "other.pt", arch="mynets:build")
 
 
-def test_pickled_module_needs_trust(tmp_path):
+class WrappedCNN(nn.Module):
+    """A module class of the user's own: unpickling it imports and runs this file's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = plain_cnn()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_pickled_torch_nn_module_loads_without_trust(tmp_path):
     model = plain_cnn().eval()
+    torch.save(model, tmp_path / "full.pt")
+    loaded = load_model(tmp_path / "full.pt")
+    assert type(loaded) is nn.Sequential and not loaded.training
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_pickled_module_of_own_class_needs_trust(tmp_path):
+    model = WrappedCNN().eval()
     torch.save(model, tmp_path / "full.pt")
     with pytest.raises(UnsafeFileError, match="state_dict.*--arch.*\\.pt2.*--trust-pickle"):
         load_model(tmp_path / "full.pt")
@@ -99,7 +119,7 @@ def test_pickled_module_needs_trust(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     msg = assert_one_line_exit_2(cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16"))
-    assert "needs full unpickling" in msg
+    assert "needs full unpickling" in msg and "test_load.WrappedCNN, not torch.nn classes" in msg
     ok = cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16", "--trust-pickle",
              "-o", tmp_path / "o.pt2")
     assert ok.exit_code == 0, ok.output

@@ -417,3 +417,72 @@ def test_recompressed_archive_is_no_bomb(cnn, clean_pt2, tmp_path):
         for name, data in read_zip(clean_pt2):
             z.writestr(name, data)
     torch.testing.assert_close(load_model(path).eval()(x), model(x), rtol=0, atol=0)
+
+
+# --- pickles that name only allowlisted torch.nn classes -----------------------------------
+
+def torch_save_with_pickle(path, data_pkl: bytes) -> None:
+    """A torch.save zip whose data.pkl is replaced by hand-written pickle bytes."""
+    buffer = io.BytesIO()
+    torch.save(nn.Linear(1, 1), buffer)
+    buffer.seek(0)
+    members = [(n, data_pkl if n.endswith("/data.pkl") else d) for n, d in read_zip(buffer)]
+    write_zip(path, members)
+
+
+CONV = b"ctorch.nn.modules.conv\nConv2d\n"
+
+
+def hook_is_system(marker) -> bytes:
+    """Conv2d rebuilt with NEWOBJ, then BUILD with a state whose forward hook is os.system."""
+    return (b"\x80\x02" + CONV + b")\x81}X\x0e\x00\x00\x00_forward_hooks}K\x00cposix\nsystem\n"
+            b"ssb.")
+
+
+NN_ATTACKS = {
+    # REDUCE: calling the allowlisted class runs its __init__ with arguments from the file
+    "REDUCE Conv2d(...)": lambda m: b"\x80\x02" + CONV + b"(K\x03K\x08K\x03tR.",
+    "REDUCE Linear of terabytes": lambda m: (
+        b"\x80\x02ctorch.nn.modules.linear\nLinear\n(J\x00\x00\x10\x00J\x00\x00\x10\x00tR."),
+    # NEWOBJ with arguments
+    "NEWOBJ Conv2d with arguments": lambda m: b"\x80\x02" + CONV + b"K\x03\x85\x81.",
+    # BUILD setting a hook to os.system
+    "BUILD hook os.system": hook_is_system,
+    # an nn module whose state holds a reduce payload
+    "Conv2d holding a payload": lambda m: pickle.dumps(
+        _conv_with(RunsACommand(m)), protocol=2),
+    # REDUCE os.system directly, after an allowlisted GLOBAL
+    "GLOBAL Conv2d then REDUCE system": lambda m: (
+        b"\x80\x02" + CONV + b"0cposix\nsystem\nX" + len(f"touch {m}").to_bytes(4, "little")
+        + f"touch {m}".encode() + b"\x85R."),
+}
+
+
+def _conv_with(payload):
+    conv = nn.Conv2d(1, 1, 1)
+    conv.payload = payload
+    return conv
+
+
+@pytest.mark.parametrize("attack", NN_ATTACKS)
+def test_allowlisted_class_cannot_carry_a_payload(attack, tmp_path, marker):
+    path = tmp_path / "evil.pt"
+    torch_save_with_pickle(path, NN_ATTACKS[attack](marker))
+    with pytest.raises(UnsafeFileError, match="needs full unpickling"):
+        load_model(path)
+    msg = cli_refuses(path, tmp_path)
+    assert "--trust-pickle" in msg
+    assert not marker.exists()
+
+
+def test_rebuilt_torch_nn_module_is_the_real_class(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.LSTM(4, 4), nn.TransformerEncoderLayer(8, 2, 16),
+                          nn.TransformerDecoderLayer(8, 2, 16, activation="gelu"))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    layer, x = loaded[5].eval(), torch.randn(3, 2, 8)
+    torch.testing.assert_close(layer(x), model[5].eval()(x), rtol=0, atol=0)
