@@ -9,10 +9,12 @@ Safe routes, where nothing from the file runs:
 - a pickled module made only of torch.nn's own classes, rebuilt by torch's
   weights_only unpickler with the allowlist in ``_nn_pickle``.
 
-Only with ``trust_pickle=True``: any other pickle, and a ``.pt2`` that needs
-unpickling. TorchScript archives are refused: fx cannot trace them. Every zip
-is checked from its central directory before a byte is inflated (one member
-per name, also ignoring case; no zip bombs), then every member's checksum.
+Only with ``trust_pickle=True``: any other pickle, a ``.pt2`` that needs
+unpickling, and TorchScript archives (returned as a ScriptModule;
+``from_torchscript`` turns one into a trainable GraphModule once example
+inputs are known). Every zip is checked from its central directory before a
+byte is inflated (one member per name, also ignoring case; no zip bombs),
+then every member's checksum.
 """
 
 from __future__ import annotations
@@ -56,20 +58,25 @@ def load_model(path: str | Path, *, arch: str | None = None,
     """Load a model file.
 
     Args:
-        path: ``.pt2`` archive, ``.pt``/``.pth`` state_dict or pickled module,
-            or ``.safetensors`` weights.
+        path: ``.pt2`` archive; ``.pt``/``.pth`` state_dict, pickled module or
+            TorchScript archive; or ``.safetensors`` weights.
         arch: "module:callable" that returns the architecture for a weights file;
             the module is imported from the current directory or PYTHONPATH.
-        trust_pickle: allow full unpickling (runs code from the file): a pickle of
-            classes other than torch.nn's, a ``.pt2`` that holds pickles.
+        trust_pickle: allow loading that runs code from the file: unpickling
+            classes other than torch.nn's, a ``.pt2`` that holds pickles, and
+            TorchScript archives.
 
     Returns:
-        The model (for ``.pt2``: a plain, trainable GraphModule).
+        The model. For ``.pt2``: a plain, trainable GraphModule. For a
+        TorchScript archive (only with ``trust_pickle``): the ScriptModule;
+        pass it to ``from_torchscript`` with example inputs to get a
+        GraphModule that ressurgeon can trace.
 
     Raises:
         LoadError: missing, unreadable, corrupted or malformed file (a zip bomb,
             two members with one name), or weights without arch.
-        UnsafeFileError: the file needs full unpickling and trust_pickle is False.
+        UnsafeFileError: loading would run code from the file and trust_pickle
+            is False.
 
     Example:
         >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
@@ -95,8 +102,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
                         "write it again with torch.export.save")
     if _is_torchscript(path):
-        raise LoadError(f"{path} is a TorchScript archive, which torch.fx cannot trace; "
-                        f"{SAFE_ROUTES}")
+        return _load_torchscript(path, trust_pickle)
     if not head:
         raise LoadError(f"{path} is empty")
     return _load_torch_save(path, arch, trust_pickle)
@@ -249,6 +255,103 @@ def _would_run_code(path: Path, refused: list[str]) -> UnsafeFileError:
     return UnsafeFileError(
         f"{path} would run code from the file (it holds {shown}); re-export it from plain "
         f"tensors with torch.export.save, or {TRUST_ONLY_YOURS}")
+
+
+def _load_torchscript(path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise UnsafeFileError(
+            f"{path} is a TorchScript archive, a program that runs when loaded; "
+            f"{SAFE_ROUTES}; or {TRUST_ONLY_YOURS}")
+    try:
+        with quiet_torch():
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise LoadError(f"{path} is not a loadable TorchScript archive ({brief(exc)}); "
+                        f"{SAFE_ROUTES}") from exc
+
+
+def from_torchscript(module: nn.Module, example_inputs: tuple) -> nn.Module:
+    """A trainable GraphModule from a TorchScript module; any other module is returned as is.
+
+    torch's converter turns every weight into a buffer and freezes BatchNorm
+    and Dropout in the module's mode; the parameters are made parameters
+    again (matched by name and value with the ScriptModule's) and BatchNorm
+    and Dropout become modules that follow ``.train()``, as for a ``.pt2``.
+
+    Args:
+        module: what ``load_model(..., trust_pickle=True)`` returned for a
+            TorchScript archive.
+        example_inputs: a tuple of tensors the model accepts.
+
+    Returns:
+        A GraphModule with the same parameters, buffers and outputs.
+
+    Raises:
+        LoadError: the converter is missing from this torch, or cannot
+            convert the program (e.g. Python control flow on input values).
+
+    Example:
+        >>> ts = load_model("scripted.pt", trust_pickle=True)          # doctest: +SKIP
+        >>> model = from_torchscript(ts, (torch.randn(1, 3, 32, 32),))  # doctest: +SKIP
+    """
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module
+    from .trace import plain_graph_module
+
+    ep = _convert_torchscript(module, tuple(example_inputs))
+    branches = sorted({str(getattr(n.target, "__name__", n.target)) for n in ep.graph.nodes
+                       if isinstance(n.target, torch._ops.HigherOrderOperator)})
+    if branches:
+        raise LoadError(f"the TorchScript model branches or loops on input values (it became "
+                        f"torch.{branches[0]}), which ressurgeon cannot rewrite; {SAFE_ROUTES}")
+    unlifted = ep.module()
+    _restore_parameters(unlifted, module)
+    gm = plain_graph_module(unlifted)
+    gm.train(module.training)
+    return gm
+
+
+def _convert_torchscript(module: torch.jit.ScriptModule,
+                         example_inputs: tuple) -> torch.export.ExportedProgram:
+    """The one use of torch's private TorchScript converter."""
+    try:
+        from torch._export.converter import TS2EPConverter
+    except ImportError as exc:
+        raise LoadError(f"torch {torch.__version__} has no TorchScript converter "
+                        f"(torch._export.converter); {SAFE_ROUTES}") from exc
+    try:
+        with quiet_torch(stdout=True, stderr=True):
+            return TS2EPConverter(module, example_inputs).convert()
+    except Exception as exc:
+        raise LoadError(f"the TorchScript model cannot be converted to a graph ({brief(exc)}); "
+                        f"{SAFE_ROUTES}") from exc
+
+
+def _restore_parameters(unlifted: nn.Module, script: torch.jit.ScriptModule) -> None:
+    """Turn the converter's buffers back into the ScriptModule's parameters."""
+    buffers = dict(unlifted.named_buffers())
+    taken: set[str] = set()
+
+    def holds(key: str, value: torch.Tensor) -> bool:
+        b = buffers[key]
+        return (key not in taken and b.shape == value.shape and b.dtype == value.dtype
+                and torch.equal(b, value))
+
+    for name, param in script.named_parameters():
+        value = param.detach()
+        target = name if name in buffers and holds(name, value) else None
+        if target is None:  # renamed by the converter: the one buffer holding the same values
+            matches = [k for k in buffers if holds(k, value)]
+            target = matches[0] if len(matches) == 1 else None
+        if target is None:
+            raise LoadError(f"the converted TorchScript model lost its parameter {name}; "
+                            f"{SAFE_ROUTES}")
+        taken.add(target)
+        owner_path, _, leaf = target.rpartition(".")
+        owner = unlifted.get_submodule(owner_path)
+        del owner._buffers[leaf]
+        owner.register_parameter(leaf, nn.Parameter(buffers[target],
+                                                    requires_grad=param.requires_grad))
 
 
 def read_safetensors(path: Path) -> dict:

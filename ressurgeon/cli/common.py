@@ -45,8 +45,9 @@ MaxSkipsOpt = Annotated[Optional[int], typer.Option(
 
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
-                                          "(with --arch), .safetensors (with --arch), or a "
-                                          "pickled module (with --trust-pickle).",
+                                          "(with --arch), .safetensors (with --arch), a pickled "
+                                          "module of torch.nn classes, or any other pickled "
+                                          "module or TorchScript file (with --trust-pickle).",
                                           show_default=False)]
 InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
     "--input-shape", "-i", metavar="SHAPE", help="Example input shape, e.g. 1,3,224,224; repeat for models "
@@ -56,8 +57,9 @@ ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow loading a pickled nn.Module. Unpickling runs code from the "
-    "file: only for files you made yourself.")]
+    "--trust-pickle", help="Allow loading that runs code from the file: a pickle of classes "
+    "other than torch.nn's, a .pt2 that holds pickles, a TorchScript file. Only for files you "
+    "made yourself.")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="Model and input dtype: float32, float16, bfloat16 or float64.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
@@ -224,18 +226,23 @@ def prepare(model_path: Path, shapes: list[str] | None, arch: str | None, trust:
     """Load the model and build seeded example inputs on the requested dtype and device."""
     import torch
 
-    from ..load import load_model
+    from ..load import from_torchscript, load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
     with progress.step(f"loading {model_path}"):
         model = load_model(model_path, arch=arch, trust_pickle=trust)
-    parsed = [parse_shape(s) for s in shapes] if shapes else list(plan_shapes) or stored_shapes(model)
+    script = isinstance(model, torch.jit.ScriptModule)  # needs inputs before it can be traced
+    parsed = [parse_shape(s) for s in shapes] if shapes else list(plan_shapes) or (
+        [] if script else stored_shapes(model))
     if not parsed:
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
                           "e.g. --input-shape 1,3,224,224")
     model = model.to(device=dev, dtype=dt)
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=gen).to(device=dev, dtype=dt) for s in parsed)
+    if script:
+        with progress.step("converting TorchScript to a graph"):
+            model = from_torchscript(model, inputs)
     return model, inputs
 
 
