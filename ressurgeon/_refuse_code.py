@@ -89,12 +89,17 @@ def refuse_code_execution() -> Iterator[list[str]]:
         try:
             for owner, name, value in _replacements(refused):
                 if hasattr(owner, name):
-                    saved.append((owner, name, getattr(owner, name)))
+                    # a method of torch.ops lives on its class: restore by deleting ours
+                    own = name in getattr(owner, "__dict__", {})
+                    saved.append((owner, name, getattr(owner, name) if own else None))
                     setattr(owner, name, value)
             yield refused
         finally:
             for owner, name, value in reversed(saved):
-                setattr(owner, name, value)
+                if value is None:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
 
 
 def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
