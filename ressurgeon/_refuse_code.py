@@ -8,9 +8,9 @@ reader rejects are retried with ``weights_only=False``, an archive the current
 reader cannot open (its first member outside a folder, say) falls back to the
 pre-2.8 reader whose every ``torch.load`` retries with ``weights_only=False``,
 ``torch.load`` hands a TorchScript zip to ``torch.jit.load``, a
-``data/aotinductor/`` folder makes it dlopen a compiled library, and symbolic
-shape expressions stored as text are parsed by ``sympy.sympify``, which calls
-``eval``. Scanning member names for these cannot keep up: torch's zip reader
+``data/aotinductor/`` folder makes it dlopen a compiled library, pytree specs
+import modules named in the archive, and symbolic shape expressions stored as
+text are parsed by ``sympy.sympify``, which calls ``eval``. Scanning member names for these cannot keep up: torch's zip reader
 matches names ignoring case, readers disagree on which of two members with one
 name they read, and each torch release adds a path.
 
@@ -31,6 +31,11 @@ capability lives, whichever path leads there:
 - ``torch.jit.load``, ``torch._C.import_ir_module(_from_buffer)`` and
   ``torch._C._pickle_load_obj`` (TorchScript and TorchBind), the AOTInductor
   package loader, and ``torch.ops``/``torch.classes.load_library`` refuse.
+- ``importlib.import_module`` imports only torch's own modules or ones
+  already imported, and the enum hook of pytree specs (stored as JSON in the
+  archive, with module:attribute names that it imports and subscripts) only
+  looks up Enum classes: ``import antigravity`` runs a program, and
+  ``ctypes.cdll["lib.so"]`` loads one.
 - ``sympy.sympify`` takes a string only if it parses (Python ``ast``) as
   arithmetic, comparisons and calls of known sympy/torch functions over
   symbol names: no attributes, subscripts or lambdas, strings only as the
@@ -104,9 +109,13 @@ def refuse_code_execution() -> Iterator[list[str]]:
 
 def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
     import _pickle
+    import enum
+    import importlib
+    import sys
 
     import sympy
     import torch
+    from torch.utils import _pytree as pytree
 
     def refuse(what: str):
         def refuser(*args, **kwargs):
@@ -156,6 +165,26 @@ def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
                 raise CodeRefused(f"refused to evaluate {a[:40]!r}")
         return sympify(a, *args, **kwargs)
 
+    import_module = importlib.import_module
+
+    def torch_or_imported_only(name, package=None):
+        resolved = importlib.util.resolve_name(name, package) if name.startswith(".") else name
+        if resolved in sys.modules or resolved == "torch" or resolved.startswith("torch."):
+            return import_module(name, package)
+        return refuse(f"an import of {resolved}")()
+
+    enum_hook = pytree.enum_object_hook
+
+    def enums_only(obj):
+        if "__enum__" in obj:
+            module, _, qualname = str(obj.get("fqn", "")).partition(":")
+            target = sys.modules.get(module)
+            for attr in qualname.split("."):
+                target = getattr(target, attr, None)
+            if not (isinstance(target, type) and issubclass(target, enum.Enum)):
+                return refuse(f"a tree spec that looks up {obj.get('fqn')!r}")()
+        return enum_hook(obj)
+
     pickler = refuse("a Python pickle")
     table = [(module, name, pickler) for module in (pickle, _pickle)
              for name in ("load", "loads", "_load", "_loads")]
@@ -171,6 +200,8 @@ def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
         (torch.ops, "load_library", refuse("a native library")),
         (torch.classes, "load_library", refuse("a native library")),
         (sympy, "sympify", checked_sympify),
+        (importlib, "import_module", torch_or_imported_only),
+        (pytree, "enum_object_hook", enums_only),
     ]
     aoti = getattr(torch._C, "_aoti", None)
     if aoti is not None:

@@ -6,10 +6,12 @@ Where the attack is live, a negative control loads it with torch's own
 ressurgeon's loader stops it.
 """
 
+import importlib
 import io
 import json
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 
@@ -323,6 +325,36 @@ def test_shape_expression_cannot_run_code(dynamic_pt2, tmp_path, marker):
     with pytest.raises(UnsafeFileError, match="shape expression"):
         load_model(evil)
     cli_refuses(evil, tmp_path)
+    assert not marker.exists()
+
+
+def test_tree_spec_cannot_import_a_module(clean_pt2, tmp_path, marker, monkeypatch):
+    """pytree specs in the archive name module:attribute for enums; torch imports the module."""
+    (tmp_path / "probe_side_effect.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    members = read_zip(clean_pt2)
+    i = next(i for i, (n, _) in enumerate(members) if n.endswith("models/model.json"))
+    program = json.loads(members[i][1])
+    signature = program["graph_module"]["module_call_graph"][0]["signature"]
+    spec = json.loads(signature["in_spec"])
+    spec[1]["context"] = json.dumps({"__enum__": True, "fqn": "probe_side_effect:Color",
+                                     "name": "RED"})
+    signature["in_spec"] = json.dumps(spec)
+    members[i] = (members[i][0], json.dumps(program).encode())
+    evil = tmp_path / "evil.pt2"
+    write_zip(evil, members)
+    assert torch_runs_it(evil, marker), "negative control: the attack should be live"
+    monkeypatch.delitem(sys.modules, "probe_side_effect")
+    with pytest.raises(UnsafeFileError, match="tree spec that looks up 'probe_side_effect"):
+        load_model(evil)
+    cli_refuses(evil, tmp_path)
+    # the second door: during the load, only torch's or already imported modules import
+    from ressurgeon._refuse_code import refuse_code_execution
+
+    with pytest.raises(RuntimeError), refuse_code_execution() as refused:
+        importlib.import_module("probe_side_effect")
+    assert refused == ["an import of probe_side_effect"]
     assert not marker.exists()
 
 
