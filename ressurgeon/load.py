@@ -1,9 +1,20 @@
 """Stage 1, load: a file -> nn.Module, without running code the user did not allow.
 
-Safe routes: a torch.export archive (``.pt2``), or weights (a state_dict saved
-with torch.save, or ``.safetensors``) plus ``arch="module:callable"`` that
-builds the architecture. A pickled whole module is loaded only with
-``trust_pickle=True``. TorchScript archives are refused: fx cannot trace them.
+Safe routes, where nothing from the file runs:
+
+- a torch.export archive (``.pt2``, in the current layout or the pre-2.8 one),
+  loaded with every code-running reader shut (``_refuse_code``);
+- weights (a state_dict saved with torch.save, or ``.safetensors``) plus
+  ``arch="module:callable"`` that builds the architecture;
+- a pickled module made only of torch.nn's own classes, rebuilt by torch's
+  weights_only unpickler with the allowlist in ``_nn_pickle``.
+
+Only with ``trust_pickle=True``: any other pickle, a ``.pt2`` that needs
+unpickling, and TorchScript archives (returned as a ScriptModule;
+``from_torchscript`` turns one into a trainable GraphModule once example
+inputs are known). Every zip is checked from its central directory before a
+byte is inflated (one member per name, also ignoring case; no zip bombs),
+then every member's checksum.
 """
 
 from __future__ import annotations
@@ -20,12 +31,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import LoadError, UnsafeFileError, brief
+from ._nn_pickle import nn_global_names, nn_safe_globals
+from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from ._torch import quiet_torch
-from .exported import graph_module_from_export
+from .errors import LoadError, UnsafeFileError, brief
+from .exported import graph_module_from_export, plain_graph_module
 
 SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
                "or torch.export.save the model to a .pt2 archive")
+TRUST_ONLY_YOURS = "pass --trust-pickle only for files you made yourself"
+
+# Zip bomb limits, read from the central directory before anything is inflated.
+# torch.save and torch.export.save store members uncompressed, so a model file
+# inflates to about its own size; JSON members deflate 5-20:1, and deflate
+# cannot pass about 1030:1, which only long runs of one byte reach. 200:1
+# leaves text ten times the room it needs and caps what a file can make a
+# reader allocate at 200 times its size. Small members and small archives
+# are exempt: a zero-filled bias or a config may compress as it likes.
+MAX_RATIO = 200
+RATIO_FREE_MEMBER = 4 << 20
+RATIO_FREE_TOTAL = 64 << 20
 
 
 def load_model(path: str | Path, *, arch: str | None = None,
@@ -33,22 +58,30 @@ def load_model(path: str | Path, *, arch: str | None = None,
     """Load a model file.
 
     Args:
-        path: ``.pt2`` archive, ``.pt``/``.pth`` state_dict or pickled module,
-            or ``.safetensors`` weights.
+        path: ``.pt2`` archive; ``.pt``/``.pth`` state_dict, pickled module or
+            TorchScript archive; or ``.safetensors`` weights.
         arch: "module:callable" that returns the architecture for a weights file;
             the module is imported from the current directory or PYTHONPATH.
-        trust_pickle: allow full unpickling of a pickled nn.Module (runs code from the file).
+        trust_pickle: allow loading that runs code from the file: unpickling
+            classes other than torch.nn's, a ``.pt2`` that holds pickles, and
+            TorchScript archives.
 
     Returns:
-        The model (for ``.pt2``: a plain, trainable GraphModule).
+        The model. For ``.pt2``: a plain, trainable GraphModule. For a
+        TorchScript archive (only with ``trust_pickle``): the ScriptModule;
+        pass it to ``from_torchscript`` with example inputs to get a
+        GraphModule that ressurgeon can trace.
 
     Raises:
-        LoadError: missing, unreadable or corrupted file, or weights without arch.
-        UnsafeFileError: the file needs full unpickling and trust_pickle is False.
+        LoadError: missing, unreadable, corrupted or malformed file (a zip bomb,
+            two members with one name), or weights without arch.
+        UnsafeFileError: loading would run code from the file and trust_pickle
+            is False.
 
     Example:
         >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
         >>> model = load_model("w.safetensors", arch="mynets:build_vgg")  # doctest: +SKIP
+        >>> model = load_model("torch_save_of_nn_sequential.pt")           # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():
@@ -64,30 +97,31 @@ def load_model(path: str | Path, *, arch: str | None = None,
         return _with_arch(read_safetensors(path), arch, path)
     _check_zip(path)
     if _is_torch_export(path):
-        if not trust_pickle:
-            _check_pt2_pickles(path)
-        return _load_pt2(path)
+        return _load_pt2(path, trust_pickle)
     if path.suffix == ".pt2":
         raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
                         "write it again with torch.export.save")
     if _is_torchscript(path):
-        raise LoadError(f"{path} is a TorchScript archive, which torch.fx cannot trace; "
-                        f"{SAFE_ROUTES}")
+        return _load_torchscript(path, trust_pickle)
     if not head:
         raise LoadError(f"{path} is empty")
     return _load_torch_save(path, arch, trust_pickle)
 
 
 def _check_zip(path: Path) -> None:
-    """Both .pt2 and torch.save files are zip archives: check every member's CRC.
+    """Both .pt2 and torch.save files are zip archives: check the layout, then every CRC.
 
-    torch's own readers do not, so a flipped bit in a weight would otherwise
-    load silently as a different model.
+    The layout comes first and reads only the central directory: a zip bomb
+    must be refused before anything inflates it. torch's own readers check no
+    CRC, so a flipped bit in a weight would otherwise load silently as a
+    different model.
     """
     if not zipfile.is_zipfile(path):
         return
     try:
         with zipfile.ZipFile(path) as z:
+            _check_members(path, z.infolist())
+            _check_empty_records(path, z)
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise LoadError(f"{path} is a damaged zip archive ({brief(exc)}); it may be truncated "
@@ -97,48 +131,89 @@ def _check_zip(path: Path) -> None:
                         "write the file again")
 
 
+def _check_members(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """One member per name, also ignoring case, and sizes that are not a zip bomb.
+
+    Readers disagree on ambiguous names: torch's finds names ignoring case and
+    takes the first of two equal names, Python's zipfile the last. Neither
+    torch.save nor torch.export.save writes such an archive.
+    """
+    seen: dict[str, str] = {}
+    for info in infos:
+        key = info.filename.casefold()
+        if key in seen:
+            which = ("two members named" if seen[key] == info.filename
+                     else f"members {seen[key]!r} and")
+            raise LoadError(f"{path} holds {which} {info.filename!r}, which zip readers resolve "
+                            "differently; write the file again with torch.save or "
+                            "torch.export.save")
+        seen[key] = info.filename
+    for info in infos:
+        if info.file_size > RATIO_FREE_MEMBER and info.file_size > MAX_RATIO * max(
+                info.compress_size, 1):
+            raise LoadError(
+                f"{path} looks like a zip bomb: its member {info.filename} would inflate from "
+                f"{_size(info.compress_size)} to {_size(info.file_size)} (more than "
+                f"{MAX_RATIO}:1); write the file again with torch.save or torch.export.save, "
+                "which store tensors uncompressed")
+    total = sum(info.file_size for info in infos)
+    stored = path.stat().st_size
+    if total > RATIO_FREE_TOTAL and total > MAX_RATIO * stored:
+        raise LoadError(
+            f"{path} looks like a zip bomb: its {len(infos)} members would inflate from "
+            f"{_size(stored)} to {_size(total)} (more than {MAX_RATIO}:1); write the file again "
+            "with torch.save or torch.export.save, which store tensors uncompressed")
+
+
+def _check_empty_records(path: Path, z: zipfile.ZipFile) -> None:
+    """Bound the zeros torch.export.load makes up for tensors whose member is empty.
+
+    It allocates ``torch.zeros(sizes)`` for a payload whose record holds no
+    bytes, with the sizes from the archive's config: a few bytes of JSON could
+    claim gigabytes. torch.export.save writes empty records only for empty
+    tensors. Counted at 8 bytes an element, with symbolic sizes at their hint.
+    """
+    sizes = {info.filename.casefold(): info.file_size for info in z.infolist()}
+    claimed = 0
+    for name in z.namelist():
+        if not (name.endswith("_config.json") and "/data/" in name):
+            continue
+        try:
+            config = json.loads(z.read(name))["config"]
+            entries = list(config.values())
+        except Exception:  # unreadable or not JSON: the CRC check or torch refuses it
+            continue
+        folder = name.rsplit("/", 1)[0]
+        for meta in entries:
+            try:
+                if sizes.get(f"{folder}/{meta['path_name']}".casefold()) != 0:
+                    continue
+                numel = 1
+                for dim in (meta.get("tensor_meta") or {}).get("sizes", ()):
+                    numel *= max(int(dim.get("as_int") or (dim.get("as_expr") or {}).get(
+                        "hint", {}).get("as_int") or 1), 0)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise LoadError(f"{path} has a malformed entry in {name} ({brief(exc)}); write "
+                                "it again with torch.export.save") from exc
+            claimed += 8 * numel
+    if claimed > RATIO_FREE_TOTAL:
+        raise LoadError(f"{path} claims {_size(claimed)} of tensors that its empty members do "
+                        "not hold (they would be made up as zeros); write the file again with "
+                        "torch.export.save")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
 def _is_torch_export(path: Path) -> bool:
     names = _zip_names(path)
-    return any(n.endswith("archive_format") for n in names) or any(
-        "/models/" in n and n.endswith(".json") for n in names)
-
-
-def _check_pt2_pickles(path: Path) -> None:
-    """Refuse a .pt2 whose loading would unpickle arbitrary objects.
-
-    torch.export.load runs ``torch.load(weights_only=False)`` on payloads marked
-    ``use_pickle``, ``pickle.loads`` on opaque constants, and falls back to a
-    full unpickle for sample inputs that a safe load rejects. An archive made
-    by torch.export.save from plain tensors needs none of these.
-    """
-    problems: list[str] = []
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            leaf = name.rsplit("/", 1)[-1]
-            if leaf.endswith("_config.json") and "/data/" in name:
-                try:
-                    config = json.loads(z.read(name)).get("config", {})
-                except (ValueError, AttributeError) as exc:
-                    raise LoadError(f"{path} has a damaged {leaf} ({brief(exc)}); write it "
-                                    "again with torch.export.save") from exc
-                for fqn, meta in (config.items() if isinstance(config, dict) else ()):
-                    meta = meta if isinstance(meta, dict) else {}
-                    stored = str(meta.get("path_name", ""))
-                    if meta.get("use_pickle") or stored.startswith(("custom_obj", "opaque_obj")):
-                        problems.append(f"{fqn} is stored as a pickle")
-            elif leaf.endswith(".pt"):
-                try:
-                    with quiet_torch():
-                        torch.load(io.BytesIO(z.read(name)), map_location="cpu",
-                                   weights_only=True)
-                except Exception:
-                    problems.append(f"{name.split('/', 1)[-1]} needs full unpickling")
-    if problems:
-        shown = "; ".join(problems[:2]) + (" ..." if len(problems) > 2 else "")
-        raise UnsafeFileError(
-            f"{path} would run code from the file while loading ({shown}); re-export it from "
-            "plain tensors with torch.export.save, or pass --trust-pickle only for files you "
-            "made yourself")
+    return any(n.endswith(("archive_format", "serialized_exported_program.json"))
+               for n in names) or any("/models/" in n and n.endswith(".json") for n in names)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -154,15 +229,127 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
-def _load_pt2(path: Path) -> nn.Module:
+def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
+    refused: list[str] = []
+    shut = contextlib.nullcontext(refused) if trust_pickle else refuse_code_execution()
     try:
-        with quiet_torch():
+        with quiet_torch(), shut as refused:
             ep = torch.export.load(path)
-            return graph_module_from_export(ep)
+            if not trust_pickle:
+                refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
+            module = None if refused else graph_module_from_export(ep)
     except Exception as exc:
+        if refused:
+            raise _would_run_code(path, refused) from exc
         raise LoadError(f"{path} is not a readable torch.export archive ({brief(exc)}); "
                         "it may be truncated or corrupted: write it again with "
                         "torch.export.save") from exc
+    if refused:  # torch caught a refusal and went on: the file still asked to run code
+        raise _would_run_code(path, refused)
+    return module
+
+
+def _would_run_code(path: Path, refused: list[str]) -> UnsafeFileError:
+    unique = list(dict.fromkeys(refused))
+    shown = "; ".join(unique[:2]) + (" ..." if len(unique) > 2 else "")
+    return UnsafeFileError(
+        f"{path} would run code from the file (it holds {shown}); re-export it from plain "
+        f"tensors with torch.export.save, or {TRUST_ONLY_YOURS}")
+
+
+def _load_torchscript(path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise UnsafeFileError(
+            f"{path} is a TorchScript archive, a program that runs when loaded; "
+            f"{SAFE_ROUTES}; or {TRUST_ONLY_YOURS}")
+    try:
+        with quiet_torch():
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise LoadError(f"{path} is not a loadable TorchScript archive ({brief(exc)}); "
+                        f"{SAFE_ROUTES}") from exc
+
+
+def from_torchscript(module: nn.Module, example_inputs: tuple) -> nn.Module:
+    """A trainable GraphModule from a TorchScript module; any other module is returned as is.
+
+    torch's converter turns every weight into a buffer and freezes BatchNorm
+    and Dropout in the module's mode; the parameters are made parameters
+    again (matched by name and value with the ScriptModule's) and BatchNorm
+    and Dropout become modules that follow ``.train()``, as for a ``.pt2``.
+
+    Args:
+        module: what ``load_model(..., trust_pickle=True)`` returned for a
+            TorchScript archive.
+        example_inputs: a tuple of tensors the model accepts.
+
+    Returns:
+        A GraphModule with the same parameters, buffers and outputs.
+
+    Raises:
+        LoadError: the converter is missing from this torch, or cannot
+            convert the program (e.g. Python control flow on input values).
+
+    Example:
+        >>> ts = load_model("scripted.pt", trust_pickle=True)          # doctest: +SKIP
+        >>> model = from_torchscript(ts, (torch.randn(1, 3, 32, 32),))  # doctest: +SKIP
+    """
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module
+    ep = _convert_torchscript(module, tuple(example_inputs))
+    branches = sorted({str(getattr(n.target, "__name__", n.target)) for n in ep.graph.nodes
+                       if isinstance(n.target, torch._ops.HigherOrderOperator)})
+    if branches:
+        raise LoadError(f"the TorchScript model branches or loops on input values (it became "
+                        f"torch.{branches[0]}), which ressurgeon cannot rewrite; {SAFE_ROUTES}")
+    unlifted = ep.module()
+    _restore_parameters(unlifted, module)
+    gm = plain_graph_module(unlifted)
+    gm.train(module.training)
+    return gm
+
+
+def _convert_torchscript(module: torch.jit.ScriptModule,
+                         example_inputs: tuple) -> torch.export.ExportedProgram:
+    """The one use of torch's private TorchScript converter."""
+    try:
+        from torch._export.converter import TS2EPConverter
+    except ImportError as exc:
+        raise LoadError(f"torch {torch.__version__} has no TorchScript converter "
+                        f"(torch._export.converter); {SAFE_ROUTES}") from exc
+    try:
+        with quiet_torch(stdout=True, stderr=True):
+            return TS2EPConverter(module, example_inputs).convert()
+    except Exception as exc:
+        raise LoadError(f"the TorchScript model cannot be converted to a graph ({brief(exc)}); "
+                        f"{SAFE_ROUTES}") from exc
+
+
+def _restore_parameters(unlifted: nn.Module, script: torch.jit.ScriptModule) -> None:
+    """Turn the converter's buffers back into the ScriptModule's parameters."""
+    buffers = dict(unlifted.named_buffers())
+    taken: set[str] = set()
+
+    def holds(key: str, value: torch.Tensor) -> bool:
+        b = buffers[key]
+        return (key not in taken and b.shape == value.shape and b.dtype == value.dtype
+                and torch.equal(b, value))
+
+    for name, param in script.named_parameters():
+        value = param.detach()
+        target = name if name in buffers and holds(name, value) else None
+        if target is None:  # renamed by the converter: the one buffer holding the same values
+            matches = [k for k in buffers if holds(k, value)]
+            target = matches[0] if len(matches) == 1 else None
+        if target is None:
+            raise LoadError(f"the converted TorchScript model lost its parameter {name}; "
+                            f"{SAFE_ROUTES}")
+        taken.add(target)
+        owner_path, _, leaf = target.rpartition(".")
+        owner = unlifted.get_submodule(owner_path)
+        del owner._buffers[leaf]
+        owner.register_parameter(leaf, nn.Parameter(buffers[target],
+                                                    requires_grad=param.requires_grad))
 
 
 def read_safetensors(path: Path) -> dict:
@@ -180,19 +367,20 @@ def read_safetensors(path: Path) -> dict:
 
 def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     try:
-        with quiet_torch():
+        with quiet_torch(), nn_safe_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        imports = _pickle_imports(path)
-        if imports is None:
+        blocked = _blocked_globals(path)
+        if blocked is None:
             raise LoadError(f"{path} is not a readable PyTorch file (no intact zip archive or "
                             "pickle inside); it may be truncated or corrupted") from exc
         if not trust_pickle:
-            shown = ", ".join(imports[:3]) + (" ..." if len(imports) > 3 else "")
+            shown = ", ".join(blocked[:3]) + (" ..." if len(blocked) > 3 else "")
+            why = (f"it uses {shown}, not torch.nn classes" if blocked
+                   else f"the safe unpickler refused it: {unpickling_refusal(exc)}")
             raise UnsafeFileError(
-                f"{path} needs full unpickling, which runs code from the file (it imports "
-                f"{shown}); {SAFE_ROUTES}; pass --trust-pickle only for files you made "
-                "yourself") from exc
+                f"{path} needs full unpickling, which runs code from the file ({why}); "
+                f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
         return obj
@@ -218,6 +406,31 @@ def read_weights(path: str | Path) -> dict | None:
     except Exception:
         return None
     return as_state_dict(obj)
+
+
+def _blocked_globals(path: Path) -> list[str] | None:
+    """The globals the pickle names that no allowlist admits, read without running it.
+
+    None when there is no pickle to read. For messages only: what loads is
+    decided by torch's weights_only unpickler.
+    """
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a torch.save zip: a raw (legacy) pickle
+        names = _pickle_imports(path)
+        if names is None:
+            return None
+    allowed = nn_global_names() | _default_safe_globals()
+    return sorted({n for n in names if n not in allowed})
+
+
+def _default_safe_globals() -> frozenset[str]:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return frozenset(_get_allowed_globals())
+    except (ImportError, AttributeError):  # private: only the message gets longer without it
+        return frozenset()
 
 
 def as_state_dict(obj: object) -> dict | None:

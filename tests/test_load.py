@@ -1,5 +1,7 @@
 """Stage 1 and 6, load and save: every format, and every kind of bad file the CLI may meet."""
 
+import copy
+import json
 import os
 import pickle
 import random
@@ -11,11 +13,11 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from models import plain_cnn
+from models import DataBranchNet, plain_cnn
 from ressurgeon import LoadError, UnsafeFileError, add_skips
 from ressurgeon.cli import app
 from ressurgeon.save import save_code, save_model
-from ressurgeon.load import load_model
+from ressurgeon.load import from_torchscript, load_model
 
 runner = CliRunner()
 MARK = "/tmp/ressurgeon-pickle-ran"
@@ -90,8 +92,28 @@ def test_weights_without_arch_say_what_to_pass(arch_module, tmp_path):
         load_model(tmp_path / "other.pt", arch="mynets:build")
 
 
-def test_pickled_module_needs_trust(tmp_path):
+class WrappedCNN(nn.Module):
+    """A module class of the user's own: unpickling it imports and runs this file's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = plain_cnn()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_pickled_torch_nn_module_loads_without_trust(tmp_path):
     model = plain_cnn().eval()
+    torch.save(model, tmp_path / "full.pt")
+    loaded = load_model(tmp_path / "full.pt")
+    assert type(loaded) is nn.Sequential and not loaded.training
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_pickled_module_of_own_class_needs_trust(tmp_path):
+    model = WrappedCNN().eval()
     torch.save(model, tmp_path / "full.pt")
     with pytest.raises(UnsafeFileError, match="state_dict.*--arch.*\\.pt2.*--trust-pickle"):
         load_model(tmp_path / "full.pt")
@@ -99,7 +121,7 @@ def test_pickled_module_needs_trust(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     msg = assert_one_line_exit_2(cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16"))
-    assert "needs full unpickling" in msg
+    assert "needs full unpickling" in msg and "test_load.WrappedCNN, not torch.nn classes" in msg
     ok = cli("add-skips", tmp_path / "full.pt", "-i", "1,3,16,16", "--trust-pickle",
              "-o", tmp_path / "o.pt2")
     assert ok.exit_code == 0, ok.output
@@ -241,3 +263,93 @@ def test_pt2_archive_cannot_smuggle_a_pickle(example_models, tmp_path, attack):
         msg = assert_one_line_exit_2(cli(*args, "-i", "4,64") if command != "gates" else cli(*args))
         assert "would run code from the file" in msg
     assert not os.path.exists(MARK)
+
+
+@pytest.fixture(scope="module")
+def pt_files(tmp_path_factory):
+    """Each kind of .pt file people have, written from one small CNN in eval mode."""
+    folder = tmp_path_factory.mktemp("pt")
+    torch.manual_seed(0)
+    model, x = plain_cnn().eval(), torch.randn(2, 3, 16, 16)
+    files = {kind: folder / f"{kind.replace(' ', '_')}.pt" for kind in (
+        "state_dict", "torch.nn pickle", "own class pickle", "traced TorchScript",
+        "scripted TorchScript")}
+    torch.save(model.state_dict(), files["state_dict"])
+    torch.save(model, files["torch.nn pickle"])
+    wrapped = WrappedCNN().eval()
+    wrapped.body.load_state_dict(model.state_dict())
+    torch.save(wrapped, files["own class pickle"])
+    torch.jit.save(torch.jit.trace(model, (x,)), files["traced TorchScript"])
+    torch.jit.save(torch.jit.script(model), files["scripted TorchScript"])
+    return model, x, files
+
+
+REFUSED_WITHOUT_TRUST = {
+    "state_dict": ("holds weights only", "--arch"),
+    "own class pickle": ("needs full unpickling", "WrappedCNN", "--arch", ".pt2",
+                         "--trust-pickle"),
+    "traced TorchScript": ("TorchScript", "state_dict", "--arch", "--trust-pickle"),
+    "scripted TorchScript": ("TorchScript", "state_dict", "--arch", "--trust-pickle"),
+}
+
+
+def add_skips_json(path, tmp_path, *flags):
+    out = tmp_path / "out.pt2"
+    result = cli("add-skips", path, "-i", "2,3,16,16", "-o", out, "--json", *flags)
+    return result, out
+
+
+@pytest.mark.parametrize("kind", ["torch.nn pickle", *REFUSED_WITHOUT_TRUST])
+def test_each_kind_of_pt_without_trust(kind, pt_files, tmp_path):
+    result, out = add_skips_json(pt_files[2][kind], tmp_path)
+    if kind == "torch.nn pickle":
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["skips"] and report["parity"]["max_abs_diff"] == 0
+        assert out.exists()
+        return
+    msg = assert_one_line_exit_2(result)
+    for needle in REFUSED_WITHOUT_TRUST[kind]:
+        assert needle in msg, (needle, msg)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["traced TorchScript", "scripted TorchScript"])
+def test_torchscript_with_trust_becomes_a_trainable_graph(kind, pt_files, tmp_path):
+    model, x, files = pt_files
+    result, out = add_skips_json(files[kind], tmp_path, "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parity"]["max_abs_diff"] == 0 and out.exists()
+
+    script = load_model(files[kind], trust_pickle=True)
+    assert isinstance(script, torch.jit.ScriptModule)
+    converted = from_torchscript(script, (x,))
+    assert not converted.training
+    torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
+    names = dict(converted.named_parameters())
+    assert sorted(p.shape for p in names.values()) == sorted(p.shape for p in model.parameters())
+    # BatchNorm follows .train() again: batch statistics, like the original in train mode
+    original = copy.deepcopy(model).train()
+    converted.train()
+    torch.testing.assert_close(converted(x), original(x))
+    converted(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in names.values())
+
+
+def test_torchscript_that_branches_on_inputs_is_refused_clearly(tmp_path):
+    torch.jit.save(torch.jit.script(DataBranchNet()), tmp_path / "branchy.pt")
+    script = load_model(tmp_path / "branchy.pt", trust_pickle=True)
+    with pytest.raises(LoadError, match="branches or loops on input values.*state_dict"):
+        from_torchscript(script, (torch.randn(2, 4),))
+    msg = assert_one_line_exit_2(cli("add-skips", tmp_path / "branchy.pt", "-i", "2,4",
+                                     "--trust-pickle", "-o", tmp_path / "o.pt2"))
+    assert "branches or loops" in msg
+
+
+def test_missing_torchscript_converter_is_a_load_error(monkeypatch):
+    import torch._export.converter as converter
+
+    monkeypatch.delattr(converter, "TS2EPConverter")
+    script = torch.jit.script(nn.Linear(2, 2))
+    with pytest.raises(LoadError, match="no TorchScript converter"):
+        from_torchscript(script, (torch.randn(1, 2),))

@@ -27,7 +27,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ressurgeon"
 # Each library module's stage; a module may import only modules of its own or an
 # earlier stage. The CLI sits on top and may import anything.
 STAGES = [
-    ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts"}),
+    ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
+              "_refuse_code", "_nn_pickle"}),
     ("capture", {"exported", "inplace", "shapes", "load", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
                   "spans"}),

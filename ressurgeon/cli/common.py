@@ -64,8 +64,9 @@ MaxSkipsOpt = Annotated[Optional[int], typer.Option(
 
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
-                                          "(with --arch), .safetensors (with --arch), or a "
-                                          "pickled module (with --trust-pickle).",
+                                          "(with --arch), .safetensors (with --arch), a pickled "
+                                          "module of torch.nn classes, or any other pickled "
+                                          "module or TorchScript file (with --trust-pickle).",
                                           show_default=False)]
 InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
     "--input-shape", "-i", metavar="SHAPE", help="Example input shape, e.g. 1,3,224,224; "
@@ -75,8 +76,9 @@ ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow loading a pickled nn.Module. Unpickling runs code from the "
-    "file: only for files you made yourself.")]
+    "--trust-pickle", help="Allow loading that runs code from the file: a pickle of classes "
+    "other than torch.nn's, a .pt2 that holds pickles, a TorchScript file. Only for files you "
+    "made yourself.")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="Model and input dtype: float32, float16, bfloat16 or float64.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
@@ -360,14 +362,22 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
                      shapes_only: bool = False):
     """Load the model and build seeded example inputs on the requested dtype and device.
 
-    ``shapes_only`` (``--fake --no-verify``): the inputs are ``meta`` tensors,
-    which hold no memory; ``real_inputs`` makes real ones where a writer needs them.
+    A TorchScript archive (only with --trust-pickle) becomes a graph here, once
+    example inputs exist. ``shapes_only`` (``--fake --no-verify``): the inputs are
+    ``meta`` tensors, which hold no memory; ``real_inputs`` makes real ones where
+    a writer needs them.
     """
-    from ..load import load_model
+    import torch
+
+    from ..load import from_torchscript, load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
     with out.step(f"loading {model_path}"):
         model = load_model(model_path, arch=arch, trust_pickle=trust)
+    if isinstance(model, torch.jit.ScriptModule):  # needs inputs before it can become a graph
+        script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes)
+        with out.step("converting TorchScript to a graph"):
+            model = from_torchscript(model, script_inputs)
     model = model.to(device=dev, dtype=dt)
     return model, example_inputs(model, shapes, model_path, dt, "meta" if shapes_only else dev,
                                  plan_shapes)
@@ -401,8 +411,10 @@ def real_inputs(model, inputs: tuple) -> tuple:
 
 def stored_shapes(model) -> list[tuple[int, ...]]:
     """Input shapes a torch.export archive recorded (symbolic sizes take their hint)."""
+    from torch import fx
+
     graph = getattr(model, "graph", None)
-    if graph is None:
+    if not isinstance(graph, fx.Graph):  # not a graph module (TorchScript has a graph too)
         return []
     shapes = []
     for node in graph.nodes:
