@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # name -> module that defines it, grouped by what a user reaches for.
 _EXPORTS = {
     # the pipeline, stage by stage
-    "load_model": "load", "trace_model": "trace", "analyze_graph": "analysis.layers",
+    "load_model": "load", "from_torchscript": "load", "trace_model": "trace", "analyze_graph": "analysis.layers",
     "find_spans": "surgery", "select_spans": "spans", "inspect_model": "surgery",
     "plan_skips": "plan", "apply_plan": "rewrite", "add_skips": "surgery",
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
@@ -94,7 +94,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
                          ShapeError, TraceError, UnsafeFileError, VerificationError)
     from .fold import FoldedSkip, FoldResult, fold
     from .gates import Gate, GateReport, gate_report
-    from .load import load_model
+    from .load import from_torchscript, load_model
     from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
     from .plan import PlannedSkip, SurgeryPlan, plan_skips
     from .plot import plot_gradient_flow, plot_surgery
