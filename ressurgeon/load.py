@@ -24,6 +24,7 @@ import importlib
 import io
 import json
 import pickletools
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -444,7 +445,7 @@ def as_state_dict(obj: object) -> dict | None:
 
 def _load_trusted(path: Path) -> object:
     try:
-        with quiet_torch():
+        with quiet_torch(), _cwd_on_path():  # the classes may live in the current folder
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise LoadError(f"{path} could not be unpickled ({brief(exc)}); the classes it "
@@ -489,30 +490,50 @@ def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
 
 
 def build_arch(arch: str) -> nn.Module:
-    """Import ``module:callable`` (cwd first on the path) and call it with no arguments."""
+    """Import ``module:callable`` (cwd first on the path) and call it with no arguments.
+
+    The user names the code to run, so running it is what they asked for; what
+    can go wrong there (the module is missing, has a syntax error, raises or
+    exits while importing or building) is their input, reported as a LoadError.
+    """
     module_name, sep, attr = arch.partition(":")
-    if not sep or not module_name or not attr:
-        raise LoadError(f"--arch must look like module:callable, got {arch!r}")
-    added = "" not in sys.path and "." not in sys.path
-    if added:  # the current folder, as `python -m` would have it, for this import only
-        sys.path.insert(0, "")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise LoadError(f"cannot import {module_name!r} for --arch ({exc}); run from the "
-                        "folder that holds it or add it to PYTHONPATH") from exc
-    finally:
-        if added:
-            sys.path.remove("")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) \
+            or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr):
+        raise LoadError(f"--arch must look like module:callable (e.g. mynets:build_vgg), "
+                        f"got {arch!r}")
+    with _cwd_on_path():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise LoadError(f"cannot import {module_name!r} for --arch ({exc}); run from the "
+                            "folder that holds it or add it to PYTHONPATH") from exc
+        except (Exception, SystemExit) as exc:
+            raise LoadError(f"importing {module_name!r} for --arch failed: "
+                            f"{type(exc).__name__}: {brief(exc)}") from exc
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
             raise LoadError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
+    if not callable(factory):
+        raise LoadError(f"--arch {arch} names a {type(factory).__name__}, not a callable")
     try:
         model = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise LoadError(f"--arch {arch} raised {type(exc).__name__}: {brief(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+@contextlib.contextmanager
+def _cwd_on_path():
+    """The current folder first on sys.path, as `python -m` would have it, for the block only."""
+    added = "" not in sys.path and "." not in sys.path
+    if added:
+        sys.path.insert(0, "")
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove("")

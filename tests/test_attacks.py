@@ -317,3 +317,35 @@ def test_a_killed_run_never_leaves_a_half_file_under_the_final_name(mlp, tmp_pat
     final = tmp_path / "o.pt2"
     if final.exists():  # the run finished before the kill: then the file is whole
         assert torch.export.load(final) is not None
+
+
+# -- --arch: the user's own code failing is their input, not our bug -----------------------------
+
+ARCH_MODULES = {
+    "syntax_err": "def build(:\n",
+    "raises_at_import": "raise RuntimeError('boom at import')\n",
+    "exits": "import sys\ndef build():\n    sys.exit(0)\n",
+    "not_a_module": "def build():\n    return 42\n",
+}
+
+
+@pytest.mark.parametrize("arch,needle", [
+    ("..mod:f", "must look like module:callable"),
+    ("syntax_err:build", "SyntaxError"),
+    ("raises_at_import:build", "boom at import"),
+    ("exits:build", "SystemExit"),
+    ("sys:exit", "SystemExit"),
+    ("not_a_module:build", "not an nn.Module"),
+    ("no_such_module:build", "cannot import"),
+])
+def test_bad_arch(tmp_path, monkeypatch, arch, needle):
+    for name, code in ARCH_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    weights = tmp_path / "w.pt"
+    torch.save(mlp_changing_widths().state_dict(), weights)
+    before = digest(weights)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    line = refused(run("add-skips", weights, "--arch", arch, "-i", "2,12", "-o", tmp_path / "o.pt2"),
+                   weights, before, tmp_path / "o.pt2")
+    assert needle in line
