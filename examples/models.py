@@ -45,11 +45,12 @@ def save_examples(folder: Path) -> list[Path]:
     """Export the example models to ``folder`` as .pt2 archives; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    models = {"vgg.pt2": (plain_vgg(), (torch.randn(1, 3, 32, 32),)),
+    models = {"vgg.pt2": (plain_vgg(), (torch.randn(2, 3, 32, 32),)),
               "mlp.pt2": (plain_mlp(), (torch.randn(4, MLP_WIDTHS[0]),))}
+    batch = torch.export.Dim("batch", min=1)  # the archives take any batch size
     paths = []
     for name, (model, inputs) in models.items():
-        ep = torch.export.export(model.eval(), inputs)
+        ep = torch.export.export(model.eval(), inputs, dynamic_shapes=({0: batch},))
         torch.export.save(ep, folder / name)
         paths.append(folder / name)
     return paths

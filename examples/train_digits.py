@@ -357,8 +357,10 @@ def figures(data: dict, settings: Settings, depths, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="folder for the tables and figures (default: examples/results/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the tables and figures (default: examples/results/, "
+                        "with --quick examples/results/quick/ so a smoke run never replaces "
+                        "the committed results)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: depth 20 only, 3 epochs, a short fine-tune (seconds)")
     parser.add_argument("--depths", default=None,
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
                         help="torch CPU threads (default 1: steadier timings on a shared machine)")
     args = parser.parse_args(argv)
 
+    if args.out is None:
+        args.out = RESULTS / "quick" if args.quick else RESULTS
     settings = Settings(seed=0)
     if args.quick:
         settings.epochs, settings.pretrained, settings.finetune_epochs = 3, ((10, 4),), 1

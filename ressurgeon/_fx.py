@@ -64,10 +64,15 @@ def has_data(node: fx.Node) -> bool:
 
 @dataclass(frozen=True)
 class CaptureInfo:
-    """How a GraphModule was captured: "fx", "export" or "graph" (it was one already)."""
+    """How a GraphModule was captured: "fx", "export" or "graph" (it was one already).
+
+    ``dynamic``: for a torch.export capture, the (input, dim) pairs that stayed
+    symbolic; every other dim of its inputs is fixed to the captured size.
+    """
 
     method: str
     fx_error: str | None = None
+    dynamic: tuple[tuple[int, int], ...] | None = None
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:

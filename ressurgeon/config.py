@@ -147,6 +147,9 @@ class TraceOptions:
         "running the graph."))
     dynamic_batch: bool = field(default=True, metadata=_help(
         "When torch.export captures the model, keep dim 0 of the batched inputs symbolic."))
+    dynamic: tuple[tuple[int | None, int], ...] = field(default=(), metadata=_help(
+        "More dims torch.export must keep symbolic (e.g. the sequence dim): (input, dim) "
+        "pairs, input None for every input; a bare dim number means (None, dim)."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "leaf_modules", _patterns("leaf_modules", self.leaf_modules))
@@ -156,6 +159,25 @@ class TraceOptions:
         for name in ("fake", "dynamic_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "dynamic", _dynamic_pairs(self.dynamic))
+
+
+def _dynamic_pairs(value) -> tuple[tuple[int | None, int], ...]:
+    """(input, dim) pairs from a dim, a list of dims or pairs, or {input: dims}."""
+    if isinstance(value, dict):
+        value = [(i, d) for i, dims in value.items()
+                 for d in ((dims,) if isinstance(dims, int) else dims)]
+    elif isinstance(value, int):
+        value = [value]
+    pairs = []
+    for item in value or ():
+        pair = (None, item) if isinstance(item, int) else tuple(item)
+        if len(pair) != 2 or not all(v is None or (type(v) is int) for v in pair) \
+                or pair[1] is None or (pair[0] is not None and pair[0] < 0):
+            raise ConfigError(f"dynamic must hold dims or (input, dim) pairs, e.g. (1,) or "
+                              f"((0, 1),); got {value!r}")
+        pairs.append(pair)
+    return tuple(pairs)
 
 
 def _to_dict(obj) -> dict:

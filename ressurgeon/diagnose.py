@@ -23,6 +23,7 @@ from ._torch import normalize_inputs, quiet_copy
 from .analysis.layers import Layer, find_layers
 from .config import SkipConfig, TraceOptions
 from .errors import ConfigError, ShapeError, brief
+from .exported import as_module
 from .gates import gate_report
 from .registry import Role, is_getitem, role_of
 from .shortcuts import is_shortcut
@@ -146,6 +147,7 @@ def gradient_flow(model: nn.Module, example_inputs: tuple, config: SkipConfig | 
         True
     """
     inputs = normalize_inputs(example_inputs)
+    model = as_module(model)
     original = trace_model(model, inputs, trace)
     if rewritten is None:
         config = config or SkipConfig(init=DIAGNOSE_INIT)

@@ -8,6 +8,8 @@ the caller passed also derive from ValueError.
 
 from __future__ import annotations
 
+import re
+
 
 class RessurgeonError(Exception):
     """Base class of every error ressurgeon raises on purpose."""
@@ -45,10 +47,13 @@ class VerificationError(RessurgeonError):
     """A requested check (parity, gradients) failed beyond its tolerance."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def brief(exc: BaseException | None, limit: int = 160) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters."""
+    """The first line of an exception's message (colour codes removed), cut to ``limit``."""
     if exc is None:
         return "no error"
-    lines = str(exc).strip().splitlines()
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

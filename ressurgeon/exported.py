@@ -12,10 +12,17 @@ This is the one module that touches torch.export's private surface
 (``_PyTreeCodeGen``, the tracer class of an unlifted graph, its guard
 module): a torch upgrade that moves those is fixed here.
 
-The dynamic-batch policy lives here too, one rule for every capture and
-export: dim 0 of each input batched like the first input (same size) is the
-symbolic ``batch`` dimension; a batch of 1 is captured as 2 rows (export
-specialises size 1); where the model pins its batch, the capture is static.
+The dynamic-shape policy lives here too, one rule for every capture and
+export (``dynamic_args``): dim 0 of each input batched like the first input
+(same size) is the symbolic ``batch`` dimension; the dims a user marks dynamic
+(``TraceOptions.dynamic``, ``--dynamic``) must stay symbolic; a dynamic dim of
+size 1 is captured at size 2 (export specialises size 1); where the model pins
+its batch, the capture is static.
+
+A graph torch.export captured computes only the sizes it was captured with
+for its static dims. ``graph_module_from_export`` therefore puts a guard on
+each input (``check_input``) that raises a ShapeError naming the dim and the
+size instead of returning a wrong result for another size.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch.nn as nn
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ._fx import attr, free_name, stack_path, swap_for_module
+from ._fx import META, CaptureInfo, attr, free_name, stack_path, swap_for_module
+from .errors import ShapeError
 from .registry import Role, Trait, lookup
 from .shortcuts import lift_shortcuts
 
@@ -42,25 +50,180 @@ def batched_dims(inputs: tuple) -> list[bool]:
     return [t.dim() > 0 and t.shape[0] == batch for t in inputs]
 
 
-def dynamic_batch_args(inputs: tuple) -> tuple[tuple, tuple | None]:
-    """(inputs, dynamic_shapes) for torch.export / torch.onnx with a symbolic batch.
+def dynamic_dims(inputs: tuple, *, batch: bool = True,
+                 dims: tuple[tuple[int | None, int], ...] = ()) -> list[set[int]]:
+    """Per input, the dims to keep symbolic: the batch (dim 0 of batched inputs) and ``dims``.
 
-    torch.export specialises a dimension of size 1, so a batch of 1 is traced
-    with 2 rows instead (the model must treat rows independently, as any
-    batched model does). ``dynamic_shapes`` is None when no input is batched.
+    ``dims`` holds (input index, dim) pairs; an index of None means every input
+    that has that dim. Negative dims count from the end.
     """
-    dims = batched_dims(inputs)
-    if not any(dims):
+    out = [set() for _ in inputs]
+    for i, on in enumerate(batched_dims(inputs) if batch else [False] * len(inputs)):
+        if on:
+            out[i].add(0)
+    for index, dim in dims:
+        for i, t in enumerate(inputs):
+            if (index is None or index == i) and -t.dim() <= dim < t.dim():
+                out[i].add(dim % t.dim())
+    return out
+
+
+def dynamic_args(inputs: tuple, *, batch: bool = True,
+                 dims: tuple[tuple[int | None, int], ...] = ()) -> tuple[tuple, tuple | None]:
+    """(inputs, dynamic_shapes) for torch.export / torch.onnx under the one policy.
+
+    The batch is one named ``Dim("batch")`` shared by the batched inputs; the
+    dims a user asked for are ``Dim.DYNAMIC`` (export fails rather than quietly
+    fixing them). torch.export specialises a dimension of size 1, so such a dim
+    is traced at size 2 instead (the model must treat its rows or positions
+    alike, as any batched or sequence model does). ``dynamic_shapes`` is None
+    when nothing is dynamic.
+    """
+    wanted = dynamic_dims(inputs, batch=batch, dims=dims)
+    if not any(wanted):
         return tuple(inputs), None
-    grown = tuple(t.expand(2, *t.shape[1:]).clone() if d and t.shape[0] == 1 else t
-                  for t, d in zip(inputs, dims))
-    batch = torch.export.Dim("batch", min=1)
-    return grown, tuple({0: batch} if d else None for d in dims)
+    # fresh tensor objects: export records dynamic dims on the example tensors it is given
+    inputs = tuple(t.detach() for t in inputs)
+    grown = []
+    for t, free in zip(inputs, wanted):
+        for d in sorted(free):
+            if t.shape[d] == 1:
+                t = t.expand(*[2 if i == d else -1 for i in range(t.dim())]).clone()
+        grown.append(t)
+    batch_dim = torch.export.Dim("batch", min=1)
+    batched = dynamic_dims(inputs, batch=batch)
+    shapes = tuple({d: (batch_dim if d in b else torch.export.Dim.DYNAMIC) for d in sorted(f)}
+                   or None for f, b in zip(wanted, batched))
+    return tuple(grown), shapes
+
+
+def export_attempts(inputs: tuple, *, batch: bool = True,
+                    dims: tuple[tuple[int | None, int], ...] = ()
+                    ) -> list[tuple[tuple, tuple | None]]:
+    """(inputs, dynamic_shapes) to try in turn when saving: all dims, the batch only, static.
+
+    For writing a model that is already captured: what stays dynamic is a
+    convenience there, so a dim export cannot keep symbolic falls back to fixed.
+    """
+    attempts, seen = [], set()
+    for args in (dynamic_args(inputs, batch=batch, dims=dims), dynamic_args(inputs, batch=batch),
+                 (tuple(t.detach() for t in inputs), None)):
+        key = repr(args[1])
+        if key not in seen:
+            seen.add(key)
+            attempts.append(args)
+    return attempts
+
+
+def pinned_batch(module: nn.Module) -> bool:
+    """True for a torch.export capture whose batch is fixed (its inputs' dim 0 is not symbolic)."""
+    from ._fx import capture_info
+
+    if not isinstance(module, fx.GraphModule):
+        return False
+    dims = capture_info(module).dynamic
+    return dims is not None and not any(d == 0 for _, d in dims)
+
+
+def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
+    """(input, dim) pairs a torch.export graph keeps symbolic, read off its placeholders."""
+    found = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                found.append((i, d))
+    return tuple(found)
+
+
+@torch.fx.wrap
+def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
+                bounds: tuple[tuple[int, int], ...] = ()):
+    """``x`` itself, when it has the rank and sizes the graph was captured for.
+
+    ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, largest
+    size) of dynamic dims whose range the model's code limited (past it the
+    captured graph may hold the wrong branch).
+
+    Raises:
+        ShapeError: naming the input, the dim and the captured size.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() != rank:
+        raise ShapeError(f"input {index} has {x.dim()} dims, but this graph was captured by "
+                         f"torch.export with {rank}; give inputs of the captured rank")
+    for dim, size in static:
+        if x.shape[dim] != size:
+            fix = ("a dynamic batch (TraceOptions(dynamic_batch=True), the default, unless the "
+                   "model's code pins it)" if dim == 0 else
+                   f"the dim dynamic: TraceOptions(dynamic=(({index}, {dim}),)) or "
+                   f"--dynamic {index}:{dim}")
+            raise ShapeError(
+                f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
+                f"captured by torch.export with size {size} there and computes only that size; "
+                f"give that size, or capture the model with {fix}")
+    for dim, most in bounds:
+        if x.shape[dim] > most:
+            raise ShapeError(f"input {index} has size {x.shape[dim]} at dim {dim}, but the "
+                             f"model's code limits that dim to {most} (torch.export captured "
+                             "it for sizes up to that only)")
+    return x
+
+
+def _upper_bound(size) -> int | None:
+    """The largest value torch.export allows a symbolic size (None: unbounded or unknown)."""
+    try:
+        ranges = size.node.shape_env.var_to_range[size.node.expr]
+        upper = ranges.upper
+        return int(upper) if upper.is_finite else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _guard_inputs(gm: fx.GraphModule) -> None:
+    """A check_input after every placeholder whose shape torch.export recorded."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        static = tuple((d, int(s)) for d, s in enumerate(val.shape)
+                       if not isinstance(s, torch.SymInt))
+        bounds = tuple((d, b) for d, s in enumerate(val.shape)
+                       if isinstance(s, torch.SymInt) and (b := _upper_bound(s)) is not None)
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, bounds))
+        guard.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+        for user in users:
+            user.replace_input_with(node, guard)
 
 
 def is_unlifted(gm: fx.GraphModule) -> bool:
     """True for ``ep.module()`` results (pytree calling convention; they refuse ``.train()``)."""
     return isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen)
+
+
+def as_module(model) -> nn.Module:
+    """``model`` as a module that follows ``.train()``/``.eval()``.
+
+    An ExportedProgram, or the ``ep.module()`` of one (which refuses ``.eval()``),
+    becomes a plain GraphModule (a copy; the caller's object is untouched);
+    anything else is returned as it is. Every entry point that takes a model
+    calls this, so users may pass what torch.export gave them.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        return graph_module_from_export(model)
+    if isinstance(model, fx.GraphModule) and is_unlifted(model):
+        import copy
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn on deepcopy
+            return plain_graph_module(copy.deepcopy(model))
+    return model
 
 
 def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -71,7 +234,9 @@ def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule
 
     Returns:
         A GraphModule that follows ``.train()``/``.eval()``, with BatchNorm,
-        Dropout and our shortcuts as modules owning the program's tensors.
+        Dropout and our shortcuts as modules owning the program's tensors, and a
+        guard on each input that refuses sizes the capture did not cover.
+        ``capture_info(gm)`` says "export" and which dims stayed dynamic.
     """
     return plain_graph_module(ep.module())
 
@@ -103,9 +268,12 @@ def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
         output.args = (pytree.tree_unflatten(list(flat), out_spec),)
     _modules_from_mode_ops(gm)
     lift_shortcuts(gm)
+    if not any(n.target is check_input for n in graph.nodes):
+        _guard_inputs(gm)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+    gm.meta[META] = CaptureInfo(method="export", dynamic=captured_dims(gm))
     return gm
 
 
@@ -228,4 +396,6 @@ def _module_path(gm: fx.GraphModule, weight_target: str) -> str:
 
 
 __all__ = ["graph_module_from_export", "plain_graph_module", "lift_weighted_ops",
-           "dynamic_batch_args", "batched_dims", "is_unlifted"]
+           "dynamic_args", "dynamic_dims", "export_attempts", "batched_dims", "captured_dims",
+           "check_input", "as_module", "pinned_batch",
+           "is_unlifted"]

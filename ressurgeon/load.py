@@ -485,8 +485,22 @@ def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise LoadError(f"the weights in {path} do not fit {arch}: {brief(exc)}") from exc
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        parts = [f"{label} {_first(names)}" for label, names in
+                 (("missing", missing), ("unexpected", unexpected), ("other shape", shapes))
+                 if names]
+        raise LoadError(f"the weights in {path} do not fit {arch}: "
+                        f"{'; '.join(parts) or brief(exc)}; check that --arch builds the "
+                        "architecture these weights were saved from") from exc
     return model
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def build_arch(arch: str) -> nn.Module:

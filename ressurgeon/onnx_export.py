@@ -26,7 +26,8 @@ from torch import nn
 from ._io import atomic_path, check_parent, scratch_dir
 from ._torch import eval_mode, normalize_inputs, quiet_copy, quiet_torch
 from .errors import ConfigError, ExportError, VerificationError, brief
-from .exported import batched_dims, dynamic_batch_args
+from .exported import as_module, batched_dims, pinned_batch, dynamic_args, dynamic_dims
+from .save import model_dynamic_dims
 from .verify import compare_outputs, eval_outputs
 
 FALLBACK_OPSET = 17         # the TorchScript exporter's well-trodden opset
@@ -85,7 +86,9 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
             TorchScript exporter) beside it, moved into place before the
             ``.onnx`` file itself.
         example_inputs: tuple of tensors, as for torch.export.
-        dynamic_batch: make dim 0 of every input (and output) symbolic ("batch").
+        dynamic_batch: make dim 0 of every input (and output) symbolic ("batch"); a graph
+            torch.export captured with a fixed batch is exported with that batch
+            (``report.dynamic_batch`` says which).
         opset: ONNX opset; None picks the exporter's default (18+ for dynamo,
             17 for the TorchScript fallback).
         fp16: convert the model and floating inputs to float16 first; parity is
@@ -110,6 +113,9 @@ def export_onnx(module: nn.Module, path: str | Path, example_inputs: tuple, *,
     import onnx
 
     inputs = normalize_inputs(example_inputs)
+    module = as_module(module)
+    if pinned_batch(module):  # captured by torch.export with a fixed batch: it can run no other
+        dynamic_batch = False
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and (type(opset) is not int or not 7 <= opset <= newest):
         raise ConfigError(f"opset {opset!r} does not exist: ONNX opsets run from 7 to {newest} "
@@ -208,22 +214,32 @@ def _export(module: nn.Module, inputs: tuple, target: Path, in_names: list[str],
 
 
 def _export_dynamo(module, inputs, target, in_names, out_names, dynamic_batch, opset) -> None:
-    dynamic = None
-    if dynamic_batch:
-        inputs, dynamic = dynamic_batch_args(inputs)
-    program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic,
-                                input_names=in_names, output_names=out_names,
-                                opset_version=opset)
+    """torch.onnx's dynamo exporter with the batch (and the dims the capture kept) symbolic."""
+    dims = model_dynamic_dims(module)
+    attempts = [dynamic_args(inputs, batch=dynamic_batch, dims=dims)]
+    if dims:  # a dim export cannot keep symbolic: the batch alone, as --static-batch says
+        attempts.append(dynamic_args(inputs, batch=dynamic_batch))
+    for i, (args, dynamic) in enumerate(attempts):
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=in_names, output_names=out_names,
+                                        opset_version=opset)
+            break
+        except Exception:
+            if i == len(attempts) - 1:
+                raise
     program.save(str(target))   # external data only past 2 GB
 
 
 def _export_torchscript(module, inputs, target, in_names, out_names, dynamic_batch,
                         opset) -> None:
-    dims = batched_dims(inputs) if dynamic_batch else [False] * len(inputs)
+    free = dynamic_dims(inputs, batch=dynamic_batch, dims=model_dynamic_dims(module))
     axes = None
-    if any(dims):
-        axes = {n: {0: "batch"} for n, d in zip(in_names, dims) if d}
-        axes.update({n: {0: "batch"} for n in out_names})
+    if any(free):
+        axes = {n: {d: "batch" if d == 0 else f"dim{d}" for d in sorted(f)}
+                for n, f in zip(in_names, free) if f}
+        if dynamic_batch and any(0 in f for f in free):
+            axes.update({n: {0: "batch"} for n in out_names})
     torch.onnx.export(module, inputs, str(target), dynamo=False, input_names=in_names,
                       output_names=out_names, dynamic_axes=axes,
                       opset_version=opset or FALLBACK_OPSET)

@@ -6,7 +6,6 @@ renamed into place, so a failure never leaves a half-written output.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 from collections.abc import Callable
@@ -17,15 +16,17 @@ import torch.nn as nn
 from torch import fx
 
 from ._io import atomic_path, owned_folder
-from ._torch import eval_mode
+from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
-from .exported import dynamic_batch_args
+from ._fx import capture_info
+from .exported import export_attempts
 
 FORMATS = {".pt2": "pt2", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 
 
 def save_model(module: nn.Module, path: str | Path, example_inputs: tuple, *,
-               dynamic_batch: bool = True) -> Path:
+               dynamic_batch: bool = True,
+               dynamic: tuple[tuple[int | None, int], ...] | None = None) -> Path:
     """Write ``module`` in the format its suffix names.
 
     Args:
@@ -34,6 +35,8 @@ def save_model(module: nn.Module, path: str | Path, example_inputs: tuple, *,
             ``.pt``/``.pth`` (pickled module), or ``.safetensors`` (weights only).
         example_inputs: tuple of tensors, used to export ``.pt2``.
         dynamic_batch: export ``.pt2`` with a symbolic batch dimension when the model allows.
+        dynamic: more (input, dim) pairs to keep symbolic in a ``.pt2``; by default the
+            dims a torch.export capture kept dynamic (``capture_info(module).dynamic``).
 
     Returns:
         The path written.
@@ -50,8 +53,8 @@ def save_model(module: nn.Module, path: str | Path, example_inputs: tuple, *,
     # file-size limit is hit; serialised to memory first, the file is written by
     # Python, where such a failure is an OSError and a one-line error.
     serialise: Callable[[io.BytesIO], None] = {
-        "pt2": lambda buf: torch.export.save(export_program(module, example_inputs,
-                                                            dynamic_batch=dynamic_batch), buf),
+        "pt2": lambda buf: torch.export.save(export_program(
+            module, example_inputs, dynamic_batch=dynamic_batch, dynamic=dynamic), buf),
         "pt": lambda buf: torch.save(module, buf),
         "safetensors": lambda buf: buf.write(_safetensors_bytes(module)),
     }[fmt]
@@ -72,22 +75,30 @@ def check_format(path: str | Path) -> str:
     return fmt
 
 
-def export_program(module: nn.Module, example_inputs: tuple, *,
-                   dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """torch.export the module in eval mode, with a dynamic batch dimension when possible."""
+def export_program(module: nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True,
+                   dynamic: tuple[tuple[int | None, int], ...] | None = None
+                   ) -> torch.export.ExportedProgram:
+    """torch.export the module in eval mode, with its dynamic dims symbolic when possible."""
+    dims = dynamic if dynamic is not None else model_dynamic_dims(module)
+    attempts = export_attempts(tuple(example_inputs), batch=dynamic_batch, dims=dims)
     with eval_mode(module):
-        try:
-            if dynamic_batch:
-                with contextlib.suppress(Exception):
-                    return _export_dynamic(module, example_inputs)
-            return torch.export.export(module, tuple(example_inputs), strict=False)
-        except Exception as exc:
-            raise ExportError(f"torch.export could not capture the model: {brief(exc)}") from exc
+        for i, (args, shapes) in enumerate(attempts):
+            try:
+                # export prints a partial graph to stderr on some failures: we say it in one line
+                with quiet_torch(stderr=True):
+                    return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:
+                if i == len(attempts) - 1:
+                    raise ExportError(f"torch.export could not capture the model for a .pt2 "
+                                      f"({brief(exc)}); write it as .pt (a pickled GraphModule) "
+                                      "or .safetensors (the weights) instead") from exc
 
 
-def _export_dynamic(module: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
-    grown, dynamic = dynamic_batch_args(inputs)
-    return torch.export.export(module, grown, dynamic_shapes=dynamic, strict=False)
+def model_dynamic_dims(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """The non-batch dims a torch.export capture of ``module`` kept dynamic (else none)."""
+    if not isinstance(module, fx.GraphModule):
+        return ()
+    return tuple(p for p in capture_info(module).dynamic or () if p[1] != 0)
 
 
 def _safetensors_bytes(module: nn.Module) -> bytes:

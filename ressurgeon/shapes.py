@@ -117,15 +117,35 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def runs(model: nn.Module, inputs: tuple, *, fake: bool = False) -> bool:
-    """Whether the untouched model accepts the inputs (a failure is the user's shape)."""
+def run_error(model: nn.Module, inputs: tuple, *, fake: bool = False) -> Exception | None:
+    """Why the untouched model rejects the inputs (None: it accepts them).
+
+    A model that rejects its example inputs has a problem no capture method
+    solves: it is the inputs' shape or dtype, and the message should say so.
+    """
     copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
     try:
         with eval_mode(model), torch.no_grad(), _fake_inputs(copies, fake, model) as args:
             model(*args)
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:
+        return exc
+
+
+def inputs_message(model: nn.Module, inputs: tuple, exc: Exception) -> str:
+    """'Model rejects inputs of shape ...: <why>; <what to pass>' for a model that cannot run."""
+    shown = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                      for t in inputs if isinstance(t, torch.Tensor))
+    return (f"{type(model).__name__} rejects example inputs {shown}: {brief(exc)}; "
+            f"{_input_hint(exc)}")
+
+
+def _input_hint(exc: Exception) -> str:
+    text = str(exc)
+    if "indices" in text or "scalar type" in text or "Long" in text:
+        return ("the model takes integer inputs (token ids): pass the dtype, e.g. "
+                "--input-shape 2,8:int64, or integer tensors from Python")
+    return "check the example input shape and dtype (--input-shape, e.g. 1,3,224,224)"
 
 
 def _shape_message(gm: fx.GraphModule, node: fx.Node, env: dict, exc: Exception) -> str:
@@ -136,5 +156,4 @@ def _shape_message(gm: fx.GraphModule, node: fx.Node, env: dict, exc: Exception)
         what = f"layer '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
     else:
         what = f"layer '{node_label(node)}' ({op_name(node, {})})"
-    return (f"{what} rejected input of shape {shown}: {brief(exc)}; "
-            "check the example input shape (--input-shape)")
+    return f"{what} rejected input of shape {shown}: {brief(exc)}; {_input_hint(exc)}"

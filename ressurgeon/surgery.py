@@ -18,6 +18,7 @@ from .analysis.blocks import Residual
 from .analysis.layers import GraphAnalysis, Layer, analyze_graph
 from .config import Init, SkipConfig, TraceOptions
 from .errors import VerificationError
+from .exported import as_module
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
 from .spans import Reason, Span, mark_planned, select_spans
@@ -149,7 +150,7 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     """Add residual shortcuts to ``model``; the model itself is never modified.
 
     Args:
-        model: the network to rewrite.
+        model: the network to rewrite: any nn.Module, an ExportedProgram or its ``.module()``.
         example_inputs: tuple of tensors, as for torch.export.
         config: SkipConfig; defaults to SkipConfig() (span 2, preserve, pre-activation).
         plan: apply this plan (e.g. an edited ``--plan-out`` file) instead of
@@ -174,6 +175,7 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
         >>> result.module(torch.randn(8, 64)).shape                                 # doctest: +SKIP
     """
     inputs = normalize_inputs(example_inputs)
+    model = as_module(model)  # an ExportedProgram or its .module() refuses .eval()
     gm = trace_model(model, inputs, trace)
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:

@@ -26,13 +26,14 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ._fx import META, CaptureInfo, input_dependent
+from ._fx import META, CaptureInfo, capture_info, input_dependent
 from ._torch import normalize_inputs, quiet_copy, quiet_torch
 from .config import TraceOptions
 from .errors import ConfigError, ShapeError, TraceError, brief
-from .exported import dynamic_batch_args, graph_module_from_export, is_unlifted, plain_graph_module
+from .exported import (as_module, dynamic_args, graph_module_from_export, is_unlifted,
+                       plain_graph_module)
 from .inplace import remove_inplace
-from .shapes import propagate_shapes, runs
+from .shapes import inputs_message, propagate_shapes, run_error
 from .shortcuts import is_shortcut
 
 __all__ = ["trace_model", "default_leaf_modules"]
@@ -70,6 +71,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     """
     options = options or TraceOptions()
     inputs = normalize_inputs(example_inputs)
+    model = as_module(model)
     concrete = options.concrete_args
     _check_concrete(model, concrete)
     _check_arity(model, inputs, concrete)
@@ -91,15 +93,19 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         except ShapeError as shape_error:
             # fx can trace code it then cannot run (shape-dependent Python);
             # only a model that runs as it is deserves the export fallback.
-            if not runs(model, inputs, fake=options.fake):
+            if run_error(model, inputs, fake=options.fake) is not None:
                 raise
             gm, fx_error = None, shape_error
     if gm is None:
-        gm, method = _trace_export(work, inputs, fx_error, options.dynamic_batch), "export"
+        rejected = run_error(model, inputs, fake=options.fake)
+        if rejected is not None:  # no capture method helps: say what is wrong with the inputs
+            raise ShapeError(inputs_message(model, inputs, rejected)) from rejected
+        gm, method = _trace_export(work, inputs, fx_error, options), "export"
         remove_inplace(gm)
         propagate_shapes(gm, inputs, fake=options.fake)
+    dynamic = capture_info(gm).dynamic if method in ("export", "graph") else None
     gm.meta[META] = CaptureInfo(method=method, fx_error=None if fx_error is None
-                                else _describe_fx_failure(fx_error))
+                                else _describe_fx_failure(fx_error), dynamic=dynamic)
     gm.train(model.training)
     return gm
 
@@ -267,10 +273,18 @@ def _user_frame(exc: BaseException | None) -> str:
 
 
 def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | None,
-                  dynamic_batch: bool) -> fx.GraphModule:
-    """torch.export, with the batch symbolic where the model allows it (see exported.py)."""
-    attempts = [dynamic_batch_args(inputs)] if dynamic_batch else []
-    if not attempts or attempts[0][1] is not None:
+                  options: TraceOptions) -> fx.GraphModule:
+    """torch.export, with the batch symbolic where the model allows it (see exported.py).
+
+    Dims the user asked to keep dynamic are never quietly fixed: if export cannot
+    keep them symbolic, the error says so.
+    """
+    attempts = []
+    if options.dynamic_batch or options.dynamic:
+        attempts.append(dynamic_args(inputs, batch=options.dynamic_batch, dims=options.dynamic))
+    if options.dynamic:
+        attempts.append(dynamic_args(inputs, batch=False, dims=options.dynamic))
+    elif not attempts or attempts[0][1] is not None:
         attempts.append((inputs, None))  # the model may pin its batch: capture it static
     error = None
     for args, dims in attempts:
@@ -282,6 +296,12 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
             return graph_module_from_export(ep)
         except Exception as exc:
             error = error or exc
+    if options.dynamic and fx_error is not None:
+        asked = ", ".join(f"{'every input' if i is None else f'input {i}'} dim {d}"
+                          for i, d in options.dynamic)
+        raise TraceError(f"torch.export cannot keep {asked} dynamic for "
+                         f"{type(model).__name__}: {brief(error)}; drop --dynamic for that dim "
+                         "(the graph then accepts only the example's size there)") from error
     module = fx_error.module[0] if isinstance(fx_error, _FxFailure) else ""
     hint = f"(e.g. --leaf '{module}')" if module else "(leaf_modules / --leaf)"
     where = _user_frame(error)

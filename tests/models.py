@@ -576,3 +576,41 @@ def build(name: str, seed: int = 0):
     model = randomize_bn(builder(), seed).eval()
     g = torch.Generator().manual_seed(seed + 1)
     return model, tuple(torch.randn(s, generator=g) for s in shapes)
+
+
+class PosMLP(nn.Module):
+    """Python control flow on a shape (fx fails, torch.export captures it) and a position table
+    sliced by the sequence length: the capture depends on a non-batch dim."""
+
+    def __init__(self, positions: int = 8, width: int = 16, depth: int = 4):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(positions, width))
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x + self.pos[: x.shape[1]]
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+
+class TokenStack(nn.Module):
+    """A BERT-like encoder without residuals on token ids: an embedding, positions from the
+    sequence length, a length check (as Hugging Face models write it) and plain blocks."""
+
+    def __init__(self, vocab: int = 50, positions: int = 16, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.positions = positions
+        self.tokens = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(positions, width)
+        self.blocks = nn.ModuleList(ViTBlock(width, heads=2, residual=False) for _ in range(depth))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, ids):
+        if ids.shape[1] > self.positions:
+            raise ValueError("sequence longer than the position table")
+        x = self.tokens(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x[:, 0])

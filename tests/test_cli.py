@@ -138,8 +138,10 @@ def test_several_inputs_and_dtype(tmp_path):
             return self.a(a) * self.b(b)
 
     path = tmp_path / "two.pt2"
+    batch = torch.export.Dim("batch")
     torch.export.save(torch.export.export(TwoInputs().eval(), (torch.randn(2, 6),
-                                                               torch.randn(2, 4))), path)
+                                                               torch.randn(2, 4)),
+                                          dynamic_shapes=({0: batch}, {0: batch})), path)
     result = run("add-skips", path, "-i", "3,6", "-i", "3,4", "--dtype", "float64",
                  "-o", tmp_path / "o.pt2", "--json")
     assert result.exit_code == 0, result.output
@@ -271,3 +273,35 @@ def test_a_rewritten_archive_is_recognised_on_a_second_pass(example_models, tmp_
 def test_version():
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.startswith("ressurgeon 0.1.0 (torch ")
+
+
+def test_token_id_inputs_take_the_dtype_the_archive_recorded(tmp_path):
+    from models import TokenStack
+
+    model, ids = TokenStack().eval(), torch.randint(0, 50, (2, 8))
+    path = tmp_path / "tok.pt2"
+    torch.export.save(torch.export.export(model, (ids,)), path)
+    result = run("add-skips", path, "-o", tmp_path / "o.pt2", "--json")  # int64 from the archive
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parity"]["max_abs_diff"] == 0
+    result = run("add-skips", path, "-i", "2,8:int64", "--vocab", "10", "--dry-run")
+    assert result.exit_code == 0, result.output
+    line = one_line_error(run("add-skips", path, "-i", "2,8", "--dry-run"))
+    assert "2,8:int64" in line
+    assert "is not a dtype" in one_line_error(run("add-skips", path, "-i", "2,8:int7"))
+
+
+def test_dynamic_flag_keeps_the_sequence_dim_of_a_capture(tmp_path):
+    from models import PosMLP
+
+    model = PosMLP().eval()
+    path = tmp_path / "pos.pt"
+    torch.save(model, path)  # torch.nn-only? no: PosMLP is our class, so --trust-pickle
+    out = tmp_path / "o.pt2"
+    result = run("add-skips", path, "-i", "2,8,16", "--dynamic", "1", "--trust-pickle", "-o", out)
+    assert result.exit_code == 0, result.output
+    reloaded = torch.export.load(out).module()
+    for length in (1, 3, 8):
+        x = torch.randn(2, length, 16)
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=1e-6)
+    assert "INPUT:DIM" in one_line_error(run("add-skips", path, "--dynamic", "x", "-i", "2,8,16"))

@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from models import FAMILIES, DataBranchNet, InplaceCNN, build
+from models import FAMILIES, DataBranchNet, InplaceCNN, PosMLP, TokenStack, build
+from ressurgeon import (ShapeError, SkipConfig, TraceError, TraceOptions, add_skips, load_model,
+                        save_model, trace_model)
 from ressurgeon._fx import capture_info, info
-from ressurgeon import ShapeError, TraceError, trace_model
 from ressurgeon.inplace import remove_inplace
 
 
@@ -144,3 +145,57 @@ def test_shared_inplace_relu_called_twice_keeps_the_function():
     with torch.no_grad():
         torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
     assert m.relu.inplace
+
+
+# -- captures never answer for inputs they did not cover ----------------------------------------
+
+def test_an_export_capture_refuses_a_size_it_did_not_cover():
+    model = PosMLP().eval()
+    result = add_skips(model, (torch.randn(2, 8, 16),))
+    assert result.method == "export" and result.skips
+    with pytest.raises(ShapeError, match="size 1 at dim 1.*captured by torch.export with size 8"):
+        result.module(torch.randn(2, 1, 16))  # used to return shape (2, 8, 16)
+    x = torch.randn(5, 8, 16)  # the batch stays dynamic
+    torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("build,make", [
+    (PosMLP, lambda n: torch.randn(3, n, 16)),
+    (TokenStack, lambda n: torch.randint(0, 50, (3, n))),
+])
+def test_a_dynamic_sequence_dim_is_exact_at_every_length(build, make):
+    model = build().eval()
+    result = add_skips(model, (make(8),), SkipConfig(span=2),
+                       trace=TraceOptions(dynamic=(1,)))
+    assert result.method == "export" and result.skips
+    assert capture_info(result.module).dynamic == ((0, 0), (0, 1))
+    for length in (1, 3, 8):
+        x = make(length)
+        torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=0)
+    with pytest.raises((ShapeError, ValueError, RuntimeError)):
+        result.module(make(9 if build is PosMLP else 17))  # past what the model itself allows
+
+
+def test_a_saved_archive_keeps_the_dynamic_sequence_dim(tmp_path):
+    model = TokenStack().eval()
+    result = add_skips(model, (torch.randint(0, 50, (2, 8)),), trace=TraceOptions(dynamic=(1,)))
+    save_model(result.module, tmp_path / "t.pt2", (torch.randint(0, 50, (2, 8)),))
+    reloaded = load_model(tmp_path / "t.pt2")
+    for length in (2, 5):
+        ids = torch.randint(0, 50, (4, length))
+        torch.testing.assert_close(reloaded(ids), model(ids), rtol=0, atol=1e-6)
+
+
+def test_dims_asked_dynamic_are_never_quietly_fixed():
+    class Pinned(PosMLP):
+        def forward(self, x):
+            torch._check(x.shape[1] == 8)  # the model's own code fixes the length
+            return super().forward(x)
+
+    with pytest.raises(TraceError, match="cannot keep every input dim 1 dynamic"):
+        add_skips(Pinned().eval(), (torch.randn(2, 8, 16),), trace=TraceOptions(dynamic=(1,)))
+
+
+def test_float_inputs_to_a_token_model_say_how_to_pass_the_dtype():
+    with pytest.raises(ShapeError, match=r"integer inputs.*2,8:int64"):
+        add_skips(TokenStack().eval(), (torch.randn(2, 8),))

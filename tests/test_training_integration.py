@@ -162,3 +162,49 @@ def test_pickle_and_torch_save_whole_module(name):
     loss.backward()
     assert all(m.gate.grad is not None for m in loaded.modules()
                if isinstance(m, Shortcut) and m.gate is not None)
+
+
+# -- from the CLI's output to fine-tuning and back to deployment ---------------------------------
+
+def test_the_cli_output_fine_tunes_then_folds_and_exports(example_models, tmp_path):
+    from helpers import run_cli
+
+    from ressurgeon import fold, load_model, save_model
+
+    out = tmp_path / "vgg.skips.pt2"
+    assert run_cli("add-skips", example_models["vgg"], "-o", out, "-q").exit_code == 0
+    model = load_model(out)  # trainable: BatchNorm modules, Shortcut modules with gates
+    gates = [m.gate for m in model.modules() if isinstance(m, Shortcut)]
+    assert gates and all(g.item() == 0 for g in gates)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    assert all(g.item() != 0 for g in gates)  # the gates opened
+    tuned = tmp_path / "tuned.pt2"
+    save_model(model, tuned, (x,))
+    folded = fold(load_model(tuned), (x,))
+    assert {s.outcome for s in folded.skips} <= {"absorbed", "kept"}
+    assert folded.max_abs_diff <= folded.tolerance
+    result = run_cli("export", tuned, "--onnx", tmp_path / "t.onnx", "--fold", "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_every_entry_point_takes_what_torch_export_gave(tmp_path):
+    from ressurgeon import export_onnx, find_spans, fold, gradient_flow
+
+    model, (x,) = build("vgg")
+    ep = torch.export.export(model.eval(), (x,))
+    for given in (ep, ep.module()):
+        result = add_skips(given, (x,))
+        assert result.skips and result.parity.max_abs_diff == EXACT
+        assert sum(s.chosen for s in find_spans(given, (x,))) == len(result.skips)
+        assert fold(given, (x,)).max_abs_diff <= 1e-4
+        assert gradient_flow(given, (x,)).skips == len(result.skips)
+        report = export_onnx(given, tmp_path / "m.onnx", (x,))
+        assert report.parity_checked and not report.dynamic_batch  # captured with a fixed batch

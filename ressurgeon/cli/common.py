@@ -69,9 +69,13 @@ ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.p
                                           "module or TorchScript file (with --trust-pickle).",
                                           show_default=False)]
 InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
-    "--input-shape", "-i", metavar="SHAPE", help="Example input shape, e.g. 1,3,224,224; "
-    "repeat for models with several inputs. Defaults to the shapes stored in a .pt2 archive.",
+    "--input-shape", "-i", metavar="SHAPE[:DTYPE]", help="Example input shape, e.g. 1,3,224,224; "
+    "add a dtype for integer inputs, e.g. 2,8:int64 for token ids; repeat for models with "
+    "several inputs. Defaults to the shapes and dtypes stored in a .pt2 archive.",
     show_default=False)]
+VocabOpt = Annotated[Optional[int], typer.Option(
+    "--vocab", metavar="N", help="Integer example inputs are drawn from [0, N); default: the "
+    "smallest nn.Embedding of the model (else 2).", show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
@@ -93,6 +97,10 @@ ConcreteOpt = Annotated[Optional[list[str]], typer.Option(
     "--concrete", metavar="NAME=VALUE", help="Fix a non-tensor forward argument while tracing, "
     "e.g. --concrete features_only=True (value as a Python literal; repeatable).",
     show_default=False)]
+DynamicOpt = Annotated[Optional[list[str]], typer.Option(
+    "--dynamic", metavar="[INPUT:]DIM", help="Keep this dim symbolic when torch.export captures "
+    "or saves the model, e.g. --dynamic 1 for the sequence dim of every input, --dynamic 0:1 "
+    "for input 0 only (repeatable). The batch (dim 0) is dynamic already.", show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", metavar="FILE.png", help="Also draw a figure (.png, .svg or .pdf); needs "
     "matplotlib: pip install 'ressurgeon\\[plot]'.", show_default=False)]
@@ -206,15 +214,41 @@ def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEF
 
 
 def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | None = None,
-                     fake: bool = False) -> TraceOptions:
+                     fake: bool = False, dynamic: list[str] | None = None) -> TraceOptions:
     return TraceOptions(leaf_modules=tuple(leaf or ()), concrete_args=parse_concrete(concrete),
-                        fake=fake)
+                        fake=fake, dynamic=parse_dynamic(dynamic))
+
+
+def parse_dynamic(items: list[str] | None) -> tuple[tuple[int | None, int], ...]:
+    """['1', '0:2'] -> ((None, 1), (0, 2))."""
+    pairs = []
+    for item in items or ():
+        match = re.fullmatch(r"(?:([0-9]{1,3}):)?(-?[0-9]{1,3})", item.strip())
+        if match is None:
+            raise ConfigError(f"--dynamic {item!r} must be DIM or INPUT:DIM, e.g. --dynamic 1 "
+                              "(every input's dim 1) or --dynamic 0:1")
+        pairs.append((None if match[1] is None else int(match[1]), int(match[2])))
+    return tuple(pairs)
 
 
 MAX_DIM = 2 ** 31 - 1
 # Example inputs only need to be representative; past this they would take more
 # memory than any shape check needs (the model's activations take far more still).
 MAX_INPUT_BYTES = 2 ** 30
+
+
+INPUT_DTYPES = {"int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+                "bool": "bool", "float32": "float32", "float16": "float16",
+                "bfloat16": "bfloat16", "float64": "float64"}
+
+
+def parse_input(text: str) -> tuple[tuple[int, ...], str | None]:
+    """'2,8:int64' -> ((2, 8), 'int64'); '1,3,32,32' -> ((1, 3, 32, 32), None)."""
+    shape_text, sep, dtype = text.partition(":")
+    if sep and dtype.strip() not in INPUT_DTYPES:
+        raise ConfigError(f"--input-shape {text!r}: {dtype!r} is not a dtype; use one of "
+                          f"{', '.join(sorted(set(INPUT_DTYPES.values())))}, e.g. 2,8:int64")
+    return parse_shape(shape_text), INPUT_DTYPES[dtype.strip()] if sep else None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -234,7 +268,7 @@ def check_input_memory(shapes: list[tuple[int, ...]], dtype, flag: str = "--inpu
 
     import torch
 
-    size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    size = sum(math.prod(s) for s in shapes) * max(8, torch.empty((), dtype=dtype).element_size())
     if size > MAX_INPUT_BYTES:
         shown = " ".join(",".join(map(str, s)) for s in shapes)
         raise ConfigError(f"{flag} {shown} would take {size / 2 ** 30:.1f} GiB of example input "
@@ -359,7 +393,7 @@ def check_plot_extra(plot: Path | None) -> None:
 
 def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
                      dtype: str, device: str, out: Output, plan_shapes=(), *,
-                     shapes_only: bool = False):
+                     shapes_only: bool = False, vocab: int | None = None):
     """Load the model and build seeded example inputs on the requested dtype and device.
 
     A TorchScript archive (only with --trust-pickle) becomes a graph here, once
@@ -375,29 +409,64 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
     with out.step(f"loading {model_path}"):
         model = load_model(model_path, arch=arch, trust_pickle=trust)
     if isinstance(model, torch.jit.ScriptModule):  # needs inputs before it can become a graph
-        script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes)
+        script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes,
+                                       vocab=vocab)
         with out.step("converting TorchScript to a graph"):
             model = from_torchscript(model, script_inputs)
     model = model.to(device=dev, dtype=dt)
     return model, example_inputs(model, shapes, model_path, dt, "meta" if shapes_only else dev,
-                                 plan_shapes)
+                                 plan_shapes, vocab=vocab)
 
 
 def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None, device=None,
-                   plan_shapes=()) -> tuple:
-    """Seeded random inputs of the given shapes (or those a plan or a .pt2 recorded)."""
+                   plan_shapes=(), *, vocab: int | None = None) -> tuple:
+    """Seeded random inputs of the given shapes and dtypes (or those a plan or a .pt2 recorded).
+
+    Floating inputs take ``dtype`` (the model's); integer inputs (token ids) are
+    drawn from [0, vocab), vocab defaulting to the model's smallest embedding.
+    """
     import torch
 
-    parsed = [parse_shape(s) for s in shapes] if shapes else list(plan_shapes) or \
-        stored_shapes(model)
-    if not parsed:
+    if shapes:
+        specs = [parse_input(s) for s in shapes]
+    else:
+        specs = [(tuple(s), None) for s in plan_shapes] or stored_inputs(model)
+    if not specs:
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
-                          "e.g. --input-shape 1,3,224,224")
+                          "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids)")
+    if vocab is not None and vocab < 1:
+        raise ConfigError(f"--vocab {vocab} must be at least 1")
+    dtypes = [getattr(torch, name) if name else (dtype or torch.float32) for _, name in specs]
     if str(device) == "meta":
-        return tuple(torch.empty(s, dtype=dtype, device="meta") for s in parsed)
-    check_input_memory(parsed, dtype or torch.float32)
+        return tuple(torch.empty(s, dtype=d, device="meta") for (s, _), d in zip(specs, dtypes))
+    check_input_memory([s for s, _ in specs], dtype or torch.float32)
     gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in parsed)
+    high = vocab or embedding_size(model) or 2
+    made = []
+    for (shape, _), dt in zip(specs, dtypes):
+        if dt.is_floating_point:
+            made.append(torch.randn(shape, generator=gen).to(device=device, dtype=dt))
+        else:
+            top = 2 if dt is torch.bool else high
+            made.append(torch.randint(0, top, shape, generator=gen).to(device=device, dtype=dt))
+    return tuple(made)
+
+
+def embedding_size(model) -> int | None:
+    """The smallest number of embeddings of any nn.Embedding (or aten.embedding weight) in it."""
+    import torch
+    from torch import fx
+
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, fx.Graph):
+        for node in graph.nodes:
+            if node.target is torch.ops.aten.embedding.default and node.args \
+                    and getattr(node.args[0], "op", None) == "get_attr":
+                owner, _, leaf = str(node.args[0].target).rpartition(".")
+                weight = getattr(model.get_submodule(owner) if owner else model, leaf)
+                sizes.append(int(weight.shape[0]))
+    return min(sizes) if sizes else None
 
 
 def real_inputs(model, inputs: tuple) -> tuple:
@@ -405,8 +474,25 @@ def real_inputs(model, inputs: tuple) -> tuple:
     if not any(t.device.type == "meta" for t in inputs):
         return inputs
     device = next((p.device for p in model.parameters()), None)
-    return example_inputs(model, None, Path("model"), inputs[0].dtype, device,
-                          plan_shapes=[tuple(t.shape) for t in inputs])
+    floats = [t.dtype for t in inputs if t.is_floating_point()]
+    specs = [",".join(map(str, t.shape)) + ("" if t.is_floating_point()
+                                             else f":{str(t.dtype).removeprefix('torch.')}")
+             for t in inputs]
+    return example_inputs(model, specs, Path("model"), floats[0] if floats else None, device)
+
+
+def stored_inputs(model) -> list[tuple[tuple[int, ...], str | None]]:
+    """(shape, dtype name or None for floats) of each input a torch.export archive recorded."""
+    from torch import fx
+
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return []
+    dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in graph.nodes
+              if n.op == "placeholder"]
+    return [(shape, None if dt is None or dt.is_floating_point
+             else str(dt).removeprefix("torch."))
+            for shape, dt in zip(stored_shapes(model), dtypes)]
 
 
 def stored_shapes(model) -> list[tuple[int, ...]]:

@@ -10,7 +10,7 @@ import typer
 from . import render
 from .common import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
                      LeafOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output, QuietOpt,
-                     StaticBatchOpt, TrustOpt, WideOpt, check_paths,
+                     StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, check_paths,
                      default_output, load_with_inputs, session, trace_from_flags)
 from .surgery import write_onnx
 
@@ -20,6 +20,7 @@ def export_cmd(
     onnx: Annotated[Path, typer.Option(
         "--onnx", metavar="OUT.onnx", help="The ONNX file to write.", show_default=False)],
     input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
     opset: OpsetOpt = None,
     fp16: Fp16Opt = False,
     static_batch: StaticBatchOpt = False,
@@ -48,7 +49,8 @@ def export_cmd(
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         check_paths([model], {"--onnx": onnx})
-        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       vocab=vocab)
         folded = None
         if fold_first:
             folded = _fold(net, inputs, out, trace=trace_from_flags(leaf=leaf))
@@ -67,6 +69,7 @@ def fold_cmd(
         show_default=False)] = None,
     onnx: OnnxOpt = None,
     input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
     opset: OpsetOpt = None,
     fp16: Fp16Opt = False,
     static_batch: StaticBatchOpt = False,
@@ -108,7 +111,8 @@ def fold_cmd(
         check_paths([model], {"-o": target, "--onnx": onnx})
         if target is not None:
             check_format(target)
-        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       vocab=vocab)
         result = _fold(net, inputs, out, fold_batchnorm=not keep_batchnorm,
                        trace=trace_from_flags(leaf=leaf))
         report = None

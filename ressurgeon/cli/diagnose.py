@@ -12,7 +12,8 @@ from ..errors import ConfigError
 from . import render
 from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
                      InputShapeOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
-                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, WideOpt, cfg_help,
+                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, VocabOpt, WideOpt,
+                     cfg_help,
                      check_paths, check_plot_extra, config_from_flags, console, example_inputs,
                      load_with_inputs, session, trace_from_flags)
 
@@ -20,6 +21,7 @@ from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOp
 def diagnose_cmd(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     init: Annotated[str, typer.Option(
@@ -68,17 +70,19 @@ def diagnose_cmd(
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         from ..diagnose import gradient_flow
-        from ..load import load_model
+        from ..load import from_torchscript, load_model
 
         config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
                                    include=include, exclude=exclude, max_skips=max_skips)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
-        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       vocab=vocab)
         other = None
         if rewritten is not None:
             with out.step(f"loading {rewritten}"):
-                other = load_model(rewritten, trust_pickle=trust_pickle)
+                other = from_torchscript(load_model(rewritten, trust_pickle=trust_pickle),
+                                         inputs)
             other = other.to(device=inputs[0].device, dtype=inputs[0].dtype)
         with out.step("measuring gradient flow"):
             report = gradient_flow(net, inputs, config, rewritten=other, train=not eval_mode,
@@ -186,7 +190,7 @@ def _plot_gates(loaded, report, model: Path, shapes, leaf, plot: Path, out) -> N
                           "pass --arch module:callable that builds the rewritten model, or use "
                           "the .pt2 archive add-skips wrote")
     try:
-        inputs = example_inputs(loaded, shapes, model)
+        inputs = example_inputs(loaded, shapes, model)  # token models: -i 2,8:int64
     except ConfigError:
         raise ConfigError(f"--plot traces the model and cannot tell the input shape of {model}; "
                           "pass --input-shape, e.g. --input-shape 1,3,224,224") from None

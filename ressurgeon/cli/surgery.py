@@ -8,10 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from . import render
-from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
+from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+                     ExcludeOpt,
                      FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt,
                      LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output,
-                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, WideOpt,
+                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, VocabOpt,
+                     WideOpt,
                      check_paths, check_plot_extra, config_from_flags,
                      default_output, load_with_inputs, real_inputs, session,
                      trace_from_flags)
@@ -23,6 +25,7 @@ def add_skips_cmd(
         "--output", "-o", help="Where to write the rewritten model (.pt2, .pt, .safetensors). "
         "Default: MODEL.skips.pt2 beside the input.", show_default=False)] = None,
     input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     init: InitOpt = DEFAULTS.init,
@@ -55,6 +58,7 @@ def add_skips_cmd(
     leaf: LeafOpt = None,
     concrete: ConcreteOpt = None,
     fake: FakeOpt = False,
+    dynamic: DynamicOpt = None,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the parity check against the original model.")] = False,
     plot: PlotOpt = None,
@@ -83,7 +87,7 @@ def add_skips_cmd(
 
         config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
                                    include=include, exclude=exclude, max_skips=max_skips)
-        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
+        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
             onnx = save_code = None
@@ -95,7 +99,7 @@ def add_skips_cmd(
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        loaded_plan.input_shapes if loaded_plan else (),
-                                       shapes_only=fake and no_verify)
+                                       shapes_only=fake and no_verify, vocab=vocab)
         with out.step("tracing and inserting shortcuts"):
             from ..surgery import add_skips
 
@@ -192,6 +196,7 @@ def write_onnx(module, inputs: tuple, path: Path, out: Output, *, opset: int | N
 def inspect_cmd(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     placement: PlacementOpt = DEFAULTS.placement,
@@ -205,6 +210,7 @@ def inspect_cmd(
     leaf: LeafOpt = None,
     concrete: ConcreteOpt = None,
     fake: FakeOpt = False,
+    dynamic: DynamicOpt = None,
     plot: PlotOpt = None,
     wide: WideOpt = False,
     as_json: JsonOpt = False,
@@ -226,10 +232,11 @@ def inspect_cmd(
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         config = config_from_flags(span=span, kind=kind, placement=placement, include=include,
                                    exclude=exclude, max_skips=max_skips)
-        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake)
+        trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
-        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       vocab=vocab)
         with out.step("tracing"):
             from ..surgery import inspect_model
 

@@ -39,7 +39,7 @@ from .._fx import META, call_counts, editable_layer
 from .._torch import normalize_inputs, quiet_copy
 from ..config import TraceOptions
 from ..errors import ShapeError, VerificationError
-from ..exported import is_unlifted, lift_weighted_ops, plain_graph_module
+from ..exported import as_module, is_unlifted, lift_weighted_ops, plain_graph_module
 from ..registry import Trait, has_trait
 from ..shapes import propagate_shapes
 from ..shortcuts import is_shortcut, lift_shortcuts
@@ -119,6 +119,7 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
         ['merged', 'merged', 'absorbed']
     """
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
+    module = as_module(module)
     if isinstance(module, fx.GraphModule):
         gm = quiet_copy(module)
         if is_unlifted(gm):
