@@ -496,7 +496,9 @@ def test_transformers_llama_expanded_matches_logits_and_generation(tmp_path):
     original = transformers.AutoModelForCausalLM.from_config(config).eval()
     original.save_pretrained(tmp_path / "src", max_shard_size="100KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").exists()
-    report = expand_checkpoint(tmp_path / "src", tmp_path / "dst", blocks=2)
+    report = expand_checkpoint(tmp_path / "src", tmp_path / "dst", blocks=2,
+                               max_shard_bytes=100_000)   # transformers reads our index
+    assert len(report.shards) > 1
     deeper, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "dst", output_loading_info=True)
     deeper.eval()
@@ -508,3 +510,57 @@ def test_transformers_llama_expanded_matches_logits_and_generation(tmp_path):
         assert torch.equal(deeper(ids).logits, original(ids).logits)
         kwargs = {"max_new_tokens": 6, "do_sample": False, "use_cache": True, "pad_token_id": 0}
         assert torch.equal(deeper.generate(ids, **kwargs), original.generate(ids, **kwargs))
+
+
+# family -> (config class, kwargs, the ZERO_RULES rule each copy uses); tiny random models
+SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+         "num_attention_heads": 4}
+FAMILIES = {
+    "gpt2": ("GPT2Config", {"vocab_size": 64, "n_embd": 32, "n_layer": 4, "n_head": 4},
+             ("gpt2", "gpt2")),
+    "gptj": ("GPTJConfig", {"vocab_size": 64, "n_embd": 32, "n_layer": 4, "n_head": 4,
+                            "rotary_dim": 4}, ("gpt-j", "gpt-j")),
+    "gpt_neox": ("GPTNeoXConfig", SMALL, ("gpt-neox", "gpt-neox")),
+    "falcon": ("FalconConfig", {**SMALL, "intermediate_size": None}, ("falcon", "falcon")),
+    "phi": ("PhiConfig", SMALL, ("phi", "phi")),
+    "opt": ("OPTConfig", {"vocab_size": 64, "hidden_size": 32, "ffn_dim": 64,
+                          "num_hidden_layers": 4, "num_attention_heads": 4,
+                          "word_embed_proj_dim": 32}, ("opt", "opt")),
+    "gemma3": ("Gemma3TextConfig", {**SMALL, "num_key_value_heads": 2, "head_dim": 8,
+                                    "sliding_window": 4}, ("llama", "llama")),
+    "mixtral": ("MixtralConfig", {**SMALL, "num_key_value_heads": 2, "num_local_experts": 4},
+                ("mixtral", "mixtral")),
+    "qwen3_moe": ("Qwen3MoeConfig", {**SMALL, "num_key_value_heads": 2, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                                     "mlp_only_layers": [1]}, ("llama", "qwen-moe")),
+    "qwen2_moe": ("Qwen2MoeConfig", {**SMALL, "num_key_value_heads": 2, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                                     "shared_expert_intermediate_size": 16},
+                  ("qwen2-moe", "qwen2-moe")),
+    "deepseek_v3": ("DeepseekV3Config", {**SMALL, "num_key_value_heads": 4,
+                                         "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 16, "n_shared_experts": 1,
+                                         "first_k_dense_replace": 1, "q_lora_rank": 16,
+                                         "kv_lora_rank": 16, "qk_rope_head_dim": 4,
+                                         "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1,
+                                         "topk_group": 1}, ("deepseek-moe", "deepseek-moe")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_transformers_families_expand_exactly(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    name, kwargs, rules = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(**{k: v for k, v in kwargs.items() if v is not None})
+    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    original.save_pretrained(tmp_path / "src")
+    report = expand_checkpoint(tmp_path / "src", tmp_path / "dst", insert_after=[1, 2])
+    assert report.zero_rules == rules
+    deeper, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dst", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(1, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(deeper.eval()(ids).logits, original(ids).logits)

@@ -64,6 +64,7 @@ ZERO_RULES: dict[str, tuple[str, ...]] = {
     "gpt-j": ("attn.out_proj", "mlp.fc_out"),
     "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),   # also BLOOM
     "phi": ("self_attn.dense", "mlp.fc2"),
+    "opt": ("self_attn.out_proj", "fc2"),
 }
 
 # Post-norm blocks, ``norm(x + f(x))``: a zero branch leaves ``norm(x)``, not x, so block
@@ -88,13 +89,15 @@ INDEX_LIST_KEYS = frozenset({"mlp_only_layers", "full_attn_idxs", "moe_layers",
 NOT_PER_LAYER_KEYS = frozenset({"architectures", "bos_token_id", "eos_token_id",
                                 "pad_token_id", "bad_words_ids", "suppress_tokens",
                                 "begin_suppress_tokens"})
-# Rules that give a layer its kind by its index (every k-th layer is MoE, the first k dense):
-# inserted layers would move existing layers to other kinds. Allowed at the value under which
-# every layer is alike, or when the config lists the kinds per layer (``layer_types``).
-SCHEDULE_KEYS = {"decoder_sparse_step": 1, "first_k_dense_replace": 0, "moe_layer_interval": 1,
-                 "interleave_moe_layer_step": 1, "moe_layer_freq": 1, "expert_layer_period": 1,
-                 "attn_layer_period": 1, "cross_attention_frequency": 1,
-                 "no_rope_layer_interval": 0, "global_attn_every_n_layers": 1}
+# Rules that give a layer its kind by its index; inserted layers would move existing layers
+# to other kinds. Periodic rules (every k-th layer is MoE) are allowed only at the value under
+# which every layer is alike; a first-k rule (the first k layers are dense) when every copy comes
+# from a layer past the first k; a rule superseded by ``layer_types`` when the config lists it.
+PERIODIC_KEYS = {"decoder_sparse_step": 1, "moe_layer_interval": 1, "interleave_moe_layer_step": 1,
+                 "moe_layer_freq": 1, "expert_layer_period": 1, "attn_layer_period": 1,
+                 "cross_attention_frequency": 1, "no_rope_layer_interval": 0,
+                 "global_attn_every_n_layers": 1}
+FIRST_K_KEYS = ("first_k_dense_replace",)
 # key -> the flag that turns its rule on (None: always on)
 LISTED_SCHEDULE_KEYS = {"sliding_window_pattern": None, "_sliding_window_pattern": None,
                         "max_window_layers": "use_sliding_window"}
@@ -204,9 +207,9 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
         >>> report.layers_before, report.layers_after                        # doctest: +SKIP
         (32, 40)
     """
-    src, dst = Path(src_dir), Path(dst_dir)
+    src, dst = Path(src_dir), Path(dst_dir).resolve()
     _check_options(every, blocks, insert_after, zero, max_shard_bytes)
-    _check_dirs(src, dst)
+    _check_dirs(src, Path(dst_dir))
     source = _find_source(src)
     tensors, shard_metadata = _read_tensors(source)
     settings = _read_config(src)
@@ -241,7 +244,7 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
 
     new = [i for i, (_, is_new) in enumerate(sources) if is_new]
     return ExpansionReport(
-        source=str(src), dest=str(dst), prefix=prefix, layers_before=len(layers),
+        source=str(src), dest=str(dst_dir), prefix=prefix, layers_before=len(layers),
         layers_after=len(sources), new_layers=tuple(new),
         copied_from=tuple(sources[i][0] for i in new), zero_rules=tuple(rules),
         zeroed=tuple(t.name for t in outputs if t.zero), bytes_written=written,
@@ -281,8 +284,8 @@ def _check_dirs(src: Path, dst: Path) -> None:
         raise ExportError(f"the destination {dst} lies inside the source {src}; give a folder "
                           "outside it")
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
-        raise ExportError(f"{dst} exists and is not a folder; give a new or empty folder")
-    if dst.is_dir() and any(p for p in dst.iterdir() if not _ours(p, dst)):
+        raise ExportError(f"{dst} is a file or a link; give a new or empty folder")
+    if dst.is_dir() and any(p for p in dst.iterdir() if not _ours(p, real_dst)):
         raise ExportError(f"{dst} is not empty; give a new or empty folder (nothing there is "
                           "overwritten)")
     check_writable(dst / "config.json" if dst.is_dir() else dst)
@@ -367,7 +370,7 @@ def _read_header(path: Path) -> tuple[dict[str, _Tensor], dict | None]:
             header = json.loads(f.read(n))
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise damaged(f"header is not JSON: {brief(exc, 60)}") from exc
     if not isinstance(header, dict):
         raise damaged("header is not a JSON object")
@@ -447,7 +450,9 @@ def _split_name(name: str, prefix: str) -> tuple[int, str] | None:
 def _find_stack(tensors: dict[str, _Tensor], prefix: str | None,
                 counts: set[int]) -> tuple[str, list[dict[str, str]]]:
     """The layer prefix and, per layer, ``{rest: full name}``."""
-    if prefix is None:
+    if prefix is not None:
+        prefix = prefix.rstrip(".")
+    else:
         stacks: dict[str, set[int]] = {}
         for name in tensors:
             parts = name.split(".")
@@ -637,17 +642,7 @@ def _expand_config(settings: dict, n: int, sources: list[tuple[int, bool]]) -> t
         raise ConfigError(f"config.json gives {n} layers in both {holders[0][1] or 'top level'} "
                           f"and {holders[1][1] or 'top level'}; pass config=False and edit it")
     d, path = holders[0]
-    has_list = isinstance(d.get("layer_types"), list)
-    for key, neutral in SCHEDULE_KEYS.items():
-        if key in d and d[key] is not None and d[key] != neutral:
-            raise ConfigError(f"config.json sets {path}{key}={d[key]}, a rule that gives layers "
-                              "their kind by index; new layers would change the kind of later "
-                              "ones. Pass config=False and list the layers' kinds yourself")
-    for key, switch in LISTED_SCHEDULE_KEYS.items():
-        if d.get(key) not in (None, 0) and not has_list and (switch is None or d.get(switch)):
-            raise ConfigError(f"config.json sets {path}{key} without layer_types; new layers "
-                              "would change the kind of later ones. Add layer_types or pass "
-                              "config=False")
+    _check_schedules(d, path, sources)
     renumber = {}
     for new_index, (src, is_new) in enumerate(sources):
         renumber.setdefault(src, []).append(new_index)
@@ -656,7 +651,10 @@ def _expand_config(settings: dict, n: int, sources: list[tuple[int, bool]]) -> t
         if key in LAYER_COUNT_KEYS and value == n:
             d[key] = len(sources)
         elif key in INDEX_LIST_KEYS and isinstance(value, list):
-            d[key] = sorted(j for i in value if type(i) is int for j in renumber.get(i, []))
+            if not all(type(i) is int and 0 <= i < n for i in value):
+                raise ConfigError(f"config.json's {path}{key} holds something other than layer "
+                                  f"indices 0..{n - 1}; fix it or pass config=False")
+            d[key] = sorted(j for i in value for j in renumber[i])
         elif isinstance(value, list) and len(value) == n and key not in NOT_PER_LAYER_KEYS:
             d[key] = [value[src] for src, _ in sources]
         else:
@@ -664,6 +662,29 @@ def _expand_config(settings: dict, n: int, sources: list[tuple[int, bool]]) -> t
         if d[key] != value:
             changed.append(path + key)
     return new, changed
+
+
+def _check_schedules(d: dict, path: str, sources: list[tuple[int, bool]]) -> None:
+    """Refuse a config whose rule by index would give existing layers another kind."""
+    first_copied = min(src for src, is_new in sources if is_new)
+    for key, neutral in PERIODIC_KEYS.items():
+        if d.get(key) not in (None, neutral):
+            raise ConfigError(f"config.json sets {path}{key}={d[key]}: layers get their kind by "
+                              "index, and new layers would shift the kind of later ones; block "
+                              "expansion cannot keep this (config=False copies config.json as "
+                              "is, for model code you adapt)")
+    for key in FIRST_K_KEYS:
+        if type(d.get(key)) is int and first_copied < d[key]:
+            raise ConfigError(f"config.json sets {path}{key}={d[key]}: the first {d[key]} "
+                              f"layers are of another kind, and a copy of layer {first_copied} "
+                              f"would be read as the other kind; insert after layers "
+                              f"{d[key]} and later only")
+    for key, switch in LISTED_SCHEDULE_KEYS.items():
+        if d.get(key) not in (None, 0) and not isinstance(d.get("layer_types"), list) \
+                and (switch is None or d.get(switch)):
+            raise ConfigError(f"config.json sets {path}{key} without layer_types: layers get "
+                              "their kind by index, and new layers would shift the kind of "
+                              "later ones; add layer_types to config.json first")
 
 
 # -- writing --------------------------------------------------------------------------------------
