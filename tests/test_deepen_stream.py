@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -192,8 +191,8 @@ def test_copies_sit_after_their_source_and_later_layers_are_renumbered(llama_dir
     report = expand_checkpoint(src, tmp_path / "dst", **option)
     assert (report.new_layers, report.copied_from) == (new, copied)
     state, old = load_checkpoint(tmp_path / "dst"), model.state_dict()
-    sources = [i for i in range(4)]
-    for index, src_layer in zip(new, copied):
+    sources = list(range(4))
+    for index, src_layer in zip(new, copied, strict=True):
         sources.insert(index, src_layer)
     assert len(sources) == report.layers_after
     for index, src_layer in enumerate(sources):
@@ -251,16 +250,43 @@ def test_nested_config_index_lists_and_schedules(tmp_path):
     assert (tmp_path / "dst3" / "config.json").read_bytes() == (src / "config.json").read_bytes()
 
 
+@pytest.mark.parametrize("extra, after, error", [
+    ({"first_k_dense_replace": 1}, [1, 2], None),      # copies of MoE layers land among MoE ones
+    ({"first_k_dense_replace": 2}, [1], "insert after layers 2 and later only"),
+    ({"no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0]}, [3], None),   # listed
+    ({"sliding_window_pattern": 2}, [0], "add layer_types to config.json first"),
+    ({"max_window_layers": 2, "use_sliding_window": False}, [0], None),           # rule off
+    ({"moe_layer_freq": 2}, [0], "cannot keep this"),
+])
+def test_rules_that_give_layers_a_kind_by_index(tmp_path, extra, after, error):
+    state = {f"model.layers.{i}.{m}.weight": torch.randn(2, 2)
+             for i in range(4) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    src = save_sharded(state, tmp_path / "src", {"num_hidden_layers": 4, **extra})
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            expand_checkpoint(src, tmp_path / "dst", insert_after=after)
+        return
+    expand_checkpoint(src, tmp_path / "dst", insert_after=after)
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 + len(after)
+    if "no_rope_layers" in extra:
+        assert config["no_rope_layers"] == [1, 1, 1, 0, 0]
+
+
 # -- architectures: detected, zeroed, or refused ------------------------------------------------
 
 def gpt2_state(layers=3, d=8):
-    state = {"transformer.wte.weight": torch.randn(20, d), "transformer.ln_f.weight": torch.ones(d)}
+    state = {"transformer.wte.weight": torch.randn(20, d),
+             "transformer.ln_f.weight": torch.ones(d)}
     for i in range(layers):
         p = f"transformer.h.{i}"
-        state |= {f"{p}.ln_1.weight": torch.ones(d), f"{p}.attn.c_attn.weight": torch.randn(d, 3 * d),
-                  f"{p}.attn.c_proj.weight": torch.randn(d, d), f"{p}.attn.c_proj.bias": torch.randn(d),
+        state |= {f"{p}.ln_1.weight": torch.ones(d),
+                  f"{p}.attn.c_attn.weight": torch.randn(d, 3 * d),
+                  f"{p}.attn.c_proj.weight": torch.randn(d, d),
+                  f"{p}.attn.c_proj.bias": torch.randn(d),
                   f"{p}.mlp.c_fc.weight": torch.randn(d, 4 * d),
-                  f"{p}.mlp.c_proj.weight": torch.randn(4 * d, d), f"{p}.mlp.c_proj.bias": torch.randn(d),
+                  f"{p}.mlp.c_proj.weight": torch.randn(4 * d, d),
+                  f"{p}.mlp.c_proj.bias": torch.randn(d),
                   # a buffer in another dtype: the output must keep it and stay aligned
                   f"{p}.attn.bias": torch.tril(torch.ones(1, 1, 4, 4, dtype=torch.bool))}
     return state
@@ -377,10 +403,12 @@ def test_destination_must_be_new_or_empty_and_outside_the_source(llama_dir, tmp_
     full.mkdir()
     (full / "notes.txt").write_text("mine")
     for dst, error in ((full, "not empty"), (src, "inside the source"),
-                       (src / "sub", "inside the source"), (tmp_path / "a" / "b", "does not exist")):
+                       (src / "sub", "inside the source"),
+                       (tmp_path / "a" / "b", "does not exist")):
         with pytest.raises(ExportError, match=error):
             expand_checkpoint(src, dst, blocks=1)
-    assert (full / "notes.txt").read_text() == "mine" and list(full.iterdir()) == [full / "notes.txt"]
+    assert list(full.iterdir()) == [full / "notes.txt"]
+    assert (full / "notes.txt").read_text() == "mine"
     assert tree_digest(src) == before
     empty = tmp_path / "empty"
     empty.mkdir()

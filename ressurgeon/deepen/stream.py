@@ -89,18 +89,38 @@ INDEX_LIST_KEYS = frozenset({"mlp_only_layers", "full_attn_idxs", "moe_layers",
 NOT_PER_LAYER_KEYS = frozenset({"architectures", "bos_token_id", "eos_token_id",
                                 "pad_token_id", "bad_words_ids", "suppress_tokens",
                                 "begin_suppress_tokens"})
-# Rules that give a layer its kind by its index; inserted layers would move existing layers
-# to other kinds. Periodic rules (every k-th layer is MoE) are allowed only at the value under
-# which every layer is alike; a first-k rule (the first k layers are dense) when every copy comes
-# from a layer past the first k; a rule superseded by ``layer_types`` when the config lists it.
-PERIODIC_KEYS = {"decoder_sparse_step": 1, "moe_layer_interval": 1, "interleave_moe_layer_step": 1,
-                 "moe_layer_freq": 1, "expert_layer_period": 1, "attn_layer_period": 1,
-                 "cross_attention_frequency": 1, "no_rope_layer_interval": 0,
-                 "global_attn_every_n_layers": 1}
-FIRST_K_KEYS = ("first_k_dense_replace",)
-# key -> the flag that turns its rule on (None: always on)
-LISTED_SCHEDULE_KEYS = {"sliding_window_pattern": None, "_sliding_window_pattern": None,
-                        "max_window_layers": "use_sliding_window"}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A config key that gives layers their kind by index (every k-th layer is MoE, say).
+
+    Inserted layers would shift such a rule onto existing layers, so a config with one is
+    refused unless the rule is off, neutral, or overridden by a per-layer list (which the
+    expansion extends), or, for a first-k rule, every copy comes from a layer past the first k.
+    """
+
+    neutral: object = None           # the value under which every layer is alike
+    listed_by: str | None = None     # the per-layer list that overrides the rule when present
+    switch: str | None = None        # the flag without which the rule is off
+    first_k: bool = False            # the first k layers differ from the rest
+
+
+SCHEDULES = {
+    "decoder_sparse_step": Schedule(neutral=1),                          # Qwen2/3-MoE
+    "moe_layer_freq": Schedule(neutral=1),                               # DeepSeek-V2
+    "moe_layer_interval": Schedule(neutral=1),                           # ERNIE 4.5 MoE
+    "expert_layer_period": Schedule(neutral=1),                          # Jamba
+    "attn_layer_period": Schedule(neutral=1),
+    "cross_attention_frequency": Schedule(neutral=1),
+    "first_k_dense_replace": Schedule(neutral=0, listed_by="mlp_layer_types", first_k=True),
+    "interleave_moe_layer_step": Schedule(neutral=1, listed_by="moe_layers"),   # Llama 4
+    "no_rope_layer_interval": Schedule(listed_by="no_rope_layers"),      # SmolLM3, Llama 4
+    "global_attn_every_n_layers": Schedule(neutral=1, listed_by="layer_types"),
+    "sliding_window_pattern": Schedule(neutral=1, listed_by="layer_types"),     # Gemma 3
+    "_sliding_window_pattern": Schedule(neutral=1, listed_by="layer_types"),
+    "max_window_layers": Schedule(listed_by="layer_types", switch="use_sliding_window"),  # Qwen2
+}
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)  # as _io
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
@@ -617,8 +637,8 @@ def _match(rest: str, pattern: str) -> str | None:
     parameter of the "module" it names (the pattern is a tail of the name; ``*`` any one part)."""
     parts, wanted = rest.split("."), pattern.split(".")
     for kind, tail in (("tensor", parts), ("module", parts[:-1])):
-        if len(tail) >= len(wanted) and all(
-                fnmatch.fnmatchcase(p, w) for p, w in zip(tail[-len(wanted):], wanted)):
+        if len(tail) >= len(wanted) and all(map(fnmatch.fnmatchcase, tail[-len(wanted):],
+                                                   wanted)):
             return kind
     return None
 
@@ -644,7 +664,7 @@ def _expand_config(settings: dict, n: int, sources: list[tuple[int, bool]]) -> t
     d, path = holders[0]
     _check_schedules(d, path, sources)
     renumber = {}
-    for new_index, (src, is_new) in enumerate(sources):
+    for new_index, (src, _) in enumerate(sources):
         renumber.setdefault(src, []).append(new_index)
     changed = []
     for key, value in list(d.items()):
@@ -667,24 +687,19 @@ def _expand_config(settings: dict, n: int, sources: list[tuple[int, bool]]) -> t
 def _check_schedules(d: dict, path: str, sources: list[tuple[int, bool]]) -> None:
     """Refuse a config whose rule by index would give existing layers another kind."""
     first_copied = min(src for src, is_new in sources if is_new)
-    for key, neutral in PERIODIC_KEYS.items():
-        if d.get(key) not in (None, neutral):
-            raise ConfigError(f"config.json sets {path}{key}={d[key]}: layers get their kind by "
-                              "index, and new layers would shift the kind of later ones; block "
-                              "expansion cannot keep this (config=False copies config.json as "
-                              "is, for model code you adapt)")
-    for key in FIRST_K_KEYS:
-        if type(d.get(key)) is int and first_copied < d[key]:
-            raise ConfigError(f"config.json sets {path}{key}={d[key]}: the first {d[key]} "
-                              f"layers are of another kind, and a copy of layer {first_copied} "
-                              f"would be read as the other kind; insert after layers "
-                              f"{d[key]} and later only")
-    for key, switch in LISTED_SCHEDULE_KEYS.items():
-        if d.get(key) not in (None, 0) and not isinstance(d.get("layer_types"), list) \
-                and (switch is None or d.get(switch)):
-            raise ConfigError(f"config.json sets {path}{key} without layer_types: layers get "
-                              "their kind by index, and new layers would shift the kind of "
-                              "later ones; add layer_types to config.json first")
+    for key, rule in SCHEDULES.items():
+        value = d.get(key)
+        if value is None or value == rule.neutral or (rule.switch and not d.get(rule.switch)) \
+                or isinstance(d.get(rule.listed_by), list):
+            continue
+        if rule.first_k and type(value) is int and first_copied >= value:
+            continue
+        fix = (f"insert after layers {value} and later only" if rule.first_k else
+               f"add {rule.listed_by} to config.json first" if rule.listed_by else
+               "block expansion cannot keep this (config=False copies config.json as is, for "
+               "model code you adapt)")
+        raise ConfigError(f"config.json sets {path}{key}={value}: layers get their kind by "
+                          f"index, and new layers would shift the kind of later ones; {fix}")
 
 
 # -- writing --------------------------------------------------------------------------------------
