@@ -357,6 +357,11 @@ def test_auto_refuses_a_block_its_rule_does_not_fully_cover(tmp_path):
     with pytest.raises(ConfigError, match="rule 'deepseek-moe' leaves mlp.shared.down_proj"):
         expand_checkpoint(src, tmp_path / "dst", blocks=1)
     assert "qwen2-moe" in ZERO_RULES   # the table is the one place a family is added
+    with pytest.raises(ConfigError, match=r"zero=\['o_proj', 'experts.\*.down_proj'\] leaves "
+                                          "mlp.shared.down_proj"):
+        expand_checkpoint(src, tmp_path / "dst", blocks=1, zero=["o_proj", "experts.*.down_proj"])
+    report = expand_checkpoint(src, tmp_path / "dst", blocks=1, zero=["o_proj", "down_proj"])
+    assert len(report.zeroed) == 5
 
 
 def test_quantized_outputs_are_not_zeroed(tmp_path):

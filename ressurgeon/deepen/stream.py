@@ -593,16 +593,20 @@ def _zeroed(block: dict[str, _Tensor], zero, where: str) -> tuple[str, set[str]]
                 if all(_targets(block, [p]) for p in paths)}
         widest = [f for f in fits if all(fits[f].keys() >= other.keys()
                                          for other in fits.values())]
-        left = sorted(rest for rest in block if _module_leaf(rest) in BRANCH_END_NAMES
-                      and not (widest and rest in fits[widest[0]]))
-        if not widest or left:
+        if not widest:
             what = ("no rule in ZERO_RULES fits" if not fits else
-                    f"the rules {', '.join(sorted(fits))} disagree" if not widest else
-                    f"rule {widest[0]!r} leaves {left[0]}")
+                    f"the rules {', '.join(sorted(fits))} disagree")
             raise ConfigError(f"{what} for block {where} ({', '.join(sorted(block))}); pass "
                               "zero=[...] with the modules that end all its residual branches, "
                               "e.g. zero=['self_attn.o_proj', 'mlp.down_proj']")
         rule, targets = widest[0], fits[widest[0]]
+    left = sorted(rest for rest in block
+                  if _module_leaf(rest) in BRANCH_END_NAMES and rest not in targets)
+    if left:
+        given = f"rule {rule!r}" if zero == "auto" else f"zero={zero!r}"
+        raise ConfigError(f"{given} leaves {left[0]} in block {where}, and such a module ends a "
+                          "residual branch: the copy would not be the identity; pass zero=[...] "
+                          "with the modules that end all its branches")
     for rest, kind in sorted(targets.items()):
         module, _, leaf = rest.rpartition(".")
         if block[rest].dtype not in DTYPE_BYTES or (kind == "module"
