@@ -38,6 +38,7 @@ STAGES = [
     ("pass", {"surgery"}),
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
                 "fold.merge", "fold.rescale"}),
+    ("deepen", {"deepen", "deepen.stream"}),
     ("diagnostics", {"gates", "diagnose", "plot"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
