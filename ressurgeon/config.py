@@ -29,13 +29,15 @@ class Init(StrEnum):
     PRESERVE = "preserve"
     STANDARD = "standard"
     REZERO = "rezero"
+    MORPH = "morph"
 
     @property
     def formula(self) -> str:
         return _FORMULAS[self]
 
 
-_FORMULAS = {Init.PRESERVE: "h + a*S(x)", Init.STANDARD: "h + S(x)", Init.REZERO: "S(x) + a*h"}
+_FORMULAS = {Init.PRESERVE: "h + a*S(x)", Init.STANDARD: "h + S(x)", Init.REZERO: "S(x) + a*h",
+             Init.MORPH: "(1-c+a)*h + c*S(x)"}
 
 
 class Placement(StrEnum):
@@ -92,7 +94,9 @@ class SkipConfig:
         "identity: never project; projection: always use a 1x1 projection.", choices=Kind))
     init: Init = field(default=Init.PRESERVE, metadata=_help(
         "preserve: h + a*S(x), a=0, outputs unchanged (for trained models); "
-        "standard: h + S(x) (training from scratch); rezero: S(x) + a*h, a=0.",
+        "standard: h + S(x) (training from scratch); rezero: S(x) + a*h, a=0; "
+        "morph: (1-c+a)*h + c*S(x), a=c=0, outputs unchanged, then c ramps to 1 while "
+        "fine-tuning (ressurgeon.training.ShortcutRamp).",
         choices=Init))
     placement: Placement = field(default=Placement.PRE, metadata=_help(
         "Where the sum goes: before the span's last activation (ResNet v1) or after it.",

@@ -36,6 +36,7 @@ class Gate:
     init: str | None
     kind: str                    # "identity" | "projection"
     value: float | None
+    ramp: float | None = None    # init "morph": how far the shortcut is open (0..1)
 
     @property
     def formula(self) -> str | None:
@@ -61,7 +62,7 @@ class GateReport:
         return {"gates": [g.to_dict() for g in self.gates], "flattened": self.flattened}
 
 
-_SKIP_PARAM = re.compile(r"^(?P<path>(?:.*\.)?skip_[^.]+)\.(?P<leaf>gate|proj\.weight)$")
+_SKIP_PARAM = re.compile(r"^(?P<path>(?:.*\.)?skip_[^.]+)\.(?P<leaf>gate|ramp|proj\.weight)$")
 
 
 def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
@@ -111,9 +112,11 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
     gates = []
     for name, sub in found:
         src, dst = _layer_names(name, paths)
+        ramp = getattr(sub, "ramp", None)
         gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init.value,
                           kind=sub.kind, value=None if sub.gate is None
-                          else float(sub.gate.detach().float().item())))
+                          else float(sub.gate.detach().float().item()),
+                          ramp=None if ramp is None else float(ramp)))
     return GateReport(gates=tuple(gates), flattened=inlined)
 
 
@@ -124,11 +127,13 @@ def _skip_paths(tensors: dict) -> list[str]:
 
 def _flat_gate(path: str, tensors: dict, paths: set[str]) -> Gate:
     """A shortcut seen only through its tensors: the init cannot be told."""
-    gate = tensors.get(f"{path}.gate")
+    gate, ramp = tensors.get(f"{path}.gate"), tensors.get(f"{path}.ramp")
     kind = "projection" if f"{path}.proj.weight" in tensors else "identity"
     src, dst = _layer_names(path, paths)
-    return Gate(name=path, source_layer=src, target_layer=dst, init=None, kind=kind,
-                value=None if gate is None else float(gate.detach().float().item()))
+    return Gate(name=path, source_layer=src, target_layer=dst,
+                init="morph" if ramp is not None else None, kind=kind,
+                value=None if gate is None else float(gate.detach().float().item()),
+                ramp=None if ramp is None else float(ramp))
 
 
 def _prefixes(names: Iterable[str]) -> set[str]:

@@ -30,17 +30,22 @@ from .registry import Trait, lookup
 
 @dataclass(frozen=True)
 class Term:
-    """One addend of a shortcut: ``gate * proj(operand)`` with each part optional."""
+    """One addend of a shortcut: ``coef * proj(operand)`` with each part optional."""
 
     operand: str         # "h" (the span's output) or "x" (its input)
     projected: bool      # passes through ``module.proj``
-    gated: bool          # multiplied by ``module.gate``
+    coef: str | None     # None (1), or a coefficient ``module.coefficient(coef)`` computes
+
+    @property
+    def gated(self) -> bool:
+        return self.coef is not None
 
 
 _TERMS = {
-    Init.PRESERVE: (Term("h", False, False), Term("x", True, True)),
-    Init.STANDARD: (Term("h", False, False), Term("x", True, False)),
-    Init.REZERO: (Term("x", True, False), Term("h", False, True)),
+    Init.PRESERVE: (Term("h", False, None), Term("x", True, "gate")),
+    Init.STANDARD: (Term("h", False, None), Term("x", True, None)),
+    Init.REZERO: (Term("x", True, None), Term("h", False, "gate")),
+    Init.MORPH: (Term("h", False, "keep"), Term("x", True, "ramp")),
 }
 
 
@@ -49,7 +54,10 @@ class Shortcut(nn.Module):
 
     init "preserve": ``h + gate * S(x)``, gate = 0, the model computes what it did;
     init "standard": ``h + S(x)``, the classic residual block;
-    init "rezero":   ``S(x) + gate * h``, gate = 0, the span starts as identity.
+    init "rezero":   ``S(x) + gate * h``, gate = 0, the span starts as identity;
+    init "morph":    ``(1 - ramp + gate) * h + ramp * S(x)``, gate = ramp = 0: the model
+                     computes what it did, and as training ramps ``ramp`` (a buffer) to 1
+                     (``ressurgeon.training.ShortcutRamp``) the block becomes rezero's.
 
     ``proj`` is ``nn.Identity`` for identity shortcuts, a 1x1 ConvNd or a Linear
     for projections; its weights are PyTorch's default init (never zero, so a
@@ -74,6 +82,8 @@ class Shortcut(nn.Module):
             self.register_parameter("gate", None)
         else:
             self.gate = nn.Parameter(torch.zeros(()))
+        if self.init is Init.MORPH:
+            self.register_buffer("ramp", torch.zeros(()))
 
     @property
     def kind(self) -> str:
@@ -87,6 +97,14 @@ class Shortcut(nn.Module):
         """What ``forward`` adds, in order."""
         return _TERMS[self.init]
 
+    def coefficient(self, name: str) -> torch.Tensor:
+        """A term's coefficient: the gate, the ramp, or what morph keeps of h (1 - ramp + gate)."""
+        if name == "gate":
+            return self.gate
+        if name == "ramp":
+            return self.ramp
+        return 1 - self.ramp + self.gate  # "keep"
+
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         operands = {"h": h, "x": x}
         total = None
@@ -94,8 +112,8 @@ class Shortcut(nn.Module):
             value = operands[term.operand]
             if term.projected:
                 value = self.proj(value)
-            if term.gated:
-                value = self.gate * value
+            if term.coef is not None:
+                value = self.coefficient(term.coef) * value
             total = value if total is None else total + value
         return total
 
@@ -118,23 +136,31 @@ class Shortcut(nn.Module):
         out = outputs[0]
         if lookup(out.target) is None or Trait.ADD not in lookup(out.target).traits:
             return None
-        gate = proj = None
+        gate = proj = ramp = None
         x = None
         for node in nodes:
             if node.op == "get_attr" and str(node.target) == f"{path}.gate":
                 gate = node
+            if node.op == "get_attr" and str(node.target) == f"{path}.ramp":
+                ramp = node
             info = lookup(node.target) if node.op == "call_function" else None
             if info is not None and Trait.LIFTABLE in info.traits and len(node.args) > 1 \
                     and isinstance(node.args[1], fx.Node) \
                     and str(node.args[1].target) == f"{path}.proj.weight":
                 proj, x = node, node.args[0]
         order = node_order(gm.graph)
+        if x is None and ramp is not None:  # morph: x is what the ramp multiplies
+            scaled = [a for u in ramp.users if u in inside for a in u.args
+                      if isinstance(a, fx.Node) and a in externals]
+            x = scaled[0] if len(scaled) == 1 else None
         if x is None:
             x = min(externals, key=order.__getitem__)
         if x not in externals:
             return None
         h = next(e for e in externals if e is not x)
-        if gate is None:
+        if ramp is not None and gate is not None:
+            init = Init.MORPH
+        elif gate is None:
             init = Init.STANDARD
         else:
             mul = next(iter(gate.users)) if len(gate.users) == 1 else None
@@ -147,6 +173,8 @@ class Shortcut(nn.Module):
         module = cls(init, _projection_from_graph(gm, proj))
         if gate is not None:
             module.gate = attr(gm, gate.target)
+        if ramp is not None:
+            module.ramp = attr(gm, ramp.target)
         return ShortcutSite(path=path, module=module, node=out, h=h, x=x, inlined=tuple(nodes))
 
 

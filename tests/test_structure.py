@@ -39,7 +39,7 @@ STAGES = [
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
                 "fold.merge", "fold.rescale"}),
     ("deepen", {"deepen", "deepen.stream"}),
-    ("diagnostics", {"gates", "diagnose", "plot"}),
+    ("diagnostics", {"gates", "diagnose", "plot", "training"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 

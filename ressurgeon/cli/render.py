@@ -277,6 +277,7 @@ def _num(v: float | None) -> str:
 
 _GATE_MEANING = {"preserve": "a far from 0: fine-tuning adopted the shortcut",
                  "rezero": "a near 0: the span is still bypassed",
+                 "morph": "c is how far the ramp opened the shortcut; at c=1, a near 0: bypassed",
                  "standard": "no gate"}
 
 
@@ -306,9 +307,11 @@ def gates_table(report, *, width: int = 80, wide: bool = False) -> Table:
             value = Text(f"{g.value:+.4f}")
             n = round(abs(g.value) / top * bars) if top > 0 else 0
             bar = Text("█" * n, style="blue")
+        init = g.init or "?"
+        if g.ramp is not None:
+            init += f" c={g.ramp:.2g}"
         table.add_row(str(i), *([g.name] if wide else []),
-                      _ends(g.source_layer, g.target_layer), _kind(g.kind), g.init or "?",
-                      value, bar)
+                      _ends(g.source_layer, g.target_layer), _kind(g.kind), init, value, bar)
     return table
 
 

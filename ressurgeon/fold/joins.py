@@ -57,7 +57,8 @@ class FoldedSkip:
 class FoldTerm:
     node: fx.Node                 # the value the term reads
     proj: str | None              # submodule path of its projection
-    coef: float                   # its gate (1.0 without one)
+    coef: float                   # its coefficient (1.0 without one)
+    operand: str = "h"            # "h" (the span) or "x" (the shortcut)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def collect_joins(gm: fx.GraphModule) -> list[Join]:
         proj = None if module.kind == "identity" else f"{site.path}.proj"
         operands = {"h": site.h, "x": site.x}
         terms = [FoldTerm(operands[t.operand], proj if t.projected else None,
-                          gate if t.gated else 1.0) for t in module.terms()]
+                          1.0 if t.coef is None else float(module.coefficient(t.coef).detach()),
+                          t.operand) for t in module.terms()]
         record = FoldedSkip(name=site.path, kind=module.kind, init=module.init.value, gate=gate)
         joins.append(Join(node=site.node, terms=terms, record=record))
     return joins
@@ -89,9 +91,9 @@ def drop_zero_terms(joins: list[Join]) -> None:
         kept = [t for t in join.terms if t.coef != 0.0]
         if len(kept) == len(join.terms):
             continue
+        dropped_span = any(t.operand == "h" for t in join.terms if t.coef == 0.0)
         join.terms = kept
-        join.record.outcome = Outcome.SPAN_REMOVED if join.record.init == "rezero" \
-            else Outcome.REMOVED
+        join.record.outcome = Outcome.SPAN_REMOVED if dropped_span else Outcome.REMOVED
 
 
 def rebind(joins: list[Join], old: fx.Node, new: fx.Node) -> None:
