@@ -43,22 +43,28 @@ class Block(nn.Module):
 
 
 def hand_written_resnet(classes: int = 10) -> nn.Sequential:
-    """The plain CNN's 20 convs with residual blocks where add_skips(span=2) puts them."""
+    """The plain CNN's 20 convs with residual blocks where add_skips(span=2) puts them.
+
+    As a designer writes them (and as ressurgeon now places them): a block right
+    after a max-pool reads the pooled tensor, so its shortcut is an unstrided 1x1
+    projection (ResNet's option B); a block with the pool inside reads its input
+    before the pool and projects with stride 2.
+    """
     relu, pool = nn.ReLU, lambda: nn.MaxPool2d(2)
 
-    def down(cin, cout):
-        return nn.Conv2d(cin, cout, 1, stride=2, bias=False)
+    def proj(cin, cout, stride=1):
+        return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
     return nn.Sequential(
         conv_bn(3, 32), relu(),
         Block(conv_bn(32, 32), relu(), conv_bn(32, 32)),
         Block(conv_bn(32, 32), relu(), conv_bn(32, 32)),
-        Block(pool(), conv_bn(32, 64), relu(), conv_bn(64, 64), proj=down(32, 64)),
+        pool(), Block(conv_bn(32, 64), relu(), conv_bn(64, 64), proj=proj(32, 64)),
         Block(conv_bn(64, 64), relu(), conv_bn(64, 64)),
-        Block(conv_bn(64, 64), relu(), pool(), conv_bn(64, 128), proj=down(64, 128)),
+        Block(conv_bn(64, 64), relu(), pool(), conv_bn(64, 128), proj=proj(64, 128, 2)),
         Block(conv_bn(128, 128), relu(), conv_bn(128, 128)),
         Block(conv_bn(128, 128), relu(), conv_bn(128, 128)),
-        Block(pool(), conv_bn(128, 256), relu(), conv_bn(256, 256), proj=down(128, 256)),
+        pool(), Block(conv_bn(128, 256), relu(), conv_bn(256, 256), proj=proj(128, 256)),
         Block(conv_bn(256, 256), relu(), conv_bn(256, 256)),
         conv_bn(256, 256), relu(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, classes))

@@ -2,10 +2,13 @@
 
 Analysis only: nothing here touches weights or edits the graph.
 
-A candidate span runs from the output of a unit's ``span``-th ancestor in the
-layer tree (``analysis/layers.py``) to that unit's output (before its
-activation with pre-activation placement), so the source always dominates the
-target and the span is a single-entry region of the graph. Non-overlapping
+A candidate span covers ``span`` units of the layer tree (``analysis/layers.py``)
+and ends at the last one's output (before its activation with pre-activation
+placement). It reads what feeds its first layer, after any pooling, flattening
+or dropout between the layers, as a designer would (ResNet's first block reads
+the stem's pooled output); the source layer's own output only when that joins
+the target more cheaply. Either way the source dominates the target and the
+span is a single-entry region of the graph. Non-overlapping
 spans are then chosen by tiling each path of the tree, ``span`` units each.
 
 Whether two nodes may be joined at all is decided by one function,
@@ -218,7 +221,7 @@ def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> l
         inside = tuple(u.name for u in reversed(path[:-1]))
         covered = frozenset().union(*(covers[name] for name in inside))
         target = unit.out if config.placement is Placement.POST else unit.pre_act
-        span = _candidate(analysis, nodes[src.out], nodes[target], src, unit, inside, config)
+        span = _best_source(analysis, src, path[-2], nodes[target], unit, inside, config)
         met = next((owner[n] for unit_name in inside for n in covers[unit_name] if n in owner),
                    None)
         if unit.name in analysis.heads:  # says more than the shape mismatch a head usually has
@@ -231,6 +234,42 @@ def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> l
     # shortcuts, then the most identities, then the fewest parameters.
     tilings = [_tile(candidates, config, offset) for offset in offsets]
     return max(tilings, key=_tiling_score) if tilings else []
+
+
+def _best_source(analysis: GraphAnalysis, src: Layer, first: Layer, dst: fx.Node, unit: Layer,
+                 inside: tuple[str, ...], config: SkipConfig) -> Span:
+    """The span from where a designer would read its input, else from the source layer's output.
+
+    A designer reads the tensor that feeds the span's first layer, after the
+    pooling, flattening or dropout between the two layers (ResNet reads its first
+    block's input after the stem's max-pool): that tensor is taken when it joins
+    the target at no greater cost (an identity, or an unstrided or smaller
+    projection) than the source layer's own output, or when only it joins.
+    """
+    early = _candidate(analysis, analysis.nodes[src.out], dst, src, unit, inside, config)
+    feed = _feeding(analysis, analysis.nodes[first.anchor])
+    if feed is None or feed is analysis.nodes[src.out]:
+        return early
+    late = _candidate(analysis, feed, dst, src, unit, inside, config)
+    if late.reason is None and (early.reason is not None or _cost(late) <= _cost(early)):
+        return late
+    return early
+
+
+def _feeding(analysis: GraphAnalysis, anchor: fx.Node) -> fx.Node | None:
+    """The latest tensor that dominates ``anchor``: what feeds a layer, past sizes and Nones."""
+    node = analysis.dominators.parent(anchor)
+    while node is not None and (info(node).shape is None or info(node).nodata):
+        node = analysis.dominators.parent(node)
+    return node
+
+
+def _cost(span: Span) -> tuple[int, int, int]:
+    """How much a shortcut costs: a projection over an identity, a stride, then parameters."""
+    if span.kind == "identity":
+        return (0, 0, 0)
+    axis = span.channel_axis
+    return (1, int(span.stride > 1), span.src_shape[axis] * span.dst_shape[axis])
 
 
 def _candidate(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node, src_layer: Layer,

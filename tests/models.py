@@ -614,3 +614,80 @@ class TokenStack(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x[:, 0])
+
+
+# -- the ResNet paper's plain baselines (He et al. 2016, Table 1), built without torchvision ----
+
+class PlainBasic(nn.Module):
+    """ResNet's basic block with its shortcut removed: conv3x3-BN-ReLU, conv3x3-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+class PlainBottleneck(nn.Module):
+    """ResNet-50's bottleneck with its shortcut removed: 1x1, 3x3 (stride, as torchvision), 1x1 x4."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * width)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.relu(self.bn3(self.conv3(x)))
+
+
+class PlainResNet(nn.Module):
+    """The paper's plain-18/34 (basic blocks) and a plain ResNet-50 (bottlenecks): the same
+    layers as torchvision's ResNet, every residual add left out."""
+
+    def __init__(self, blocks: tuple[int, ...], bottleneck: bool = False, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, stages = 64, []
+        for i, (width, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+            layers = []
+            for b in range(count):
+                stride = 2 if i > 0 and b == 0 else 1
+                if bottleneck:
+                    layers.append(PlainBottleneck(cin, width, stride))
+                    cin = 4 * width
+                else:
+                    layers.append(PlainBasic(cin, width, stride))
+                    cin = width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def plain18() -> PlainResNet:
+    return PlainResNet((2, 2, 2, 2))
+
+
+def plain34() -> PlainResNet:
+    return PlainResNet((3, 4, 6, 3))
+
+
+def plain50() -> PlainResNet:
+    return PlainResNet((3, 4, 6, 3), bottleneck=True)

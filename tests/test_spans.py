@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import fx
 
-from models import FAMILIES, TwoTower, build, deep_mlp
-from ressurgeon import Reason, SkipConfig, find_layers, find_spans, trace_model
+from models import FAMILIES, PlainResNet, TwoTower, build, deep_mlp, plain18, plain34, plain50
+from ressurgeon import Reason, SkipConfig, add_skips, find_layers, find_spans, trace_model
 from ressurgeon.analysis.dominators import DominatorTree
 from ressurgeon.spans import join_kind
 
@@ -163,3 +163,32 @@ def test_dominator_tree_is_linear_on_a_long_chain():
     tree = DominatorTree(gm.graph)
     nodes = list(gm.graph.nodes)
     assert tree.dominates(nodes[1], nodes[-2]) and not tree.dominates(nodes[-2], nodes[1])
+
+
+# -- does it put shortcuts where a designer would? The ResNet paper's plain networks ------------
+
+def resnet_shortcuts(model: PlainResNet, last_conv: str):
+    """ResNet's own shortcuts: (block, kind, stride) for every block, in order."""
+    out = []
+    for s, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), 1):
+        for b, block in enumerate(stage):
+            cin = block.conv1.in_channels
+            cout = getattr(block, last_conv).out_channels
+            stride = block.conv1.stride[0] if last_conv == "conv2" else block.conv2.stride[0]
+            kind = "identity" if cin == cout and stride == 1 else "projection"
+            out.append((f"layer{s}.{b}.{last_conv}", kind, stride))
+    return out
+
+
+@pytest.mark.parametrize("build,span,last_conv,blocks", [
+    (plain18, 2, "conv2", 8), (plain34, 2, "conv2", 16), (plain50, 3, "conv3", 16),
+])
+def test_plain_resnets_get_exactly_resnets_shortcuts(build, span, last_conv, blocks):
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(1, 3, 64, 64)
+    result = add_skips(model, (x,), SkipConfig(span=span))
+    got = [(s.target_layer, s.kind, s.stride) for s in result.skips]
+    assert got == resnet_shortcuts(model, last_conv) and len(got) == blocks
+    first = result.skips[0]  # the first block reads the stem's pooled output, as ResNet does
+    assert first.source_layer == "conv1" and first.src_shape == (1, 64, 16, 16)
+    assert result.parity.max_abs_diff == 0
