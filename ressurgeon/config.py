@@ -40,11 +40,22 @@ _FORMULAS = {Init.PRESERVE: "h + a*S(x)", Init.STANDARD: "h + S(x)", Init.REZERO
              Init.MORPH: "(1-c+a)*h + c*S(x)"}
 
 
+class Join(StrEnum):
+    """How a shortcut's path meets the span: the residual families of the literature."""
+
+    ADD = "add"            # ResNet, Transformer sublayers: h + S(x)
+    CONCAT = "concat"      # DenseNet: x's features concatenated to the next layer's input
+    HIGHWAY = "highway"    # Highway networks: T*h + (1-T)*S(x), T a learned gate
+
+
 class Placement(StrEnum):
     """Where the sum goes relative to the span's last activation."""
 
     PRE = "pre-activation"
     POST = "post-activation"
+
+
+_ADD_ONLY = {Init.MORPH: "morph ramps an addition open; use preserve (exact) or standard"}
 
 
 def _help(text: str, **extra):
@@ -98,6 +109,10 @@ class SkipConfig:
         "morph: (1-c+a)*h + c*S(x), a=c=0, outputs unchanged, then c ramps to 1 while "
         "fine-tuning (ressurgeon.training.ShortcutRamp).",
         choices=Init))
+    join: Join = field(default=Join.ADD, metadata=_help(
+        "add: h + S(x) (ResNet); concat: x's features concatenated to the input of the next "
+        "weighted layer, widened with zero weights (DenseNet); highway: T*h + (1-T)*S(x) "
+        "with T = sigmoid(W_T x + b_T) per channel (Highway networks).", choices=Join))
     placement: Placement = field(default=Placement.PRE, metadata=_help(
         "Where the sum goes: before the span's last activation (ResNet v1) or after it.",
         choices=Placement))
@@ -111,8 +126,15 @@ class SkipConfig:
 
     def __post_init__(self) -> None:
         _count("span", self.span, low=1)
-        for name, cls in (("kind", Kind), ("init", Init), ("placement", Placement)):
+        for name, cls in (("kind", Kind), ("init", Init), ("join", Join),
+                          ("placement", Placement)):
             object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
+        if self.join is not Join.ADD and self.init in _ADD_ONLY:
+            raise ConfigError(f"init {self.init.value} has no {self.join.value} form: "
+                              f"{_ADD_ONLY[self.init]}")
+        if self.join is Join.CONCAT and self.init is Init.REZERO:
+            raise ConfigError("init rezero has no concat form (the span cannot be bypassed by "
+                              "a concatenation); use preserve (zero weights, exact) or standard")
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
         _count("max_skips", self.max_skips, low=0, optional=True)

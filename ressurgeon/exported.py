@@ -4,9 +4,10 @@
 batch_norm and dropout, calls convolutions as aten ops on loose weights, and
 inlines our shortcut modules into plain ops. ``graph_module_from_export``
 undoes all of that: the result is a plain GraphModule whose BatchNorm and
-Dropout are modules again (owning the same tensors, following ``.train()``)
-and whose shortcuts are ``Shortcut`` modules again. ``lift_weighted_ops``
-does the same for conv/linear calls, for fold, which edits their weights.
+Dropout are modules again (owning the same tensors, following ``.train()``),
+whose convolutions and linears are Conv/Linear modules again
+(``lift_weighted_ops``: fold edits their weights, concat widens them) and
+whose shortcuts are our shortcut modules again.
 
 This is the one module that touches torch.export's private surface
 (``_PyTreeCodeGen``, the tracer class of an unlifted graph, its guard
@@ -268,6 +269,7 @@ def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
         output.args = (pytree.tree_unflatten(list(flat), out_spec),)
     _modules_from_mode_ops(gm)
     lift_shortcuts(gm)
+    lift_weighted_ops(gm)  # Conv/Linear modules again: editable, widenable, readable
     if not any(n.target is check_input for n in graph.nodes):
         _guard_inputs(gm)
     graph.eliminate_dead_code()

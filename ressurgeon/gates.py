@@ -19,7 +19,7 @@ from torch import fx
 from .config import Init
 from .errors import ConfigError
 from .rewrite import name_part
-from .shortcuts import find_shortcuts, is_shortcut
+from .shortcuts import ConcatJoin, find_shortcuts, is_shortcut
 
 @dataclass(frozen=True)
 class Gate:
@@ -37,6 +37,7 @@ class Gate:
     kind: str                    # "identity" | "projection"
     value: float | None
     ramp: float | None = None    # init "morph": how far the shortcut is open (0..1)
+    join: str = "add"            # "add", "highway" (value: max |g|), "concat" (max |new weight|)
 
     @property
     def formula(self) -> str | None:
@@ -101,23 +102,35 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
                           f"{type(module).__name__}")
     tensors = dict(module.state_dict(keep_vars=True))
     paths = _prefixes(tensors) | {name for name, _ in module.named_modules()}
+    modules = dict(module.named_modules())
     if isinstance(module, fx.GraphModule):
         paths |= {n.name for n in module.graph.nodes}
         sites = find_shortcuts(module)
-        found = [(s.path, s.module) for s in sites]
+        found = [(s.path, s.module, s) for s in sites]
         inlined = any(s.inlined for s in sites)
     else:
-        found = [(name, sub) for name, sub in module.named_modules() if is_shortcut(sub)]
+        found = [(name, sub, None) for name, sub in modules.items() if is_shortcut(sub)]
         inlined = False
     gates = []
-    for name, sub in found:
+    for name, sub, site in found:
         src, dst = _layer_names(name, paths)
         ramp = getattr(sub, "ramp", None)
-        gates.append(Gate(name=name, source_layer=src, target_layer=dst, init=sub.init.value,
-                          kind=sub.kind, value=None if sub.gate is None
-                          else float(sub.gate.detach().float().item()),
-                          ramp=None if ramp is None else float(ramp)))
+        gates.append(Gate(name=name, source_layer=src, target_layer=dst,
+                          init=sub.init.value if sub.init is not None else None,
+                          kind=sub.kind, value=_openness(sub, site, modules),
+                          ramp=None if ramp is None else float(ramp),
+                          join=getattr(sub, "join", "add")))
     return GateReport(gates=tuple(gates), flattened=inlined)
+
+
+def _openness(sub: nn.Module, site, modules: dict) -> float | None:
+    """The gate's value; for per-channel gates the largest |g|; for a concat the largest new weight."""
+    if isinstance(sub, ConcatJoin):
+        return sub.consumer_openness(site, modules) if site is not None else None
+    if sub.gate is None:
+        return None
+    gate = sub.gate.detach().float()
+    return float(gate.item()) if gate.numel() == 1 else float(gate.abs().max())
 
 
 def _skip_paths(tensors: dict) -> list[str]:

@@ -21,27 +21,36 @@ MAX_DIM = 2 ** 31 - 1
 
 @dataclass(frozen=True)
 class PlannedSkip:
-    """One shortcut to insert: read ``source``'s output, add it to ``target``'s."""
+    """One shortcut to insert: read ``source``'s output and join it to ``target``'s.
+
+    For the add and highway joins the sum replaces ``target``; for concat,
+    ``target`` is the input of the layer at ``consumer``, which is widened to
+    read ``source``'s features too (``stride``: their average-pooling factor).
+    """
 
     source: str
     target: str
-    kind: str                    # "identity" | "projection"
+    kind: str                    # "identity" | "projection" | "concat"
     stride: int = 1
     channel_axis: int = 1
     source_layer: str = ""
     target_layer: str = ""
+    consumer: str = ""           # concat only: the node of the layer that takes the features
 
     def __post_init__(self) -> None:
-        for name in ("source", "target", "source_layer", "target_layer"):
+        for name in ("source", "target", "source_layer", "target_layer", "consumer"):
             if not isinstance(getattr(self, name), str):
                 raise PlanError(f"a skip's {name} must be a string (a node or layer name), got "
                                 f"{getattr(self, name)!r}")
         if type(self.channel_axis) is not int:
             raise PlanError(f"skip {self.source} -> {self.target}: channel_axis must be an "
                             f"integer (1 or -1), got {self.channel_axis!r}")
-        if self.kind not in ("identity", "projection"):
-            raise PlanError(f"skip {self.source} -> {self.target}: kind must be identity or "
-                            f"projection, got {self.kind!r}")
+        if self.kind not in ("identity", "projection", "concat"):
+            raise PlanError(f"skip {self.source} -> {self.target}: kind must be identity, "
+                            f"projection or concat, got {self.kind!r}")
+        if (self.kind == "concat") != bool(self.consumer):
+            raise PlanError(f"skip {self.source} -> {self.target}: a concat skip names its "
+                            "consumer node, other kinds none")
         if type(self.stride) is not int or not 1 <= self.stride <= MAX_DIM:
             raise PlanError(f"skip {self.source} -> {self.target}: stride must be an integer "
                             f">= 1, got {self.stride!r}")
@@ -153,6 +162,6 @@ def plan_skips(spans: list[Span], config: SkipConfig,
     """
     skips = tuple(PlannedSkip(source=s.source, target=s.target, kind=s.kind, stride=s.stride,
                               channel_axis=s.channel_axis, source_layer=s.source_layer,
-                              target_layer=s.target_layer)
+                              target_layer=s.target_layer, consumer=s.consumer or "")
                   for s in spans if s.chosen)
     return SurgeryPlan(config=config, skips=skips, input_shapes=tuple(input_shapes))

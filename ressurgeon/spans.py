@@ -34,7 +34,8 @@ from torch import fx
 from ._fx import info, node_label
 from .analysis.blocks import Residual
 from .analysis.layers import GraphAnalysis, Layer, analyze_graph, find_layers, find_residuals
-from .config import Kind, Placement, SkipConfig
+from .config import Join, Kind, Placement, SkipConfig
+from .shortcuts import ConcatJoin
 
 __all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "join_kind",
            "mark_planned", "end_name", "units_between",
@@ -59,6 +60,7 @@ class Reason(StrEnum):
     LAYOUT = "layout-mismatch"
     NOT_IN_PLAN = "not-in-plan"
     NON_FINITE = "non-finite"
+    CONSUMER = "no-consumer"
 
     @property
     def text(self) -> str:
@@ -86,6 +88,8 @@ _REASON_TEXT = {
     Reason.NOT_IN_PLAN: "left out of the applied plan",
     Reason.NON_FINITE: ("the shortcut path S(x) is NaN or infinite on the example inputs "
                         "(a zero gate would turn it into NaN and cut the gate's gradient)"),
+    Reason.CONSUMER: ("concat: no single Conv/Linear after the span can be widened to take "
+                      "the features (none, several, grouped, shared or functional)"),
 }
 OVERRIDABLE = frozenset({Reason.LAYOUT, Reason.SQUEEZED, Reason.OVERLAPS, Reason.HEAD,
                          Reason.EXISTING})
@@ -107,10 +111,12 @@ class Span:
     src_shape: tuple[int, ...] | None
     dst_shape: tuple[int, ...] | None
     channel_axis: int
-    kind: str | None = None
-    stride: int = 1
+    kind: str | None = None          # "identity", "projection", or "concat"
+    stride: int = 1                  # projection stride, or concat's pooling factor
     reason: Reason | None = None
     residual: str | None = None      # for Reason.EXISTING: the model's own residual it meets
+    consumer: str | None = None      # concat: the node of the layer that takes the features
+    consumer_layer: str | None = None
 
     @property
     def chosen(self) -> bool:
@@ -125,7 +131,8 @@ class Span:
             "dst_shape": list(self.dst_shape) if self.dst_shape else None,
             "channel_axis": self.channel_axis, "kind": self.kind, "stride": self.stride,
             "chosen": self.chosen, "reason": self.reason.value if self.reason else None,
-            "residual": self.residual,
+            "residual": self.residual, "consumer": self.consumer,
+            "consumer_layer": self.consumer_layer,
         }
 
 
@@ -199,6 +206,10 @@ def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> l
     """
     analysis = graph if isinstance(graph, GraphAnalysis) else analyze_graph(graph)
     nodes, parents = analysis.nodes, analysis.parents
+    children: dict[str, list[Layer]] = {}
+    for unit in analysis.units:
+        if unit.name in parents:
+            children.setdefault(parents[unit.name].name, []).append(unit)
     covers = {u.name: frozenset((u.name, *u.covers)) for u in analysis.units}
     owner = {}  # layer or block name -> the innermost existing residual around it
     for block in reversed(analysis.blocks):  # outer blocks follow the blocks they contain
@@ -221,7 +232,10 @@ def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> l
         inside = tuple(u.name for u in reversed(path[:-1]))
         covered = frozenset().union(*(covers[name] for name in inside))
         target = unit.out if config.placement is Placement.POST else unit.pre_act
-        span = _best_source(analysis, src, path[-2], nodes[target], unit, inside, config)
+        if config.join is Join.CONCAT:
+            span = _concat_candidate(analysis, src, path[-2], unit, inside, children, config)
+        else:
+            span = _best_source(analysis, src, path[-2], nodes[target], unit, inside, config)
         met = next((owner[n] for unit_name in inside for n in covers[unit_name] if n in owner),
                    None)
         if unit.name in analysis.heads:  # says more than the shape mismatch a head usually has
@@ -254,6 +268,102 @@ def _best_source(analysis: GraphAnalysis, src: Layer, first: Layer, dst: fx.Node
     if late.reason is None and (early.reason is not None or _cost(late) <= _cost(early)):
         return late
     return early
+
+
+def _concat_candidate(analysis: GraphAnalysis, src: Layer, first: Layer, unit: Layer,
+                      inside: tuple[str, ...], children: dict[str, list[Layer]],
+                      config: SkipConfig) -> Span:
+    """DenseNet: the span's input features join the input of the next layer after ``unit``.
+
+    The consumer must be the only unit after the span, a Conv1d/2d/3d or Linear
+    module called once with no groups; x joins its input after average pooling
+    by an integer factor when the spatial sizes differ.
+    """
+    nodes = analysis.nodes
+    feed = _feeding(analysis, nodes[first.anchor])
+    sources = [n for n in (feed, nodes[src.out]) if n is not None]
+    after = children.get(unit.name, [])
+    consumer = after[0] if len(after) == 1 and after[0].kind == "layer" else None
+    anchor = nodes[consumer.anchor] if consumer is not None else None
+    c_in = _data_input(anchor)
+    module = analysis.modules.get(anchor.target) if anchor is not None and \
+        anchor.op == "call_module" else None
+    widenable = (module is not None and c_in is not None
+                 and analysis.calls.get(anchor.target) == 1
+                 and ConcatJoin.cannot_widen(module) is None)
+    base = Span(source=sources[0].name, target=(c_in or nodes[unit.out]).name,
+                source_layer=src.name, target_layer=unit.name, layers=inside,
+                src_shape=info(sources[0]).shape, dst_shape=info(c_in).shape if c_in else None,
+                channel_axis=consumer.channel_axis if consumer else unit.channel_axis,
+                consumer=anchor.name if anchor is not None else None,
+                consumer_layer=consumer.name if consumer else None)
+    if not widenable:
+        return replace(base, reason=Reason.CONSUMER)
+    best = None
+    for x in dict.fromkeys(sources):
+        verdict = concat_verdict(analysis, x, c_in, src.channel_axis, consumer.channel_axis)
+        span = replace(base, source=x.name, src_shape=info(x).shape, kind=verdict.kind,
+                       stride=verdict.stride)
+        if verdict.reasons:
+            span = replace(span, reason=verdict.reasons[0])
+        elif not (config.allows(src.name) and config.allows(unit.name)):
+            span = replace(span, reason=Reason.EXCLUDED)
+        if best is None or (best.reason is not None and span.reason is None):
+            best = span
+        if best.reason is None:
+            break
+    return best
+
+
+def concat_verdict(analysis: GraphAnalysis, x: fx.Node, c_in: fx.Node, src_axis: int,
+                   dst_axis: int) -> PairVerdict:
+    """Whether x's features can be concatenated to ``c_in`` (a consumer's input).
+
+    Both tensors of one dtype, x dominating ``c_in``, the same rank and batch
+    and layout; channels-first, every spatial dim of x an integer multiple (the
+    pooling factor) of ``c_in``'s; features-last, every dim but the last equal.
+    """
+    a, b = info(x), info(c_in)
+    reasons: list[Reason] = []
+    kind, stride = None, 1
+    if a.shape is None or b.shape is None:
+        reasons.append(Reason.NOT_TENSOR)
+    else:
+        if a.dtype != b.dtype:
+            reasons.append(Reason.DTYPE)
+        fit = concat_fit(a.shape, b.shape, dst_axis)
+        if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
+            reasons.append(Reason.LAYOUT)
+        if fit is None:
+            reasons.append(Reason.SHAPE)
+        else:
+            kind, stride = "concat", fit
+        if a.absmax is not None and not math.isfinite(a.absmax):
+            reasons.append(Reason.NON_FINITE)
+    if x is c_in or not analysis.dominators.dominates(x, c_in):
+        reasons.append(Reason.NOT_DOMINATED)
+    return PairVerdict(kind=kind, stride=stride, reasons=tuple(reasons))
+
+
+def concat_fit(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
+               channel_axis: int) -> int | None:
+    """The average-pooling factor that brings x's spatial size to the consumer's, else None."""
+    if len(src_shape) != len(dst_shape) or src_shape[0] != dst_shape[0]:
+        return None
+    if channel_axis == 1 and len(src_shape) >= 3:
+        spatial = list(zip(src_shape[2:], dst_shape[2:]))
+        factor = spatial[0][0] // spatial[0][1] if spatial[0][1] else 0
+        if factor >= 1 and all(d * factor == s for s, d in spatial):
+            return factor
+        return None
+    return 1 if src_shape[:-1] == dst_shape[:-1] else None
+
+
+def _data_input(node: fx.Node | None) -> fx.Node | None:
+    """The tensor a layer call reads (its first argument)."""
+    if node is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0]
 
 
 def _feeding(analysis: GraphAnalysis, anchor: fx.Node) -> fx.Node | None:

@@ -64,6 +64,21 @@ def test_every_architecture_has_an_expectation():
     assert set(EXPECTED) == set(ARCHITECTURES)
 
 
+@pytest.mark.parametrize("join", ["highway", "concat"])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_join_preserves_every_architecture(name, join):
+    """The other residual families, exact at insertion on every family of the matrix."""
+    model, inputs = build(name)
+    result = add_skips(model, inputs, SkipConfig(join=join))
+    assert result.parity.max_abs_diff <= PRESERVE_ATOL
+    for s in result.spans:
+        assert s.chosen == (s.reason is None)
+    assert all(s.join == join for s in result.skips)
+    if join == "concat":  # every inserted concat widened its consumer by the source's channels
+        for s in result.skips:
+            assert s.kind == "concat" and s.consumer_layer and s.params > 0
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_architecture(name):
     model, inputs = build(name)

@@ -28,6 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ressurgeon"
 # earlier stage. The CLI sits on top and may import anything.
 STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
+              "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
               "_refuse_code", "_nn_pickle"}),
     ("capture", {"exported", "inplace", "shapes", "load", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",

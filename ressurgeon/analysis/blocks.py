@@ -166,7 +166,9 @@ def _merge_op(node: fx.Node, modules) -> str:
     if node.op == "call_module":
         module = modules[target]
         # our own shortcut is a sum too: a second pass must see the first one's work
-        return "add" if is_shortcut(module) else type(module).__name__
+        if is_shortcut(module):  # "add" for addition and highway joins, "cat" for concat
+            return "cat" if getattr(module, "join", "add") == "concat" else "add"
+        return type(module).__name__
     info = op_info(node, modules)
     if info is not None and Trait.ADD in info.traits:
         return "add"

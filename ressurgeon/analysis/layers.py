@@ -22,7 +22,7 @@ from functools import cached_property
 import torch.nn as nn
 from torch import fx
 
-from .._fx import node_label, node_order, op_name, shape_of
+from .._fx import call_counts, node_label, node_order, op_name, shape_of
 from ..registry import Role, is_getitem, op_info, role_of
 from ..shortcuts import exported_shortcut_path
 from .blocks import Residual, find_merges
@@ -73,6 +73,16 @@ class GraphAnalysis:
     units: list[Layer] = field(default_factory=list)
     parents: dict[str, Layer] = field(default_factory=dict)
     heads: set[str] = field(default_factory=set)
+
+    @cached_property
+    def calls(self) -> dict[str, int]:
+        """How many call sites each submodule has."""
+        return call_counts(self.gm)
+
+    @cached_property
+    def unit_anchors(self) -> dict[str, Layer]:
+        """Node name -> the unit anchored there (its weighted op, or a block's merge)."""
+        return {u.anchor: u for u in self.units}
 
     @cached_property
     def unit_ends(self) -> dict[str, Layer]:

@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..config import Init, Kind, Placement, SkipConfig, TraceOptions
+from ..config import Init, Join, Kind, Placement, SkipConfig, TraceOptions
 from ..errors import ConfigError, RessurgeonError, VerificationError, brief
 
 console = Console(soft_wrap=True)
@@ -54,6 +54,7 @@ def _choice(flag: str, enum) -> typer.models.OptionInfo:
 SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
 KindOpt = Annotated[str, _choice("--kind", Kind)]
 InitOpt = Annotated[str, _choice("--init", Init)]
+JoinOpt = Annotated[str, _choice("--join", Join)]
 PlacementOpt = Annotated[str, _choice("--placement", Placement)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]
@@ -204,11 +205,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
-                      placement=DEFAULTS.placement, include: list[str] | None = None,
-                      exclude: list[str] | None = None,
+                      join=DEFAULTS.join, placement=DEFAULTS.placement,
+                      include: list[str] | None = None, exclude: list[str] | None = None,
                       max_skips: int | None = None) -> SkipConfig:
     """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
-    return SkipConfig(span=span, kind=kind, init=init, placement=placement,
+    return SkipConfig(span=span, kind=kind, init=init, join=join, placement=placement,
                       include=tuple(include or ()), exclude=tuple(exclude or ()),
                       max_skips=max_skips)
 

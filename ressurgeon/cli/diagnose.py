@@ -11,7 +11,7 @@ from ..config import Init
 from ..errors import ConfigError
 from . import render
 from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
-                     InputShapeOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
+                     InputShapeOpt, JoinOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
                      PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, VocabOpt, WideOpt,
                      cfg_help,
                      check_paths, check_plot_extra, config_from_flags, console, example_inputs,
@@ -28,6 +28,7 @@ def diagnose_cmd(
         "--init", metavar="preserve|standard|rezero",
         help=cfg_help("init") + " Default here: standard, since preserve starts with closed "
         "gates and so leaves the first gradients exactly as they were.")] = Init.STANDARD.value,
+    join: JoinOpt = DEFAULTS.join,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -72,8 +73,9 @@ def diagnose_cmd(
         from ..diagnose import gradient_flow
         from ..load import from_torchscript, load_model
 
-        config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
-                                   include=include, exclude=exclude, max_skips=max_skips)
+        config = config_from_flags(span=span, kind=kind, init=init, join=join,
+                                   placement=placement, include=include, exclude=exclude,
+                                   max_skips=max_skips)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,

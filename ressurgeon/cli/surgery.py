@@ -10,7 +10,7 @@ import typer
 from . import render
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      ExcludeOpt,
-                     FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JsonOpt, KindOpt,
+                     FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt, JsonOpt, KindOpt,
                      LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output,
                      PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, VocabOpt,
                      WideOpt,
@@ -29,6 +29,7 @@ def add_skips_cmd(
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     init: InitOpt = DEFAULTS.init,
+    join: JoinOpt = DEFAULTS.join,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -85,8 +86,9 @@ def add_skips_cmd(
         from ..plan import SurgeryPlan
         from ..save import check_format
 
-        config = config_from_flags(span=span, kind=kind, init=init, placement=placement,
-                                   include=include, exclude=exclude, max_skips=max_skips)
+        config = config_from_flags(span=span, kind=kind, init=init, join=join,
+                                   placement=placement, include=include, exclude=exclude,
+                                   max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
@@ -199,6 +201,7 @@ def inspect_cmd(
     vocab: VocabOpt = None,
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
+    join: JoinOpt = DEFAULTS.join,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -230,8 +233,8 @@ def inspect_cmd(
       ressurgeon inspect vgg.pt2 --plot surgery.png
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        config = config_from_flags(span=span, kind=kind, placement=placement, include=include,
-                                   exclude=exclude, max_skips=max_skips)
+        config = config_from_flags(span=span, kind=kind, join=join, placement=placement,
+                                   include=include, exclude=exclude, max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)

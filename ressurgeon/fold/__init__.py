@@ -45,7 +45,8 @@ from ..shapes import propagate_shapes
 from ..shortcuts import is_shortcut, lift_shortcuts
 from ..trace import trace_model
 from ..verify import compare_outputs, eval_outputs
-from .joins import FoldedSkip, Join, Outcome, collect_joins, drop_zero_terms, emit_sums
+from .joins import (FoldedSkip, Join, Outcome, close_opaque, collect_joins, drop_zero_terms,
+                    emit_sums)
 from .layers import drop_identities, fold_batchnorms
 from .merge import merge_linear
 from .rescale import absorb_gates
@@ -139,6 +140,7 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
     folded_bn = fold_batchnorms(gm, modules) if fold_batchnorm else []
     drop_identities(gm, modules)
     joins = collect_joins(gm)
+    close_opaque(gm, joins, modules)
     drop_zero_terms(joins)
     merge_linear(gm, joins, modules)
     emit_sums(gm, joins)

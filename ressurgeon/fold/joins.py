@@ -15,8 +15,8 @@ from enum import StrEnum
 
 from torch import fx
 
-from .._fx import META, free_name
-from ..shortcuts import find_shortcuts, is_shortcut
+from .._fx import META, free_name, info
+from ..shortcuts import ConcatJoin, ShortcutSite, find_shortcuts, is_shortcut
 
 
 class Outcome(StrEnum):
@@ -64,10 +64,11 @@ class FoldTerm:
 @dataclass
 class Join:
     node: fx.Node                 # the node whose value is the sum (the Shortcut call)
-    terms: list[FoldTerm]
+    terms: list[FoldTerm] | None  # None: a join that is no sum of terms (highway, concat)
     record: FoldedSkip
     add: fx.Node | None = None    # the emitted Add
     gates: dict = field(default_factory=dict)   # emitted Mul node -> gate
+    site: ShortcutSite | None = None
 
 
 def collect_joins(gm: fx.GraphModule) -> list[Join]:
@@ -75,19 +76,87 @@ def collect_joins(gm: fx.GraphModule) -> list[Join]:
     joins = []
     for site in find_shortcuts(gm):
         module = site.module
+        init = module.init.value if module.init is not None else "unknown"
+        if module.terms() is None:
+            gate = None if module.gate is None else float(module.gate.detach().abs().max())
+            record = FoldedSkip(name=site.path, kind=module.kind, init=init, gate=gate)
+            joins.append(Join(node=site.node, terms=None, record=record, site=site))
+            continue
         gate = None if module.gate is None else float(module.gate.detach())
         proj = None if module.kind == "identity" else f"{site.path}.proj"
         operands = {"h": site.h, "x": site.x}
         terms = [FoldTerm(operands[t.operand], proj if t.projected else None,
                           1.0 if t.coef is None else float(module.coefficient(t.coef).detach()),
                           t.operand) for t in module.terms()]
-        record = FoldedSkip(name=site.path, kind=module.kind, init=module.init.value, gate=gate)
-        joins.append(Join(node=site.node, terms=terms, record=record))
+        record = FoldedSkip(name=site.path, kind=module.kind, init=init, gate=gate)
+        joins.append(Join(node=site.node, terms=terms, record=record, site=site))
     return joins
+
+
+def close_opaque(gm: fx.GraphModule, joins: list[Join], modules: dict) -> None:
+    """Joins that are no sum of terms: removed when still closed, else kept (and said why).
+
+    A highway whose gate is exactly 0 computes h (preserve) or S(x) (rezero); a
+    concat whose widened layer's new weights are all still 0 computes what the
+    narrow layer did, so that layer is narrowed back.
+    """
+    for join in joins:
+        if join.terms is not None:
+            continue
+        site, module = join.site, join.site.module
+        if isinstance(module, ConcatJoin):
+            _close_concat(gm, join, modules)
+            continue
+        closed = module.reduces_to()
+        if closed is None:
+            join.record.outcome = Outcome.KEPT
+            join.record.reason = ("a highway's transform gate depends on its input "
+                                  "(T = sigmoid(W_T x + b_T)): no exact fold")
+            continue
+        value = site.h
+        if closed == "x":
+            value = site.x
+            if module.kind == "projection":
+                with gm.graph.inserting_before(site.node):
+                    value = gm.graph.call_module(_own_proj(gm, join, f"{site.path}.proj"),
+                                                 (site.x,))
+        site.node.replace_all_uses_with(value)
+        rebind(joins, site.node, value)
+        gm.graph.erase_node(site.node)
+        join.record.outcome = Outcome.REMOVED if closed == "h" else Outcome.SPAN_REMOVED
+
+
+def _close_concat(gm: fx.GraphModule, join: Join, modules: dict) -> None:
+    site = join.site
+    users = list(site.node.users)
+    consumer = modules.get(users[0].target) if len(users) == 1 and \
+        users[0].op == "call_module" else None
+    extra = _channels(site.x, site.module.channel_axis)
+    width = consumer.weight.shape[1] - extra if consumer is not None and extra else None
+    narrow = ConcatJoin.narrow(consumer, width) if width else None
+    if narrow is None:
+        join.record.kind = "concat"
+        join.record.outcome = Outcome.PLAIN
+        join.record.reason = "the widened layer's new weights are trained: the concatenation stays"
+        return
+    gm.add_submodule(str(users[0].target), narrow)
+    modules[str(users[0].target)] = narrow
+    users[0].replace_input_with(site.node, site.h)
+    gm.graph.erase_node(site.node)
+    join.record.outcome = Outcome.REMOVED
+
+
+def _channels(node: fx.Node, axis: int) -> int | None:
+    shape = info(node).shape
+    if shape is None and hasattr(node.meta.get("val"), "shape"):
+        shape = tuple(node.meta["val"].shape)
+    return int(shape[axis]) if shape else None
 
 
 def drop_zero_terms(joins: list[Join]) -> None:
     for join in joins:
+        if join.terms is None:
+            continue
         kept = [t for t in join.terms if t.coef != 0.0]
         if len(kept) == len(join.terms):
             continue
@@ -99,7 +168,7 @@ def drop_zero_terms(joins: list[Join]) -> None:
 def rebind(joins: list[Join], old: fx.Node, new: fx.Node) -> None:
     """Later shortcuts that read a replaced sum (post-activation chains) read its replacement."""
     for join in joins:
-        for term in join.terms:
+        for term in join.terms or ():
             if term.node is old:
                 term.node = new
 
@@ -111,7 +180,7 @@ def emit_sums(gm: fx.GraphModule, joins: list[Join]) -> None:
     to a free path beside it.
     """
     for join in joins:
-        if join.record.outcome is Outcome.MERGED:
+        if join.record.outcome is Outcome.MERGED or join.terms is None:
             continue
         values = []
         with gm.graph.inserting_before(join.node):
@@ -136,8 +205,9 @@ def emit_sums(gm: fx.GraphModule, joins: list[Join]) -> None:
         if join.record.outcome is Outcome.PLAIN and join.gates:
             join.record.outcome = Outcome.ABSORBED   # until the rescaling says otherwise
     gm.graph.eliminate_dead_code()
-    for join in joins:
-        if is_shortcut(_submodule(gm, join.record.name)):
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for join in joins:  # a shortcut module nothing calls any more goes (kept ones stay)
+        if join.record.name not in called and is_shortcut(_submodule(gm, join.record.name)):
             gm.delete_submodule(join.record.name)
 
 

@@ -23,7 +23,7 @@ def merge_linear(gm: fx.GraphModule, joins: list[Join], modules: dict[str, nn.Mo
     """Merge every two-term shortcut whose span is one conv/linear into its weights."""
     calls = call_counts(gm)
     for join in joins:
-        if len(join.terms) != 2:
+        if join.terms is None or len(join.terms) != 2:
             continue
         for h, u in (join.terms, join.terms[::-1]):
             layer = editable_layer(h.node, modules, calls, (*CONVS, nn.Linear))

@@ -1,0 +1,186 @@
+"""The highway join (Srivastava et al. 2015): a learned gate decides how much of x is carried.
+
+``T = sigmoid(W_T x + b_T)`` per channel and position, from a 1x1 convolution
+(a Linear for features-last tensors) of the span's input; ``S`` the identity
+or a projection, as for addition.
+
+- ``standard``: ``T*h + (1-T)*S(x)``, the plain highway layer; ``b_T`` starts
+  at ``CARRY_BIAS`` (-2) so that early in training the layer mostly carries,
+  as the paper advises.
+- ``preserve``: ``h + g*(1-T)*(S(x) - h)`` with a per-channel ``g = 0``: exactly
+  ``h`` at insertion, and ``g`` gets the gradient ``(1-T)(S(x)-h)`` on the
+  first step (a zero gate on the carry term alone would give ``T*h``, not h).
+  At ``g = 1`` it is the standard highway.
+- ``rezero``: ``S(x) + g*T*(h - S(x))`` with ``g = 0``: the span starts as its
+  shortcut; at ``g = 1`` the standard highway again.
+
+The join is not a sum of fixed terms (``T`` depends on x), so fold removes a
+highway only when ``g`` is still exactly zero and keeps it otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from .._fx import attr
+from ..config import Init, Join
+from ..errors import ConfigError
+from ..registry import Trait, lookup
+from ._graph import ShortcutSite, _external_inputs, _projection_from_graph
+
+CARRY_BIAS = -2.0
+
+_FORMULAS = {Init.STANDARD: "T*h + (1-T)*S(x)", Init.PRESERVE: "h + g*(1-T)*(S(x)-h)",
+             Init.REZERO: "S(x) + g*T*(h-S(x))"}
+
+
+class HighwayShortcut(nn.Module):
+    """Joins ``h`` and ``S(x)`` through a transform gate ``T = sigmoid(transform(x))``.
+
+    Args:
+        init: "preserve", "standard" or "rezero" (see the module docstring).
+        proj: S (None for the identity), as for an addition shortcut.
+        transform: the 1x1 conv (channels-first) or Linear (features-last) computing
+            the gate's logits from x; its bias is set to ``CARRY_BIAS``.
+        channel_axis: where h keeps its channels (1 or -1): the per-channel ``g`` lives there.
+
+    Example:
+        >>> hw = HighwayShortcut("preserve", None, nn.Linear(3, 3), channel_axis=-1)
+        >>> h, x = torch.ones(2, 3), torch.full((2, 3), 5.0)
+        >>> torch.equal(hw(h, x), h)
+        True
+    """
+
+    join = Join.HIGHWAY
+
+    def __init__(self, init: str | Init, proj: nn.Module | None, transform: nn.Module,
+                 channel_axis: int):
+        super().__init__()
+        self.init = Init(init)
+        if self.init not in _FORMULAS:
+            raise ConfigError(f"init {self.init.value} has no highway form; use preserve, "
+                              "standard or rezero")
+        self.proj = proj if proj is not None else nn.Identity()
+        self.transform = transform
+        self.channel_axis = channel_axis
+        with torch.no_grad():
+            if getattr(transform, "bias", None) is not None:
+                transform.bias.fill_(CARRY_BIAS)
+        channels = transform.weight.shape[0]
+        if self.init is Init.STANDARD:
+            self.register_parameter("gate", None)
+        else:
+            self.gate = nn.Parameter(torch.zeros(channels, dtype=transform.weight.dtype,
+                                                 device=transform.weight.device))
+
+    @property
+    def kind(self) -> str:
+        return "identity" if isinstance(self.proj, nn.Identity) else "projection"
+
+    @property
+    def formula(self) -> str:
+        return f"{_FORMULAS[self.init]}, T = sigmoid(W_T x + b_T)"
+
+    def terms(self):
+        """None: T depends on x, so this join is no sum of fixed terms."""
+        return None
+
+    def reduces_to(self) -> str | None:
+        """What the join computes while its gate is exactly 0: "h", "x" (S(x)), or None."""
+        if self.gate is None or bool(self.gate.detach().ne(0).any()):
+            return None
+        return "h" if self.init is Init.PRESERVE else "x"
+
+    def _per_channel(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.channel_axis == 1 and like.dim() > 2:
+            return g.view(1, -1, *([1] * (like.dim() - 2)))
+        return g
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s = self.proj(x)
+        t = torch.sigmoid(self.transform(x))
+        if self.init is Init.STANDARD:
+            return t * h + (1 - t) * s
+        g = self._per_channel(self.gate, h)
+        if self.init is Init.PRESERVE:
+            return h + g * (1 - t) * (s - h)
+        return s + g * t * (h - s)
+
+    def extra_repr(self) -> str:
+        return f"init={self.init.value!r}, channel_axis={self.channel_axis}"
+
+    @classmethod
+    def build(cls, init: Init, proj: nn.Module | None, src_shape: tuple[int, ...],
+              dst_shape: tuple[int, ...], channel_axis: int, stride: int) -> "HighwayShortcut":
+        """A highway from x of ``src_shape`` to h of ``dst_shape`` (a strided 1x1 conv when needed)."""
+        rank = len(src_shape)
+        if channel_axis == 1 and rank >= 3:
+            conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[rank]
+            transform: nn.Module = conv(src_shape[1], dst_shape[1], 1, stride=stride)
+        else:
+            transform = nn.Linear(src_shape[-1], dst_shape[-1])
+        return cls(init, proj, transform, 1 if channel_axis == 1 and rank >= 3 else -1)
+
+    @classmethod
+    def from_inlined(cls, gm: fx.GraphModule, path: str,
+                     nodes: list[fx.Node]) -> ShortcutSite | None:
+        """Rebuild a highway torch.export inlined, sharing the graph's tensors.
+
+        x is what the transform reads; h the other input. No gate: standard; a
+        ``1 - T`` in the group: preserve; otherwise rezero.
+        """
+        inside = set(nodes)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        externals = _external_inputs(nodes)
+        if len(outputs) != 1 or len(externals) != 2:
+            return None
+        transform = proj = gate = None
+        for node in nodes:
+            if node.op == "get_attr" and str(node.target) == f"{path}.gate":
+                gate = node
+            info = lookup(node.target) if node.op == "call_function" else None
+            if info is not None and Trait.LIFTABLE in info.traits and len(node.args) > 1 \
+                    and isinstance(node.args[1], fx.Node):
+                weight = str(node.args[1].target)
+                if weight == f"{path}.transform.weight":
+                    transform = node
+                elif weight == f"{path}.proj.weight":
+                    proj = node
+        if transform is None or transform.args[0] not in externals:
+            return None
+        x = transform.args[0]
+        h = next(e for e in externals if e is not x)
+        if gate is None:
+            init = Init.STANDARD
+        elif any(_is_one_minus(n) for n in nodes):
+            init = Init.PRESERVE
+        else:
+            init = Init.REZERO
+        weight = attr(gm, transform.args[1].target)
+        bias_node = transform.args[2] if len(transform.args) > 2 else None
+        info = lookup(transform.target)
+        if info.spatial_dims == 0:
+            module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0])
+        else:
+            stride = transform.args[3] if len(transform.args) > 3 else 1
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[info.spatial_dims]
+            module = conv(weight.shape[1], weight.shape[0], 1, stride=stride)
+        site = cls(init, _projection_from_graph(gm, proj), module,
+                   1 if info.spatial_dims else -1)
+        module.weight = weight
+        if isinstance(bias_node, fx.Node):
+            module.bias = attr(gm, bias_node.target)
+        if gate is not None:
+            site.gate = attr(gm, gate.target)
+        return ShortcutSite(path=path, module=site, node=outputs[0], h=h, x=x,
+                            inlined=tuple(nodes))
+
+
+def _is_one_minus(node: fx.Node) -> bool:
+    """``1 - t`` as torch.export writes it (rsub, or sub with the scalar 1 first)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if "rsub" in name:
+        return True
+    return "sub" in name and bool(node.args) and node.args[0] == 1
