@@ -12,6 +12,7 @@ these ways, all through ressurgeon's own API (``add_skips`` with
 - preserve_x30: the same with the gates at 30x the learning rate (the old README's advice);
 - morph: ``(1-c+a)*h + c*S(x)``, c ramped 0 -> 1 over the first epoch by ShortcutRamp,
   gate learning rate x0.3 (param_groups' default): exact at insertion, ends as rezero;
+- morph_x1: the same with the gates at the weights' learning rate (checks that default);
 - rezero (``S(x) + a*h``) and standard (``h + S(x)``): not exact, for reference;
 - two references that spend the same budget on a fresh net instead: shallow (the plain net
   with every span removed) and scratch (the plain net with standard shortcuts).
@@ -115,7 +116,7 @@ class Recipe:
     def gate_scale(self) -> float | None:
         if self.init is None or self.init == "standard":
             return None
-        return self.gate_lr_scale or GATE_LR_SCALE[self.init]
+        return self.gate_lr_scale if self.gate_lr_scale is not None else GATE_LR_SCALE[self.init]
 
 
 RECIPES = {r.name: r for r in (
@@ -123,6 +124,8 @@ RECIPES = {r.name: r for r in (
     Recipe("preserve", "preserve", "preserve", exact=True),
     Recipe("preserve_x30", "preserve", "preserve, gate lr x30", gate_lr_scale=30.0, exact=True),
     Recipe("morph", "morph", "morph, ramp 1 epoch", ramp_epochs=1.0, exact=True),
+    Recipe("morph_x1", "morph", "morph, gate lr x1", gate_lr_scale=1.0, ramp_epochs=1.0,
+           exact=True),
     Recipe("rezero", "rezero", "rezero (not exact)"),
     Recipe("standard", "standard", "standard (not exact)"),
     Recipe("shallow", "standard", "shallow net (spans removed), from scratch",
@@ -590,9 +593,9 @@ def json_ready(obj):
 
 
 COLOURS = {"plain": "#7f7f7f", "preserve": "#e6550d", "preserve_x30": "#fdae6b",
-           "morph": "#9467bd", "rezero": "#2ca02c", "standard": "#1f77b4", "shallow": "#000000",
+           "morph": "#9467bd", "morph_x1": "#c5b0d5", "rezero": "#2ca02c", "standard": "#1f77b4", "shallow": "#000000",
            "scratch": "#17becf"}
-STYLES = {"shallow": ":", "scratch": ":", "preserve_x30": "--"}
+STYLES = {"shallow": ":", "scratch": ":", "preserve_x30": "--", "morph_x1": "--"}
 
 
 def plot(runs: list[dict], summary: dict, recipes: list[Recipe], path: Path) -> Path:

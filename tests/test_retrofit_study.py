@@ -59,7 +59,7 @@ def test_quick_writes_every_recipe_with_finite_numbers(quick):
 def test_exact_recipes_keep_the_trained_function(quick):
     _, report = quick
     exact = {name for name, r in rs.RECIPES.items() if r.exact}
-    assert exact == {"preserve", "preserve_x30", "morph"}
+    assert exact == {"preserve", "preserve_x30", "morph", "morph_x1"}
     for r in report["runs"]:
         if r["recipe"] in exact:
             assert r["max_change"] == 0.0, r["recipe"]
