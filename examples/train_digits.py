@@ -34,6 +34,11 @@ import torch.nn.functional as F
 
 from ressurgeon import SkipConfig, add_skips
 
+try:
+    from ._digits import digits_cnn, digits_mlp, load_data
+except ImportError:  # run as a script: python examples/train_digits.py
+    from _digits import digits_cnn, digits_mlp, load_data
+
 VARIANTS = ("plain", "standard", "rezero", "preserve")
 # an extra row, outside the same-optimizer comparison: preserve with the gates
 # on a larger learning rate (Adam moves a scalar by about lr per step, so a
@@ -85,42 +90,7 @@ class Run:
         return next((i + 1 for i, v in enumerate(self.losses) if v < level), None)
 
 
-# -- data and models ---------------------------------------------------------------
-
-def load_data(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Digits (1,797 8x8 images), a stratified 80/20 split, standardised on the training part."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
-    as_x = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return {"x_train": as_x(x_tr), "y_train": torch.tensor(y_tr), "x_test": as_x(x_te),
-            "y_test": torch.tensor(y_te)}
-
-
-def digits_mlp(depth: int, width: int = 64) -> nn.Sequential:
-    """``depth`` hidden Linear + ReLU layers (the first maps the 64 pixels), then a linear head."""
-    layers: list[nn.Module] = [nn.Linear(64, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
-
-
-def digits_cnn(depth: int, channels: tuple[int, int] = (8, 16)) -> nn.Sequential:
-    """``depth`` 3x3 conv + ReLU layers, max-pooling 8x8 -> 4x4 halfway (channels double), then
-    global average pooling and a linear head: a plain VGG-style network."""
-    c1, c2 = channels
-    half = depth // 2
-    layers: list[nn.Module] = [nn.Conv2d(1, c1, 3, padding=1), nn.ReLU()]
-    for _ in range(half - 1):
-        layers += [nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU()]
-    layers += [nn.MaxPool2d(2), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU()]
-    for _ in range(depth - half - 1):
-        layers += [nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10))
-
+# -- data and models (shared with retrofit_study.py) ---------------------------------
 
 def shaped(family: str, x: torch.Tensor) -> torch.Tensor:
     return x if family == "mlp" else x.reshape(-1, 1, 8, 8)
