@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.models import plain_vgg
-from ressurgeon import SkipConfig, add_skips
+from ressurgeon import SkipConfig, add_skips, fold
 
 STAGES = (32, 64, 128, 256)
 PER_STAGE = 5
@@ -123,3 +123,32 @@ def build_cnns(size: int, seed: int = 0) -> Cnns:
     trained = add_skips(plain, (x,), SkipConfig(span=2, init="preserve"))
     return Cnns(example=x, plain=plain, twin=twin, standard=standard.module,
                 preserve=preserve.module, trained=set_trained_gates(trained.module))
+
+
+def gates_left_after_fold(module: nn.Module, inputs: tuple) -> tuple[int, list[str]]:
+    """Count the gates ``fold`` must keep as a Mul, with fold's reason for each.
+
+    A kept gate costs an element-wise Mul at inference and stops ONNX Runtime
+    and TensorRT from fusing the shortcut's Add into the convolution, so this
+    is the number a deployment cares about after fine-tuning a ``preserve``
+    model (give it trained, nonzero gates: zero gates are simply removed).
+
+    Args:
+        module: an ``add_skips(...).module`` (or any model fold accepts); not modified.
+        inputs: example inputs, as for ``fold``.
+
+    Returns:
+        (count, reasons): reasons in shortcut order, one per kept gate.
+
+    Example:
+        >>> trained = add_skips(model, (x,), SkipConfig(init="preserve")).module  # doctest: +SKIP
+        >>> gates_left_after_fold(trained, (x,))                                  # doctest: +SKIP
+        (0, [])
+    """
+    return kept_gates(fold(module, inputs))
+
+
+def kept_gates(folded) -> tuple[int, list[str]]:
+    """``gates_left_after_fold`` for a FoldResult already computed."""
+    reasons = [s.reason or "" for s in folded.skips if s.outcome == "kept"]
+    return len(reasons), reasons

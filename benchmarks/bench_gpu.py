@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
-from benchmarks._models import TRAINED_GATES, build_cnns  # noqa: E402
+from benchmarks._models import TRAINED_GATES, build_cnns, gates_left_after_fold, kept_gates  # noqa: E402,F401
 from ressurgeon import export_onnx, fold  # noqa: E402
 
 VARIANTS = {
@@ -119,35 +119,6 @@ PRESETS = {
 }
 
 Clock = Callable[[int], float]   # iterations -> milliseconds per iteration
-
-
-def gates_left_after_fold(module: nn.Module, inputs: tuple) -> tuple[int, list[str]]:
-    """Count the gates ``fold`` must keep as a Mul, with fold's reason for each.
-
-    A kept gate costs an element-wise Mul at inference and stops ONNX Runtime
-    and TensorRT from fusing the shortcut's Add into the convolution, so this
-    is the number a deployment cares about after fine-tuning a ``preserve``
-    model (give it trained, nonzero gates: zero gates are simply removed).
-
-    Args:
-        module: an ``add_skips(...).module`` (or any model fold accepts); not modified.
-        inputs: example inputs, as for ``fold``.
-
-    Returns:
-        (count, reasons): reasons in shortcut order, one per kept gate.
-
-    Example:
-        >>> trained = add_skips(model, (x,), SkipConfig(init="preserve")).module  # doctest: +SKIP
-        >>> gates_left_after_fold(trained, (x,))                                  # doctest: +SKIP
-        (0, [])
-    """
-    return kept_gates(fold(module, inputs))
-
-
-def kept_gates(folded) -> tuple[int, list[str]]:
-    """``gates_left_after_fold`` for a FoldResult already computed."""
-    reasons = [s.reason or "" for s in folded.skips if s.outcome == "kept"]
-    return len(reasons), reasons
 
 
 # -- timing ---------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ the default test run (``tests/test_zoo.py`` runs the same list under
     /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /work/zoo-venv/bin/pip install -e . onnx onnxscript onnxruntime pytest timm
     /work/zoo-venv/bin/python benchmarks/zoo.py
+
+The column "gates left after fold" sets every gate to a trained-like value
+(0.3-0.7, as fine-tuning leaves them; zero gates would simply be removed) and
+counts the gates ``fold`` must keep as a Mul, with the op that blocked each.
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ from pathlib import Path
 
 import torch
 
-from ressurgeon import SkipConfig, add_skips
-from ressurgeon.spans import analyze_graph
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
+from collections import Counter  # noqa: E402
+
+from benchmarks._models import gates_left_after_fold, set_trained_gates  # noqa: E402
+from ressurgeon import SkipConfig, add_skips  # noqa: E402
+from ressurgeon.spans import analyze_graph  # noqa: E402
 
 # (library, model name, input shape, builder kwargs): small inputs, weights=None.
 TORCHVISION = [
@@ -90,19 +98,21 @@ class Row:
     skips: int = 0
     parity: float | None = None
     onnx: str = "-"
+    kept: str = "-"            # gates fold keeps as a Mul (trained-like gates), with why
     seconds: float = 0.0
     error: str = ""
 
     def markdown(self) -> str:
         parity = "-" if self.parity is None else f"{self.parity:.1e}" if self.parity else "0"
         cells = [f"{self.library}.{self.model}", self.nodes, self.layers, self.residuals,
-                 self.candidates, self.skips, parity, self.onnx, f"{self.seconds:.1f}"]
+                 self.candidates, self.skips, parity, self.onnx, self.kept, f"{self.seconds:.1f}"]
         line = "| " + " | ".join(str(c) for c in cells) + " |"
         return line + (f" {self.error}" if self.error else "")
 
 
 HEADER = ("| model | nodes | layers | existing residuals | candidates | skips inserted | "
-          "parity (max abs) | ONNX ok | s |\n|---|---:|---:|---:|---:|---:|---:|---|---:|")
+          "parity (max abs) | ONNX ok | gates left after fold | s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
 
 
 def build(library: str, name: str, kwargs: dict):
@@ -148,6 +158,9 @@ def run_one(library: str, name: str, shape: tuple, kwargs: dict, onnx: bool = Tr
         row.candidates = len(result.spans)
         row.skips = len(result.skips)
         row.parity = result.parity.max_abs_diff
+        if result.skips:  # with gates as fine-tuning leaves them: 0.3-0.7, never zero
+            count, reasons = gates_left_after_fold(set_trained_gates(result.module), (x,))
+            row.kept = f"{count}" + (f" ({_why(reasons)})" if count else "")
         if onnx:
             with tempfile.TemporaryDirectory() as folder:
                 row.onnx = export_onnx_checked(result.module, (x,), Path(folder))
@@ -157,6 +170,13 @@ def run_one(library: str, name: str, shape: tuple, kwargs: dict, onnx: bool = Tr
             row.onnx = "no"
     row.seconds = time.perf_counter() - start
     return row
+
+
+def _why(reasons: list[str]) -> str:
+    """The kept gates' reasons, shortened to the op that blocked each and counted."""
+    short = Counter(r.split(" (")[0].replace("its scale would reach ", "")
+                    .replace(", which needs the true values", "") for r in reasons)
+    return "; ".join(f"{n}x {text}" if n > 1 else text for text, n in short.most_common())
 
 
 def zoo(libraries: tuple[str, ...] = ("torchvision", "timm")) -> list[tuple[str, str, tuple, dict]]:
