@@ -167,15 +167,9 @@ def pair_verdict(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node,
         shapes join, and every reason the pair is not a valid residual.
     """
     a, b = info(src), info(dst)
-    reasons: list[Reason] = []
+    reasons = _end_reasons(a, b, src_axis, dst_axis)
     kind, stride = None, 1
-    if a.shape is None or b.shape is None:
-        reasons.append(Reason.NOT_TENSOR)
-    else:
-        if a.dtype != b.dtype:
-            reasons.append(Reason.DTYPE)
-        if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
-            reasons.append(Reason.LAYOUT)
+    if Reason.NOT_TENSOR not in reasons:
         if dst_axis == 1 and (_squeezed(a.shape) or _squeezed(b.shape)):
             reasons.append(Reason.SQUEEZED)
         joined = join_kind(a.shape, b.shape, dst_axis)
@@ -188,6 +182,18 @@ def pair_verdict(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node,
     if src is dst or not analysis.dominators.dominates(src, dst):
         reasons.append(Reason.NOT_DOMINATED)
     return PairVerdict(kind=kind, stride=stride, reasons=tuple(reasons))
+
+
+def _end_reasons(a, b, src_axis: int, dst_axis: int) -> list[Reason]:
+    """What every join asks of its two ends: single tensors, one dtype, one layout."""
+    if a.shape is None or b.shape is None:
+        return [Reason.NOT_TENSOR]
+    reasons = []
+    if a.dtype != b.dtype:
+        reasons.append(Reason.DTYPE)
+    if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
+        reasons.append(Reason.LAYOUT)
+    return reasons
 
 
 def select_spans(graph: fx.GraphModule | GraphAnalysis, config: SkipConfig) -> list[Span]:
@@ -324,16 +330,10 @@ def concat_verdict(analysis: GraphAnalysis, x: fx.Node, c_in: fx.Node, src_axis:
     pooling factor) of ``c_in``'s; features-last, every dim but the last equal.
     """
     a, b = info(x), info(c_in)
-    reasons: list[Reason] = []
+    reasons = _end_reasons(a, b, src_axis, dst_axis)
     kind, stride = None, 1
-    if a.shape is None or b.shape is None:
-        reasons.append(Reason.NOT_TENSOR)
-    else:
-        if a.dtype != b.dtype:
-            reasons.append(Reason.DTYPE)
+    if Reason.NOT_TENSOR not in reasons:
         fit = concat_fit(a.shape, b.shape, dst_axis)
-        if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
-            reasons.append(Reason.LAYOUT)
         if fit is None:
             reasons.append(Reason.SHAPE)
         else:

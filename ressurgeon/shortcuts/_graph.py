@@ -27,6 +27,20 @@ class ShortcutSite:
     inlined: tuple[fx.Node, ...] = field(default=())
 
 
+def group_ends(nodes: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(the one node read outside the group, the two tensors it reads from outside), else None.
+
+    What every join torch.export inlined looks like from outside: two inputs (h
+    and x, in some order) and one output.
+    """
+    inside = set(nodes)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    externals = _external_inputs(nodes)
+    if len(outputs) != 1 or len(externals) != 2:
+        return None
+    return outputs[0], externals
+
+
 def _external_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
     """Tensors a group of nodes reads from outside the group (parameters excluded)."""
     inside = set(nodes)

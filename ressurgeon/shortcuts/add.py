@@ -12,7 +12,7 @@ from .._fx import attr, node_order
 from ..config import Init
 from ..errors import ConfigError
 from ..registry import Trait, lookup
-from ._graph import ShortcutSite, _external_inputs, _projection_from_graph
+from ._graph import ShortcutSite, _projection_from_graph, group_ends
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,10 @@ class Shortcut(nn.Module):
         it reads. Without one, which operand is x follows from one fact: the
         span's output h is computed from x, so x comes first in graph order.
         """
-        inside = set(nodes)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        externals = _external_inputs(nodes)
-        if len(outputs) != 1 or len(externals) != 2:
+        ends = group_ends(nodes)
+        if ends is None:
             return None
-        out = outputs[0]
+        (out, externals), inside = ends, set(nodes)
         if lookup(out.target) is None or Trait.ADD not in lookup(out.target).traits:
             return None
         gate = proj = ramp = None

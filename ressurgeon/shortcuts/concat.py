@@ -27,7 +27,7 @@ from torch import fx
 from ..config import Init, Join
 from ..errors import ConfigError
 from ..registry import Trait, lookup
-from ._graph import ShortcutSite, _external_inputs
+from ._graph import ShortcutSite, group_ends
 
 _POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -166,12 +166,10 @@ class ConcatJoin(nn.Module):
     def from_inlined(cls, gm: fx.GraphModule, path: str,
                      nodes: list[fx.Node]) -> ShortcutSite | None:
         """``cat([c, pool(x)])`` torch.export inlined: c is the list's first tensor, x the other."""
-        inside = set(nodes)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        externals = _external_inputs(nodes)
-        if len(outputs) != 1 or len(externals) != 2:
+        ends = group_ends(nodes)
+        if ends is None:
             return None
-        cat = outputs[0]
+        cat, externals = ends
         info = lookup(cat.target) if cat.op == "call_function" else None
         if info is None or Trait.CAT not in info.traits or not isinstance(cat.args[0], (list, tuple)):
             return None

@@ -28,7 +28,7 @@ from .._fx import attr
 from ..config import Init, Join
 from ..errors import ConfigError
 from ..registry import Trait, lookup
-from ._graph import ShortcutSite, _external_inputs, _projection_from_graph
+from ._graph import ShortcutSite, _projection_from_graph, group_ends
 
 CARRY_BIAS = -2.0
 
@@ -131,11 +131,10 @@ class HighwayShortcut(nn.Module):
         x is what the transform reads; h the other input. No gate: standard; a
         ``1 - T`` in the group: preserve; otherwise rezero.
         """
-        inside = set(nodes)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        externals = _external_inputs(nodes)
-        if len(outputs) != 1 or len(externals) != 2:
+        ends = group_ends(nodes)
+        if ends is None:
             return None
+        out, externals = ends
         transform = proj = gate = None
         for node in nodes:
             if node.op == "get_attr" and str(node.target) == f"{path}.gate":
@@ -174,7 +173,7 @@ class HighwayShortcut(nn.Module):
             module.bias = attr(gm, bias_node.target)
         if gate is not None:
             site.gate = attr(gm, gate.target)
-        return ShortcutSite(path=path, module=site, node=outputs[0], h=h, x=x,
+        return ShortcutSite(path=path, module=site, node=out, h=h, x=x,
                             inlined=tuple(nodes))
 
 
