@@ -19,6 +19,7 @@ from torch import nn
 
 from examples.models import plain_vgg
 from ressurgeon import SkipConfig, add_skips, fold
+from ressurgeon.shortcuts import is_shortcut
 
 STAGES = (32, 64, 128, 256)
 PER_STAGE = 5
@@ -86,7 +87,7 @@ def set_trained_gates(module: nn.Module, low: float = TRAINED_GATES[0],
     Zero gates (preserve's start) would let fold drop the shortcuts outright,
     which says nothing about what a trained model costs.
     """
-    gated = [m for m in module.modules() if getattr(m, "gate", None) is not None]
+    gated = [m for m in module.modules() if is_shortcut(m) and m.gate is not None]
     with torch.no_grad():
         for m, value in zip(gated, np.linspace(low, high, len(gated))):
             m.gate.fill_(float(value))

@@ -171,13 +171,23 @@ def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: 
     return new
 
 
+def plain_instance(module: object, types: tuple[type, ...]) -> bool:
+    """``isinstance`` that also requires the class's own ``forward`` be one of ``types``'.
+
+    A subclass that overrides ``forward`` (timm's StdConv2d standardises its
+    weight, BatchNormAct2d adds an activation) computes something else, and
+    editing its weights as if it were the parent would change the model.
+    """
+    return isinstance(module, types) and any(type(module).forward is t.forward for t in types)
+
+
 def editable_layer(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
                    types: tuple[type, ...]) -> nn.Module | None:
     """The module of a weighted call whose weights we may edit (called once, one argument)."""
     if node.op != "call_module" or calls.get(node.target, 0) != 1 or len(node.args) != 1:
         return None
     module = modules.get(node.target)
-    return module if isinstance(module, types) else None
+    return module if plain_instance(module, types) else None
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> None:

@@ -178,11 +178,20 @@ def register_op(key: object, info: OpInfo) -> None:
 
 
 def lookup(key: object) -> OpInfo | None:
-    """The table entry for a module class (or a parent class), function or method name."""
+    """The table entry for a module class (or a parent class), function or method name.
+
+    A subclass found through a parent keeps the parent's role and channel axis
+    (timm's BatchNormAct2d is still a norm), but not its traits when it
+    overrides ``forward``: what it computes is then its own (BatchNormAct2d
+    also applies an activation, so it is no plain BatchNorm to fold).
+    """
     if isinstance(key, type):
         for cls in key.__mro__:
             if cls in OPS:
-                return OPS[cls]
+                info = OPS[cls]
+                if cls is not key and getattr(key, "forward", None) is not getattr(cls, "forward", None):
+                    return OpInfo(info.role, info.channel_axis, frozenset(), info.spatial_dims)
+                return info
         return None
     try:
         return OPS.get(key)

@@ -13,6 +13,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from examples.models import plain_vgg
@@ -245,3 +246,34 @@ def test_identity_shortcuts_read_back_from_pt2_keep_their_init(tmp_path, init, o
     folded = fold(load_model(tmp_path / "m.pt2"), (x,))
     identity = [s for s in folded.skips if s.kind == "identity"]
     assert identity and all(s.init == init and s.outcome == outcome for s in identity)
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm subclass that also applies a ReLU."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d in miniature: the weight is standardised per output channel."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_subclasses_with_their_own_forward_are_not_folded_as_their_parents():
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 8, 3, padding=1), BNAct(8), StdConv(8, 8, 3, padding=1),
+                          BNAct(8), StdConv(8, 8, 3, padding=1), BNAct(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(2, 3, 8, 8)
+    randomize_bn(model)
+    result = add_skips(model.eval(), (x,), SkipConfig(span=1))
+    set_gates(result.module, 0.5)
+    folded = fold(result.module, (x,))  # raises if anything were folded as its parent
+    assert folded.batchnorms_folded == []
+    assert folded.max_abs_diff <= folded.tolerance
+    assert {s.outcome for s in folded.skips} <= {"kept", "absorbed", "plain"}

@@ -14,6 +14,7 @@ from .._fx import call_counts, editable_layer, replace_node, set_param, shape_of
 from ..registry import Trait, has_trait
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight rows = output channels
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 def fold_batchnorms(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list[str]:
@@ -22,7 +23,10 @@ def fold_batchnorms(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list[s
     folded = []
     for node in list(gm.graph.nodes):
         bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        # only BatchNorm itself: a subclass with its own forward (timm's BatchNormAct2d
+        # applies an activation too) computes more than the affine map folded here
+        if not isinstance(bn, _BatchNorm) or type(bn).forward is not _BatchNorm.forward \
+                or bn.running_mean is None:
             continue
         if calls.get(node.target) != 1 or len(node.args) != 1:
             continue

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from .._fx import plain_instance
 from ..config import Init, Join
 from ..errors import ConfigError
 from ..registry import Trait, lookup
@@ -114,8 +115,9 @@ class ConcatJoin(nn.Module):
     @staticmethod
     def cannot_widen(consumer: nn.Module) -> str | None:
         """Why ``consumer`` cannot take appended input channels (None: it can)."""
-        if not isinstance(consumer, WIDENABLE):
-            return f"a {type(consumer).__name__} is not a Conv1d/2d/3d or Linear"
+        if not plain_instance(consumer, WIDENABLE):
+            return (f"a {type(consumer).__name__} is not a plain Conv1d/2d/3d or Linear (its "
+                    "forward is its own)")
         if getattr(consumer, "groups", 1) != 1:
             return "a grouped or depthwise convolution mixes no channels across groups"
         padding = getattr(consumer, "padding", 0)
@@ -126,7 +128,7 @@ class ConcatJoin(nn.Module):
     @staticmethod
     def narrow(consumer: nn.Module, width: int) -> nn.Module | None:
         """``consumer`` without its appended input channels, if their weights are all zero."""
-        if not isinstance(consumer, WIDENABLE) or consumer.weight.shape[1] <= width:
+        if not plain_instance(consumer, WIDENABLE) or consumer.weight.shape[1] <= width:
             return None
         if bool(consumer.weight.detach()[:, width:].ne(0).any()):
             return None
