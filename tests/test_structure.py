@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ressurgeon"
 STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
               "_refuse_code", "_nn_pickle"}),
-    ("capture", {"exported", "inplace", "shapes", "load", "trace"}),
+    ("capture", {"exported", "inplace", "shapes", "load", "hf", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
                   "spans"}),
     ("plan", {"plan"}),
