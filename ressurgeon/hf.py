@@ -51,9 +51,13 @@ DEFAULT_SEQUENCE = 16         # default example length: enough to show every lay
 
 
 def is_pretrained(model: object) -> bool:
-    """True for a transformers ``PreTrainedModel`` (never imports transformers)."""
-    transformers = sys.modules.get("transformers")
-    base = getattr(transformers, "PreTrainedModel", None) if transformers else None
+    """True for a transformers ``PreTrainedModel`` (never imports transformers).
+
+    Any such model's class imported ``transformers.modeling_utils``; until then
+    nothing is one (and asking the lazy ``transformers`` module would import it).
+    """
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
     return isinstance(base, type) and isinstance(model, base)
 
 
@@ -67,7 +71,8 @@ def without_cache(model: nn.Module) -> None:
         if not is_pretrained(module):
             continue
         config = module.config
-        base = getattr(sys.modules["transformers"], "PretrainedConfig", type(config))
+        base = getattr(sys.modules.get("transformers.configuration_utils"),
+                       "PretrainedConfig", type(config))
         subs = [v for v in vars(config).values() if isinstance(v, base)]
         for cfg in (config, *subs):
             if getattr(cfg, "use_cache", None):
@@ -130,15 +135,6 @@ def example_specs(model: nn.Module) -> list[tuple[tuple[int, ...], str | None]]:
     return []
 
 
-def forward_inputs(model: nn.Module) -> str:
-    """'input_ids, attention_mask, decoder_input_ids' : the first forward parameters, for messages."""
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return ""
-    return ", ".join(names[:3])
-
-
 # -- save_pretrained folders ---------------------------------------------------------------------
 
 def is_pretrained_folder(path: Path) -> bool:
@@ -147,7 +143,11 @@ def is_pretrained_folder(path: Path) -> bool:
 
 
 def load_pretrained(folder: Path, *, trust_pickle: bool = False) -> nn.Module:
-    """The transformers model saved in ``folder``, in eval mode, built without running its code.
+    """The transformers model saved in ``folder``, built without running its code.
+
+    It comes in eval mode and without a KV cache (``use_cache=False``, the
+    capture rule), so that exporting it directly (``ressurgeon export``) works
+    too; set ``model.config.use_cache = True`` to generate with it.
 
     Raises:
         LoadError: transformers is missing, the config is unreadable, names
@@ -186,6 +186,7 @@ def load_pretrained(folder: Path, *, trust_pickle: bool = False) -> nn.Module:
         raise LoadError(f"the weights in {folder} do not fit {cls.__name__}: "
                         f"{'missing' if missing else 'other shape'} {shown}; those would start "
                         "random. Write the folder again with save_pretrained")
+    without_cache(model)  # this object is ours: every command may export it as it is
     return model.eval()
 
 

@@ -75,7 +75,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         TorchScript archive (only with ``trust_pickle``): the ScriptModule;
         pass it to ``from_torchscript`` with example inputs to get a
         GraphModule that ressurgeon can trace. For a folder: the transformers
-        model in eval mode.
+        model in eval mode, with ``use_cache=False``.
 
     Raises:
         LoadError: missing, unreadable, corrupted or malformed file (a zip bomb,

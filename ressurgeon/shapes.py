@@ -138,11 +138,14 @@ def inputs_message(model: nn.Module, inputs: tuple, exc: Exception) -> str:
     shown = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
                       for t in inputs if isinstance(t, torch.Tensor))
     return (f"{type(model).__name__} rejects example inputs {shown}: {brief(exc)}; "
-            f"{_input_hint(exc)}{_positional_order(model, len(inputs))}")
+            f"{_input_hint(exc)}{positional_inputs(model, len(inputs))}")
 
 
-def _positional_order(model: nn.Module, count: int) -> str:
-    """' (Model.forward takes input_ids, attention_mask, ... in that order)': where inputs go."""
+def positional_inputs(model: nn.Module, count: int) -> str:
+    """' (Model.forward takes input_ids, attention_mask, ... in that order)': where inputs go.
+
+    Empty when forward takes fewer than two positional inputs (nothing to mix up).
+    """
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     try:
         names = [p.name for p in inspect.signature(model.forward).parameters.values()

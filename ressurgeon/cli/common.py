@@ -433,7 +433,8 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
     """
     import torch
 
-    from ..hf import example_specs, forward_inputs, is_pretrained, vocab_size
+    from ..hf import example_specs, vocab_size
+    from ..shapes import positional_inputs
 
     if shapes:
         specs = [parse_input(s) for s in shapes]
@@ -441,10 +442,9 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
         specs = ([(tuple(s), None) for s in plan_shapes] or stored_inputs(model)
                  or example_specs(model))
     if not specs:
-        takes = (f" ({type(model).__name__}.forward takes {forward_inputs(model)}, ...: one "
-                 "--input-shape each, in that order)" if is_pretrained(model) else "")
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
-                          f"e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids){takes}")
+                          "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids), one "
+                          f"per input{positional_inputs(model, 2)}")
     if vocab is not None and vocab < 1:
         raise ConfigError(f"--vocab {vocab} must be at least 1")
     dtypes = [getattr(torch, name) if name else (dtype or torch.float32) for _, name in specs]
