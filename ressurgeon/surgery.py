@@ -182,7 +182,7 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     if verify:
         _drop_nonfinite(result, inputs)
         # the original runs as it was captured: with the concrete args, and no KV cache
-        concrete = {**forward_kwargs(model), **(trace.concrete_args or {} if trace else {})}
+        concrete = {**forward_kwargs(model), **((trace and trace.concrete_args) or {})}
         result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete)
         _judge(result.parity, result.plan.config, bool(result.skips))
     return result

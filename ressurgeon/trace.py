@@ -44,13 +44,17 @@ def trace_model(model: nn.Module, example_inputs: tuple,
                 options: TraceOptions | None = None) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule annotated with shapes; the model is not modified.
 
+    A Hugging Face transformers model is captured with ``use_cache=False`` (set
+    on the copy; ``hf.py`` has the rule), and its ModelOutput comes back as a dict.
+
     Args:
         model: the network to trace (it is deep-copied first). An ExportedProgram's
             ``.module()`` or a GraphModule is taken as the graph it already is.
         example_inputs: tuple of tensors, as for torch.export.
         options: TraceOptions: ``leaf_modules`` (globs on module or class names
             fx keeps opaque; ``default_leaf_modules()`` is always added),
-            ``concrete_args`` (non-tensor forward arguments), ``fake`` (record
+            ``concrete_args`` (non-tensor forward arguments, baked in by fx and
+            by the export fallback alike), ``fake`` (record
             shapes with FakeTensors), ``dynamic_batch`` (the export fallback keeps
             the batch symbolic).
 
