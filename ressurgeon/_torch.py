@@ -44,6 +44,32 @@ def quiet_torch(*, stdout: bool = False, stderr: bool = False):
 
 
 @contextlib.contextmanager
+def logged_exceptions(name: str = "torch.export"):
+    """Yield a list of the exceptions logger ``name`` reports during the block; nothing is shown.
+
+    torch.export.load logs why it failed (``exc_info``) and then raises a
+    generic RuntimeError; this keeps the real cause for the error message.
+    Use it inside ``quiet_torch``, which it overrides for this one logger.
+    """
+    found: list[BaseException] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                found.append(record.exc_info[1])
+
+    logger = logging.getLogger(name)
+    saved = logger.level, logger.propagate, logger.handlers
+    logger.setLevel(logging.WARNING)
+    logger.propagate, logger.handlers = False, [Keep()]
+    try:
+        yield found
+    finally:
+        logger.level, logger.propagate, logger.handlers = saved
+        logger.setLevel(saved[0])  # also clears the logging module's level cache
+
+
+@contextlib.contextmanager
 def eval_mode(module: nn.Module):
     """Run the block with ``module`` in eval mode; its train/eval mode is restored after."""
     was_training = module.training

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ._nn_pickle import nn_global_names, nn_safe_globals
 from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
-from ._torch import quiet_torch
+from ._torch import logged_exceptions, quiet_torch
 from .errors import LoadError, UnsafeFileError, brief
 from .exported import graph_module_from_export, plain_graph_module
 
@@ -60,22 +60,29 @@ def load_model(path: str | Path, *, arch: str | None = None,
 
     Args:
         path: ``.pt2`` archive; ``.pt``/``.pth`` state_dict, pickled module or
-            TorchScript archive; or ``.safetensors`` weights.
+            TorchScript archive; ``.safetensors`` weights; or a Hugging Face
+            ``save_pretrained`` folder (config.json + safetensors weights; needs
+            transformers; read without running code from the folder, see ``hf.py``).
         arch: "module:callable" that returns the architecture for a weights file;
             the module is imported from the current directory or PYTHONPATH.
         trust_pickle: allow loading that runs code from the file: unpickling
-            classes other than torch.nn's, a ``.pt2`` that holds pickles, and
-            TorchScript archives.
+            classes other than torch.nn's, a ``.pt2`` that holds pickles,
+            TorchScript archives, and a folder whose weights are only
+            ``pytorch_model.bin``.
 
     Returns:
         The model. For ``.pt2``: a plain, trainable GraphModule. For a
         TorchScript archive (only with ``trust_pickle``): the ScriptModule;
         pass it to ``from_torchscript`` with example inputs to get a
-        GraphModule that ressurgeon can trace.
+        GraphModule that ressurgeon can trace. For a folder: the transformers
+        model in eval mode, with ``use_cache=False``.
 
     Raises:
         LoadError: missing, unreadable, corrupted or malformed file (a zip bomb,
-            two members with one name), or weights without arch.
+            two members with one name), weights without arch, a ``.pt2`` whose
+            outputs are a type not registered in this process (a transformers
+            ModelOutput: import transformers first), or a folder whose config
+            needs code shipped with it (``auto_map``).
         UnsafeFileError: loading would run code from the file and trust_pickle
             is False.
 
@@ -83,10 +90,13 @@ def load_model(path: str | Path, *, arch: str | None = None,
         >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
         >>> model = load_model("w.safetensors", arch="mynets:build_vgg")  # doctest: +SKIP
         >>> model = load_model("torch_save_of_nn_sequential.pt")           # doctest: +SKIP
+        >>> model = load_model("tiny-bert/")       # save_pretrained folder  # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():
         raise LoadError(f"no such file: {path}")
+    if path.is_dir():
+        return _load_folder(path, arch, trust_pickle)
     if not path.is_file():
         raise LoadError(f"{path} is not a file; pass the model file itself")
     try:
@@ -107,6 +117,18 @@ def load_model(path: str | Path, *, arch: str | None = None,
     if not head:
         raise LoadError(f"{path} is empty")
     return _load_torch_save(path, arch, trust_pickle)
+
+
+def _load_folder(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
+    from .hf import is_pretrained_folder, load_pretrained
+
+    if not is_pretrained_folder(path):
+        raise LoadError(f"{path} is not a file, nor a Hugging Face save_pretrained folder (it "
+                        "has no config.json); pass the model file itself")
+    if arch is not None:
+        raise LoadError(f"--arch does not apply to {path}: a save_pretrained folder's "
+                        "config.json names its architecture")
+    return load_pretrained(path, trust_pickle=trust_pickle)
 
 
 def _check_zip(path: Path) -> None:
@@ -234,7 +256,7 @@ def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
     refused: list[str] = []
     shut = contextlib.nullcontext(refused) if trust_pickle else refuse_code_execution()
     try:
-        with quiet_torch(), shut as refused:
+        with quiet_torch(), logged_exceptions() as logged, shut as refused:
             ep = torch.export.load(path)
             if not trust_pickle:
                 refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
@@ -242,12 +264,35 @@ def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
     except Exception as exc:
         if refused:
             raise _would_run_code(path, refused) from exc
+        unknown = _unregistered_type(logged + [exc])
+        if unknown is not None:
+            raise _unknown_output_type(path, unknown) from exc
         raise LoadError(f"{path} is not a readable torch.export archive ({brief(exc)}); "
                         "it may be truncated or corrupted: write it again with "
                         "torch.export.save") from exc
     if refused:  # torch caught a refusal and went on: the file still asked to run code
         raise _would_run_code(path, refused)
     return module
+
+
+def _unregistered_type(errors: list[BaseException]) -> str | None:
+    """The pytree type an archive names that this process has not registered, if that failed."""
+    for error in errors:
+        while error is not None:
+            match = re.search(r"Deserializing ([\w.]+) in pytree is not registered", str(error))
+            if match:
+                return match[1]
+            error = error.__cause__ or error.__context__
+    return None
+
+
+def _unknown_output_type(path: Path, name: str) -> LoadError:
+    module = name.rpartition(".")[0]
+    tensors = ("export the model again returning tensors (for transformers: model.config."
+               "return_dict = False; the .pt2 files ressurgeon writes return plain dicts)")
+    return LoadError(f"{path} returns a {name}, a type not registered with torch's pytree in "
+                     f"this process (the file is not damaged); from Python, import {module} "
+                     f"before load_model, or {tensors}")
 
 
 def _would_run_code(path: Path, refused: list[str]) -> UnsafeFileError:

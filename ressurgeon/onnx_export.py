@@ -254,7 +254,7 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
                               "(pip install 'ressurgeon[ort]', or onnxruntime-gpu)")
         return
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing run is our error message, not ORT's log line
     try:
         session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -265,34 +265,47 @@ def _check_parity(report: OnnxReport, target: Path, module: nn.Module, inputs: t
         other = _other_batch(inputs)
         batches.append((other, _run_torch(module, other, fp16)))
     dtype = torch.float16 if fp16 else reference[0].dtype if reference else torch.float32
-    tolerance, notes = 0.0, []
-    for batch_inputs, expected in batches:
+    tolerance, notes, failed = 0.0, [], []
+    for index, (batch_inputs, expected) in enumerate(batches):
         batch = batch_inputs[0].shape[0] if batch_inputs[0].dim() else 1
+        # at the second batch size, the example's passed: the graph does not generalise
+        hint = _static_batch_hint(report, batches[0][0]) if index else ""
         feed = {i.name: _numpy(t, fp16) for i, t in zip(session.get_inputs(), batch_inputs)}
         try:
             got = session.run(None, feed)
         except Exception as exc:
-            raise VerificationError(
-                f"{report.path} fails in onnxruntime at batch {batch}: {brief(exc)}; if the "
-                "model fixes its batch size, export with a static batch (--static-batch)") from exc
+            raise VerificationError(f"{report.path} fails in onnxruntime at batch {batch}: "
+                                    f"{brief(exc)}{hint}") from exc
         try:
             parity = compare_outputs(expected, [torch.from_numpy(g) for g in got], check="onnx",
                                      dtype=dtype)
         except VerificationError as exc:
-            raise VerificationError(f"{report.path} at batch {batch}: {exc}; if the model "
-                                    "fixes its batch size, export with a static batch "
-                                    "(--static-batch)") from exc
+            raise VerificationError(f"{report.path} at batch {batch}: {exc}{hint}") from exc
         report.parity[int(batch)] = parity.max_abs_diff
         tolerance = max(tolerance, parity.tolerance)
         if parity.nonfinite:
             notes.append(f"batch {batch}: {parity.nonfinite} value(s) NaN or infinite where "
                          "PyTorch's are finite")
+        if not parity.ok:
+            failed.append(hint)
     report.tolerance = tolerance
     if notes or (report.max_abs_diff is not None and not report.max_abs_diff <= tolerance):
         shown = ", ".join(f"batch {b}: {d:.3g}" for b, d in report.parity.items())
+        # only when the example's batch itself passed is the batch size the cause
+        hint = failed[0] if failed and failed[0] else ""
         raise VerificationError(f"ONNX Runtime's outputs differ from PyTorch's ({shown}; "
                                 f"tolerance {tolerance:.3g}{'; ' if notes else ''}"
-                                f"{'; '.join(notes)}); {report.path} was not written")
+                                f"{'; '.join(notes)}); {report.path} was not written{hint}")
+
+
+def _static_batch_hint(report: OnnxReport, example: tuple) -> str:
+    """The fix for a file that runs the example's batch size but not another one."""
+    why = (" (the TorchScript exporter, used because the dynamo exporter failed, records "
+           "the example's sizes)" if report.exporter == "torchscript" else "")
+    batch = example[0].shape[0] if example[0].dim() else 1
+    return (f"; batch {batch}, the example's, passed: the exported graph does not run at "
+            f"another batch size{why}. Export with a static batch (--static-batch, or "
+            "dynamic_batch=False)")
 
 
 def _other_batch(inputs: tuple) -> tuple:

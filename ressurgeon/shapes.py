@@ -10,6 +10,7 @@ propagated with meta example inputs either way.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn as nn
@@ -137,7 +138,24 @@ def inputs_message(model: nn.Module, inputs: tuple, exc: Exception) -> str:
     shown = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
                       for t in inputs if isinstance(t, torch.Tensor))
     return (f"{type(model).__name__} rejects example inputs {shown}: {brief(exc)}; "
-            f"{_input_hint(exc)}")
+            f"{_input_hint(exc)}{positional_inputs(model, len(inputs))}")
+
+
+def positional_inputs(model: nn.Module, count: int) -> str:
+    """' (Model.forward takes input_ids, attention_mask, ... in that order)': where inputs go.
+
+    Empty when forward takes fewer than two positional inputs (nothing to mix up).
+    """
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in kinds]
+    except (TypeError, ValueError):
+        return ""
+    if len(names) < 2:
+        return ""
+    shown = ", ".join(names[:count + 1]) + (", ..." if len(names) > count + 1 else "")
+    return f" ({type(model).__name__}.forward takes {shown} in that order)"
 
 
 def _input_hint(exc: Exception) -> str:

@@ -19,6 +19,7 @@ from .analysis.layers import GraphAnalysis, Layer, analyze_graph
 from .config import Init, SkipConfig, TraceOptions
 from .errors import VerificationError
 from .exported import as_module
+from .hf import forward_kwargs
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
 from .spans import Reason, Span, mark_planned, select_spans
@@ -180,7 +181,8 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
         _drop_nonfinite(result, inputs)
-        concrete = trace.concrete_args if trace is not None else None
+        # the original runs as it was captured: with the concrete args, and no KV cache
+        concrete = {**forward_kwargs(model), **((trace and trace.concrete_args) or {})}
         result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete)
         _judge(result.parity, result.plan.config, bool(result.skips))
     return result

@@ -32,6 +32,7 @@ from .config import TraceOptions
 from .errors import ConfigError, ShapeError, TraceError, brief
 from .exported import (as_module, dynamic_args, graph_module_from_export, is_unlifted,
                        plain_graph_module)
+from .hf import without_cache
 from .inplace import remove_inplace
 from .shapes import inputs_message, propagate_shapes, run_error
 from .shortcuts import is_shortcut
@@ -43,13 +44,17 @@ def trace_model(model: nn.Module, example_inputs: tuple,
                 options: TraceOptions | None = None) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule annotated with shapes; the model is not modified.
 
+    A Hugging Face transformers model is captured with ``use_cache=False`` (set
+    on the copy; ``hf.py`` has the rule), and its ModelOutput comes back as a dict.
+
     Args:
         model: the network to trace (it is deep-copied first). An ExportedProgram's
             ``.module()`` or a GraphModule is taken as the graph it already is.
         example_inputs: tuple of tensors, as for torch.export.
         options: TraceOptions: ``leaf_modules`` (globs on module or class names
             fx keeps opaque; ``default_leaf_modules()`` is always added),
-            ``concrete_args`` (non-tensor forward arguments), ``fake`` (record
+            ``concrete_args`` (non-tensor forward arguments, baked in by fx and
+            by the export fallback alike), ``fake`` (record
             shapes with FakeTensors), ``dynamic_batch`` (the export fallback keeps
             the batch symbolic).
 
@@ -76,6 +81,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     _check_concrete(model, concrete)
     _check_arity(model, inputs, concrete)
     work = quiet_copy(model)
+    without_cache(work)  # Hugging Face models: a KV cache is no tensor (see hf.py)
     fx_error: _FxFailure | ShapeError | None = None
     if isinstance(work, fx.GraphModule):
         # Already a graph (a loaded .pt2, an earlier trace): keep its nodes and
@@ -277,7 +283,8 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
     """torch.export, with the batch symbolic where the model allows it (see exported.py).
 
     Dims the user asked to keep dynamic are never quietly fixed: if export cannot
-    keep them symbolic, the error says so.
+    keep them symbolic, the error says so. Concrete args are passed as keyword
+    arguments and baked in, as fx bakes them in.
     """
     attempts = []
     if options.dynamic_batch or options.dynamic:
@@ -286,16 +293,27 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
         attempts.append(dynamic_args(inputs, batch=False, dims=options.dynamic))
     elif not attempts or attempts[0][1] is not None:
         attempts.append((inputs, None))  # the model may pin its batch: capture it static
-    error = None
+    error, output = None, None
+    concrete = options.concrete_args or {}
     for args, dims in attempts:
+        if dims is not None:  # one entry per argument, the concrete kwargs included
+            dims = tuple(dims) + (None,) * len(concrete)
         try:
             # export logs whole tracebacks before it raises, and on data-dependent
             # errors prints its partial graph to stderr
             with quiet_torch(stderr=True):
-                ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)
-            return graph_module_from_export(ep)
+                ep = torch.export.export(model, args, kwargs=concrete, dynamic_shapes=dims,
+                                         strict=False)
+            gm = graph_module_from_export(ep)
+            if concrete:  # baked in, as fx does: the graph takes the tensors only
+                _drop_concrete_placeholders(gm.graph, concrete)
+                gm.recompile()
+            return gm
         except Exception as exc:
             error = error or exc
+            output = output or _unsupported_output(exc)
+    if output is not None:  # the advice below is about control flow; this is not that
+        raise TraceError(f"cannot capture {type(model).__name__}: {output}") from error
     if options.dynamic and fx_error is not None:
         asked = ", ".join(f"{'every input' if i is None else f'input {i}'} dim {d}"
                           for i, d in options.dynamic)
@@ -312,3 +330,19 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
         f"Mark the offending submodule as a leaf {hint} or rewrite "
         "the data-dependent Python branch with torch.where / torch.cond"
     ) from error
+
+
+def _unsupported_output(error: BaseException | None) -> str | None:
+    """Why torch.export refused the model's return value, with the fix; None for other errors."""
+    match = re.search(r"Found <class '([\w.]+)'> in output", str(error or ""))
+    if match is None:
+        return None
+    cls = match[1]
+    if cls.rsplit(".", 1)[-1].endswith("Cache"):
+        return (f"it returns a {cls} (a key/value cache for generation), which torch.export "
+                "cannot carry; pass use_cache=False (from Python: model.config.use_cache = "
+                "False, or TraceOptions(concrete_args={'use_cache': False}); on the command "
+                "line --concrete use_cache=False) or make forward return tensors")
+    return (f"it returns a {cls}, which torch.export cannot carry (not a tensor, nor a type "
+            "registered with torch.utils._pytree); make forward return tensors, or register "
+            "the type with torch.utils._pytree.register_pytree_node")

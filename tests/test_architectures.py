@@ -319,6 +319,25 @@ def test_concrete_args_bake_a_flag_into_the_graph():
     assert result.skips and result.module(x).shape == (3, 4)
 
 
+class CheckedWithFlag(WithFlag):
+    """The flag model with a Python check on a shape: fx cannot trace it, torch.export can."""
+
+    def forward(self, x, features_only=False):
+        if x.shape[1] != 4:
+            raise ValueError("4 features expected")
+        return super().forward(x, features_only)
+
+
+def test_the_export_fallback_bakes_in_concrete_args_too():
+    model, x = CheckedWithFlag().eval(), torch.randn(3, 4)
+    gm = trace_model(model, (x,), TraceOptions(concrete_args={"features_only": True}))
+    assert capture_info(gm).method == "export"
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    torch.testing.assert_close(gm(x), model(x, features_only=True), rtol=0, atol=0)
+    result = add_skips(model, (x,), trace=TraceOptions(concrete_args={"features_only": True}))
+    assert result.parity.ok and result.module(x).shape == (3, 4)
+
+
 class FlattenBranch(nn.Module):
     """fx cannot trace the shape test; export bakes ``x.size(0)`` unless the batch is dynamic."""
 

@@ -30,7 +30,7 @@ STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
               "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
               "_refuse_code", "_nn_pickle"}),
-    ("capture", {"exported", "inplace", "shapes", "load", "trace"}),
+    ("capture", {"exported", "inplace", "shapes", "load", "hf", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
                   "spans"}),
     ("plan", {"plan"}),

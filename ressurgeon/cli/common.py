@@ -67,16 +67,20 @@ MaxSkipsOpt = Annotated[Optional[int], typer.Option(
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
                                           "(with --arch), .safetensors (with --arch), a pickled "
                                           "module of torch.nn classes, or any other pickled "
-                                          "module or TorchScript file (with --trust-pickle).",
+                                          "module or TorchScript file (with --trust-pickle); or "
+                                          "a Hugging Face save_pretrained folder (config.json + "
+                                          "model.safetensors; needs transformers).",
                                           show_default=False)]
 InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
     "--input-shape", "-i", metavar="SHAPE[:DTYPE]", help="Example input shape, e.g. 1,3,224,224; "
     "add a dtype for integer inputs, e.g. 2,8:int64 for token ids; repeat for models with "
-    "several inputs. Defaults to the shapes and dtypes stored in a .pt2 archive.",
+    "several inputs. Defaults to the shapes and dtypes stored in a .pt2 archive, or for a "
+    "Hugging Face folder to its config's (1,16:int64 token ids, or 1,C,H,W images).",
     show_default=False)]
 VocabOpt = Annotated[Optional[int], typer.Option(
-    "--vocab", metavar="N", help="Integer example inputs are drawn from [0, N); default: the "
-    "smallest nn.Embedding of the model (else 2).", show_default=False)]
+    "--vocab", metavar="N", help="Integer example inputs are drawn from [0, N); default: a "
+    "Hugging Face model's input embedding, else the smallest nn.Embedding of the model (else "
+    "2).", show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
@@ -424,17 +428,24 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
     """Seeded random inputs of the given shapes and dtypes (or those a plan or a .pt2 recorded).
 
     Floating inputs take ``dtype`` (the model's); integer inputs (token ids) are
-    drawn from [0, vocab), vocab defaulting to the model's smallest embedding.
+    drawn from [0, vocab), vocab defaulting to a Hugging Face model's input
+    embedding, else the model's smallest embedding. Without shapes, a Hugging
+    Face model's come from its config (``hf.example_specs``).
     """
     import torch
+
+    from ..hf import example_specs, vocab_size
+    from ..shapes import positional_inputs
 
     if shapes:
         specs = [parse_input(s) for s in shapes]
     else:
-        specs = [(tuple(s), None) for s in plan_shapes] or stored_inputs(model)
+        specs = ([(tuple(s), None) for s in plan_shapes] or stored_inputs(model)
+                 or example_specs(model))
     if not specs:
         raise ConfigError(f"cannot tell the input shape of {model_path}; pass --input-shape, "
-                          "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids)")
+                          "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids), one "
+                          f"per input{positional_inputs(model, 2)}")
     if vocab is not None and vocab < 1:
         raise ConfigError(f"--vocab {vocab} must be at least 1")
     dtypes = [getattr(torch, name) if name else (dtype or torch.float32) for _, name in specs]
@@ -442,7 +453,7 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
         return tuple(torch.empty(s, dtype=d, device="meta") for (s, _), d in zip(specs, dtypes))
     check_input_memory([s for s, _ in specs], dtype or torch.float32)
     gen = torch.Generator().manual_seed(0)
-    high = vocab or embedding_size(model) or 2
+    high = vocab or vocab_size(model) or embedding_size(model) or 2
     made = []
     for (shape, _), dt in zip(specs, dtypes):
         if dt.is_floating_point:
