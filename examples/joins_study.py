@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ressurgeon import SkipConfig, add_skips, export_onnx, fold, fusion_report
 from ressurgeon.gates import gate_report
@@ -363,11 +363,11 @@ def _counts(counts: dict) -> str:
 
 
 def training_table(summary: dict) -> str:
-    lines = ["| net | variant | shortcuts | params added | test acc, % | Δ acc vs plain "
-             "(paired) | beats plain | final train loss | epochs to loss < threshold "
-             "(seeds reaching it) | max \\|Δ out\\| at insertion | opened after training | "
-             "train s / run |",
-             "|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|"]
+    head = ("| net | variant | shortcuts | params added | test acc, % | Δ acc vs plain "
+            "(paired) | beats plain | final train loss | epochs to loss < threshold "
+            "(seeds reaching it) | max \\|Δ out\\| at insertion | opened after training | "
+            "train s / run |")
+    lines = [head, "|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|"]
     for net, rows in summary.items():
         for name, row in rows.items():
             beats = "-" if name == "plain" else (
@@ -418,7 +418,8 @@ def findings(summary: dict, cost: dict, budget: Budget) -> list[str]:
                    and not r["worse_than_plain"]]
         worse = [n for n, r in others.items() if r["worse_than_plain"]]
         best = max(others, key=lambda n: others[n]["test_acc"][0]) if others else None
-        d = lambda n: f"{n} {others[n]['delta'][0] * 100:+.1f}"  # noqa: E731
+        def d(n: str, others: dict = others) -> str:
+            return f"{n} {others[n]['delta'][0] * 100:+.1f}"
         text = (f"- **{net}**: plain {_pct(plain['test_acc'])}% (final loss "
                 f"{plain['final_loss'][0]:.3f}, loss < {budget.threshold:g} in "
                 f"{plain['reached']}/{plain['n']} seeds). ")

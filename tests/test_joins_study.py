@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("onnxruntime")
 
-from examples import joins_study as js  # noqa: E402
+from examples import joins_study as js
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
