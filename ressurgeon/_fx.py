@@ -57,6 +57,14 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return info(node).shape
 
 
+def shape_or_val(node: fx.Node) -> tuple[int, ...] | None:
+    """The node's shape from our record, else from torch.export's ``meta["val"]``."""
+    shape = info(node).shape
+    if shape is None and hasattr(node.meta.get("val"), "shape"):
+        shape = tuple(int(d) for d in node.meta["val"].shape)
+    return shape
+
+
 def has_data(node: fx.Node) -> bool:
     """False for values that hold no tensor (sizes, None)."""
     return not info(node).nodata

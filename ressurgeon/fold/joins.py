@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from torch import fx
 
-from .._fx import META, free_name, info
+from .._fx import META, free_name, shape_or_val
 from ..shortcuts import ConcatJoin, ShortcutSite, find_shortcuts, is_shortcut
 
 
@@ -147,9 +147,7 @@ def _close_concat(gm: fx.GraphModule, join: Join, modules: dict) -> None:
 
 
 def _channels(node: fx.Node, axis: int) -> int | None:
-    shape = info(node).shape
-    if shape is None and hasattr(node.meta.get("val"), "shape"):
-        shape = tuple(node.meta["val"].shape)
+    shape = shape_or_val(node)
     return int(shape[axis]) if shape else None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .._fx import call_counts, editable_layer, replace_node, set_param, shape_of
+from .._fx import call_counts, editable_layer, replace_node, set_param, shape_or_val
 from ..registry import Trait, has_trait
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight rows = output channels
@@ -61,7 +61,5 @@ def drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
 
 
 def _rank(node: fx.Node) -> int | None:
-    shape = shape_of(node)
-    if shape is None and hasattr(node.meta.get("val"), "shape"):
-        shape = node.meta["val"].shape
+    shape = shape_or_val(node)
     return None if shape is None else len(shape)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from .._fx import plain_instance
+from .._fx import plain_instance, shape_or_val
 from ..config import Init, Join
 from ..errors import ConfigError
 from ..registry import Trait, lookup
@@ -157,8 +157,8 @@ class ConcatJoin(nn.Module):
             weight = getattr(modules.get(owner) if owner else modules[""], leaf, None)
         else:
             return None
-        shape = site.x.meta.get("val", None)
-        extra = shape.shape[self.channel_axis] if shape is not None else None
+        shape = shape_or_val(site.x)
+        extra = shape[self.channel_axis] if shape is not None else None
         if weight is None or extra is None:
             return None
         columns = weight.detach()[:, weight.shape[1] - extra:]
