@@ -35,7 +35,8 @@ from pathlib import Path
 from .._io import check_parent, check_writable, scratch_dir
 from ..errors import ConfigError, ExportError, LoadError, brief
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ZERO_RULES", "ExpansionReport", "expand_checkpoint"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ZERO_RULES", "ExpansionReport", "StackPlan",
+           "expand_checkpoint", "plan_stack", "spread"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9   # transformers' "5GB"
 CHUNK_BYTES = 8 << 20                 # one read or write; two such buffers are all we hold
@@ -190,7 +191,8 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
                       insert_after: list[int] | None = None, every: int | None = None,
                       blocks: int | None = None, prefix: str | None = None,
                       zero: str | list[str] = "auto", config: bool = True,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExpansionReport:
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      dry_run: bool = False) -> ExpansionReport:
     """Deepen a safetensors checkpoint folder with identity blocks, streaming tensor by tensor.
 
     Each new block is a copy of the block it follows, with the output projections of its
@@ -210,6 +212,8 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
             name suffixes relative to a block (``["self_attn.o_proj", "mlp.down_proj"]``).
         config: rewrite config.json's layer count and per-layer entries; False copies it as is.
         max_shard_bytes: the largest output shard; one shard needs no index file.
+        dry_run: decide and check everything, write nothing (``dst_dir`` is not checked; the
+            report's ``bytes_written`` is what would be written to the shards).
 
     Returns:
         An ExpansionReport.
@@ -228,19 +232,39 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
         (32, 40)
     """
     src, dst = Path(src_dir), Path(dst_dir).resolve()
-    _check_options(every, blocks, insert_after, zero, max_shard_bytes)
-    _check_dirs(src, Path(dst_dir))
+    _check_options(every, blocks, insert_after, zero)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) \
+            or max_shard_bytes < 1:
+        raise ConfigError(f"max_shard_bytes must be a positive number of bytes, got "
+                          f"{max_shard_bytes!r}")
+    if not dry_run:
+        _check_dirs(src, Path(dst_dir))
+    elif not src.is_dir():
+        raise LoadError(f"{src} is not a folder; pass the checkpoint's folder")
     source = _find_source(src)
     tensors, shard_metadata = _read_tensors(source)
     settings = _read_config(src)
-    prefix, layers = _find_stack(tensors, prefix, _layer_counts(settings))
-    _check_pre_norm(settings, prefix, layers)
-    sources = _insertions(len(layers), insert_after, every, blocks)
-    outputs, rules = _plan_tensors(tensors, prefix, layers, sources, zero)
-    new_config, config_keys = (_expand_config(settings, len(layers), sources)
-                               if config and settings is not None else (None, []))
+    plan = plan_stack({name: t.dtype for name, t in tensors.items()}, settings,
+                      insert_after=insert_after, every=every, blocks=blocks, prefix=prefix,
+                      zero=zero, config=config)
+    prefix, sources, new_config = plan.prefix, plan.sources, plan.config
+    outputs = _plan_tensors(tensors, plan)
+    rules = [plan.zeroed[src_layer][0] for src_layer, is_new in sources if is_new]
     shards = _split_shards(outputs, max_shard_bytes, source.base)
     extras, skipped = _other_files(src, source, rewrite_config=new_config is not None)
+    new = [i for i, (_, is_new) in enumerate(sources) if is_new]
+
+    def report(written: int) -> ExpansionReport:
+        return ExpansionReport(
+            source=str(src), dest=str(dst_dir), prefix=prefix, layers_before=len(plan.layers),
+            layers_after=len(sources), new_layers=tuple(new),
+            copied_from=tuple(sources[i][0] for i in new), zero_rules=tuple(rules),
+            zeroed=tuple(t.name for t in outputs if t.zero), bytes_written=written,
+            shards=tuple(name for name, _ in shards), config_keys=plan.config_keys,
+            files_copied=tuple(p.name for p in extras), files_skipped=tuple(skipped))
+
+    if dry_run:
+        return report(sum(t.source.nbytes for t in outputs))
     _check_space(dst, sum(t.source.nbytes for t in outputs)
                  + sum(p.stat().st_size for p in extras))
 
@@ -261,20 +285,67 @@ def expand_checkpoint(src_dir: str | Path, dst_dir: str | Path, *,
             raise
         raise ExportError(f"cannot write {dst}: {exc.strerror}; nothing was written "
                           "there") from exc
+    return report(written)
 
-    new = [i for i, (_, is_new) in enumerate(sources) if is_new]
-    return ExpansionReport(
-        source=str(src), dest=str(dst_dir), prefix=prefix, layers_before=len(layers),
-        layers_after=len(sources), new_layers=tuple(new),
-        copied_from=tuple(sources[i][0] for i in new), zero_rules=tuple(rules),
-        zeroed=tuple(t.name for t in outputs if t.zero), bytes_written=written,
-        shards=tuple(name for name, _ in shards), config_keys=tuple(config_keys),
-        files_copied=tuple(p.name for p in extras), files_skipped=tuple(skipped))
+
+@dataclass(frozen=True)
+class StackPlan:
+    """The decision behind a block expansion, from tensor names alone: nothing is read or written.
+
+    ``sources`` lists the expanded stack: per new index, the original layer it holds and
+    whether it is a new copy; ``zeroed`` gives, per copied layer, the ZERO_RULES family (or
+    "zero=[...]") and the tensors to zero in its copies, by name relative to the layer.
+    """
+
+    prefix: str
+    layers: tuple[dict[str, str], ...]          # per layer: {name relative to it: full name}
+    sources: tuple[tuple[int, bool], ...]
+    zeroed: dict[int, tuple[str, frozenset[str]]]
+    config: dict | None                         # config.json for the new depth (None: unchanged)
+    config_keys: tuple[str, ...]                # its keys that changed, dotted
+
+
+def plan_stack(dtypes: dict[str, str], settings: dict | None, *,
+               insert_after: list[int] | None = None, every: int | None = None,
+               blocks: int | None = None, prefix: str | None = None,
+               zero: str | list[str] = "auto", config: bool = True) -> StackPlan:
+    """Decide a block expansion from tensor names and dtypes: the stack, the copies, the zeros.
+
+    The one decision ``expand_checkpoint`` (on disk) and ``ressurgeon.deepen`` (a Hugging Face
+    model in memory) both execute.
+
+    Args:
+        dtypes: every tensor's name and safetensors dtype ("F32", "BF16", ...).
+        settings: config.json as a dict (or None); its layer count picks the stack and its
+            per-layer entries follow the new depth.
+        insert_after, every, blocks, prefix, zero, config: as for ``expand_checkpoint``.
+
+    Returns:
+        A StackPlan.
+
+    Raises:
+        ConfigError: as ``expand_checkpoint``, for everything decided from names.
+    """
+    _check_options(every, blocks, insert_after, zero)
+    prefix, layers = _find_stack(dtypes, prefix, _layer_counts(settings))
+    _check_pre_norm(settings, prefix, layers)
+    sources = _insertions(len(layers), insert_after, every, blocks)
+    zeroed = _choose_zeros(dtypes, prefix, layers, sources, zero)
+    new_config, keys = (_expand_config(settings, len(layers), sources)
+                        if config and settings is not None else (None, []))
+    return StackPlan(prefix=prefix, layers=tuple(layers), sources=tuple(sources), zeroed=zeroed,
+                     config=new_config, config_keys=tuple(keys))
+
+
+def spread(n: int, k: int) -> list[int]:
+    """Which of ``n`` positions get the ``k`` new blocks, evenly: LLaMA Pro's 32 -> 40 is after
+    every 4th (positions 3, 7, ..., 31), the last position always included."""
+    return [(j + 1) * n // k - 1 for j in range(k)]
 
 
 # -- checks of the arguments and folders --------------------------------------------------------
 
-def _check_options(every, blocks, insert_after, zero, max_shard_bytes) -> None:
+def _check_options(every, blocks, insert_after, zero) -> None:
     given = [name for name, value in (("insert_after", insert_after), ("every", every),
                                       ("blocks", blocks)) if value is not None]
     if len(given) != 1:
@@ -290,10 +361,6 @@ def _check_options(every, blocks, insert_after, zero, max_shard_bytes) -> None:
                            or not all(isinstance(z, str) and z for z in zero)):
         raise ConfigError(f"zero must be 'auto' or a non-empty list of names, got {zero!r}; "
                           "e.g. zero=['self_attn.o_proj', 'mlp.down_proj']")
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) \
-            or max_shard_bytes < 1:
-        raise ConfigError(f"max_shard_bytes must be a positive number of bytes, got "
-                          f"{max_shard_bytes!r}")
 
 
 def _check_dirs(src: Path, dst: Path) -> None:
@@ -467,7 +534,7 @@ def _split_name(name: str, prefix: str) -> tuple[int, str] | None:
     return None
 
 
-def _find_stack(tensors: dict[str, _Tensor], prefix: str | None,
+def _find_stack(tensors: dict[str, object], prefix: str | None,
                 counts: set[int]) -> tuple[str, list[dict[str, str]]]:
     """The layer prefix and, per layer, ``{rest: full name}``."""
     if prefix is not None:
@@ -538,7 +605,7 @@ def _insertions(n: int, insert_after, every, blocks) -> list[tuple[int, bool]]:
         if blocks > n:
             raise ConfigError(f"blocks={blocks} is more than the {n} layers; use insert_after "
                               "to add several blocks after one")
-        after = [(j + 1) * n // blocks - 1 for j in range(blocks)]
+        after = spread(n, blocks)
     elif every is not None:
         after = list(range(every - 1, n, every))
         if not after:
@@ -557,12 +624,10 @@ def _insertions(n: int, insert_after, every, blocks) -> list[tuple[int, bool]]:
     return out
 
 
-def _plan_tensors(tensors: dict[str, _Tensor], prefix: str, layers: list[dict[str, str]],
-                  sources: list[tuple[int, bool]], zero) -> tuple[list[_Out], list[str]]:
-    """Every output tensor in order (natural sort of the new names), and the rule per copy."""
-    in_stack = {name for block in layers for name in block.values()}
-    outputs = [_Out(name, t) for name, t in tensors.items() if name not in in_stack]
-    chosen = {src: _zeroed({rest: tensors[name] for rest, name in layers[src].items()}, zero,
+def _choose_zeros(dtypes: dict[str, str], prefix: str, layers: list[dict[str, str]],
+                  sources: list[tuple[int, bool]], zero) -> dict[int, tuple[str, frozenset[str]]]:
+    """Per copied layer: the rule and the tensors (relative to the layer) its copies zero."""
+    chosen = {src: _zeroed({rest: dtypes[name] for rest, name in layers[src].items()}, zero,
                            f"{prefix}.{src}")
               for src in sorted({s for s, is_new in sources if is_new})}
     if zero != "auto":
@@ -571,17 +636,22 @@ def _plan_tensors(tensors: dict[str, _Tensor], prefix: str, layers: list[dict[st
         if unused:
             raise ConfigError(f"zero={zero!r}: {unused[0]!r} matches no tensor of the copied "
                               "blocks; give names relative to a block, e.g. 'mlp.down_proj'")
-    rules = []
-    for new_index, (src, is_new) in enumerate(sources):
-        rule, zeroed = chosen[src] if is_new else ("", set())
-        if is_new:
-            rules.append(rule)
-        for rest, name in layers[src].items():
-            outputs.append(_Out(f"{prefix}.{new_index}.{rest}", tensors[name], rest in zeroed))
-    return sorted(outputs, key=lambda t: _natural(t.name)), rules
+    return {src: (rule, frozenset(names)) for src, (rule, names) in chosen.items()}
 
 
-def _zeroed(block: dict[str, _Tensor], zero, where: str) -> tuple[str, set[str]]:
+def _plan_tensors(tensors: dict[str, _Tensor], plan: StackPlan) -> list[_Out]:
+    """Every output tensor in order (natural sort of the new names)."""
+    in_stack = {name for block in plan.layers for name in block.values()}
+    outputs = [_Out(name, t) for name, t in tensors.items() if name not in in_stack]
+    for new_index, (src, is_new) in enumerate(plan.sources):
+        zeroed = plan.zeroed[src][1] if is_new else frozenset()
+        for rest, name in plan.layers[src].items():
+            outputs.append(_Out(f"{plan.prefix}.{new_index}.{rest}", tensors[name],
+                                rest in zeroed))
+    return sorted(outputs, key=lambda t: _natural(t.name))
+
+
+def _zeroed(block: dict[str, str], zero, where: str) -> tuple[str, set[str]]:
     """(the rule used, the names relative to the block of the tensors to zero in its copy)."""
     if zero != "auto":
         rule, targets = "zero=[...]", _targets(block, zero)
@@ -609,9 +679,9 @@ def _zeroed(block: dict[str, _Tensor], zero, where: str) -> tuple[str, set[str]]
                           "with the modules that end all its branches")
     for rest, kind in sorted(targets.items()):
         module, _, leaf = rest.rpartition(".")
-        if block[rest].dtype not in DTYPE_BYTES or (kind == "module"
-                                                    and leaf not in ("weight", "bias")):
-            raise ConfigError(f"cannot zero {where}.{rest} ({block[rest].dtype}): only float or "
+        if block[rest] not in DTYPE_BYTES or (kind == "module"
+                                              and leaf not in ("weight", "bias")):
+            raise ConfigError(f"cannot zero {where}.{rest} ({block[rest]}): only float or "
                               "integer weights and biases become exactly zero, not quantized "
                               "or packed tensors; dequantize the checkpoint first")
         bias = _join(module, "bias")
@@ -621,7 +691,7 @@ def _zeroed(block: dict[str, _Tensor], zero, where: str) -> tuple[str, set[str]]
     return rule, set(targets)
 
 
-def _targets(block: dict[str, _Tensor], patterns) -> dict[str, str]:
+def _targets(block: dict[str, str], patterns) -> dict[str, str]:
     """The block's tensors that some pattern matches, each with how (see ``_match``)."""
     found = {}
     for rest in block:
