@@ -26,14 +26,15 @@ _EXPORTS = {
     "plan_skips": "plan", "apply_plan": "rewrite", "add_skips": "surgery",
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
     "save_model": "save", "save_code": "save", "export_onnx": "onnx_export",
-    "fusion_report": "onnx_export", "fold": "fold",
+    "fusion_report": "onnx_export", "fold": "fold", "deepen": "deepen",
+    "expand_checkpoint": "deepen",
     # diagnostics
     "gradient_flow": "diagnose", "gate_report": "gates", "plot_surgery": "plot",
     "plot_gradient_flow": "plot", "find_shortcuts": "shortcuts", "find_layers": "analysis.layers",
     "find_residuals": "analysis.layers",
     # configuration
     "SkipConfig": "config", "TraceOptions": "config", "Init": "config", "Kind": "config",
-    "Placement": "config",
+    "Placement": "config", "DeepenConfig": "deepen", "How": "deepen",
     # records and results
     "SurgeryResult": "surgery", "Inspection": "surgery", "Skip": "rewrite", "Span": "spans",
     "Reason": "spans", "Layer": "analysis.layers", "Residual": "analysis.blocks",
@@ -42,7 +43,8 @@ _EXPORTS = {
     "OnnxReport": "onnx_export", "FusionReport": "onnx_export",
     "GradientFlowReport": "diagnose", "LayerFlow": "diagnose", "FlowStats": "diagnose",
     "GateReport": "gates", "Gate": "gates", "Shortcut": "shortcuts",
-    "ExportFallbackWarning": "onnx_export",
+    "ExportFallbackWarning": "onnx_export", "DeepenResult": "deepen", "DeepenPlan": "deepen",
+    "NewBlock": "deepen", "ResidualLayer": "deepen", "ExpansionReport": "deepen",
     # errors
     "RessurgeonError": "errors", "ConfigError": "errors", "LoadError": "errors",
     "UnsafeFileError": "errors", "TraceError": "errors", "ShapeError": "errors",
@@ -89,6 +91,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .analysis.blocks import Residual
     from .analysis.layers import Layer, analyze_graph, find_layers, find_residuals
     from .config import Init, Kind, Placement, SkipConfig, TraceOptions
+    from .deepen import (DeepenConfig, DeepenPlan, DeepenResult, ExpansionReport, How, NewBlock,
+                         ResidualLayer, deepen, expand_checkpoint)
     from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
     from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
                          ShapeError, TraceError, UnsafeFileError, VerificationError)

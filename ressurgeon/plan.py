@@ -116,36 +116,44 @@ class SurgeryPlan:
 
     @classmethod
     def from_json(cls, text: str) -> "SurgeryPlan":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"the plan is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        except RecursionError:
-            raise PlanError("the plan is nested too deeply to be a plan; write one with "
-                            "--plan-out") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_plan_json(text))
 
     @classmethod
     def load(cls, path: str | Path) -> "SurgeryPlan":
-        path = Path(path)
-        try:
-            if not path.is_file():
-                raise PlanError(f"the plan {path} is not a regular file; give the JSON file "
-                                "--plan-out wrote")
-            if path.stat().st_size > MAX_PLAN_BYTES:
-                raise PlanError(f"the plan {path} is {path.stat().st_size:,} bytes, too large to "
-                                f"be a plan (at most {MAX_PLAN_BYTES:,}); give the file "
-                                "--plan-out wrote")
-            with path.open("rb") as f:
-                raw = f.read(MAX_PLAN_BYTES + 1)
-        except OSError as exc:
-            raise PlanError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PlanError(f"the plan {path} is not UTF-8 text; give the JSON file --plan-out "
-                            "wrote") from None
-        return cls.from_json(text)
+        return cls.from_json(read_plan_text(path))
+
+
+def read_plan_text(path: str | Path) -> str:
+    """A plan file's text: a regular UTF-8 file of plan size, or a PlanError naming the fix."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise PlanError(f"the plan {path} is not a regular file; give the JSON file "
+                            "--plan-out wrote")
+        if path.stat().st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"the plan {path} is {path.stat().st_size:,} bytes, too large to "
+                            f"be a plan (at most {MAX_PLAN_BYTES:,}); give the file "
+                            "--plan-out wrote")
+        with path.open("rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise PlanError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"the plan {path} is not UTF-8 text; give the JSON file --plan-out "
+                        "wrote") from None
+
+
+def parse_plan_json(text: str):
+    """JSON text -> data, or a PlanError that says where the JSON breaks."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"the plan is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:
+        raise PlanError("the plan is nested too deeply to be a plan; write one with "
+                        "--plan-out") from None
 
 
 def plan_skips(spans: list[Span], config: SkipConfig,

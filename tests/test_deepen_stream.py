@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import ressurgeon.deepen.stream as stream
+from ressurgeon.deepen import stream
 from ressurgeon.deepen import ZERO_RULES, expand_checkpoint
 from ressurgeon.errors import ConfigError, ExportError, LoadError
 

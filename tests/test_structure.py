@@ -32,14 +32,15 @@ STAGES = [
               "_refuse_code", "_nn_pickle"}),
     ("capture", {"exported", "inplace", "shapes", "load", "hf", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
-                  "spans"}),
+                  "analysis.zeros", "spans"}),
     ("plan", {"plan"}),
     ("rewrite", {"rewrite"}),
     ("verify", {"verify"}),
     ("pass", {"surgery"}),
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
-                "fold.merge", "fold.rescale"}),
-    ("deepen", {"deepen", "deepen.stream"}),
+                "fold.merge", "fold.rescale", "fold.zeros"}),
+    ("deepen", {"deepen", "deepen.stream", "deepen.config", "deepen.positions", "deepen.plan",
+                "deepen.insert", "deepen.hf"}),
     ("diagnostics", {"gates", "diagnose", "plot", "training"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

@@ -133,7 +133,7 @@ def fold_cmd(
                 for line in notes:
                     out.line(line)
             else:
-                out.note(f"no ressurgeon shortcuts found in {model}; folded BatchNorm only")
+                out.note(f"no ressurgeon shortcuts found in {model}")
             out.note(render.fold_summary(result))
 
         out.emit({**result.to_dict(), "output": str(written) if written else None,

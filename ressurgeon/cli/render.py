@@ -181,9 +181,11 @@ def fold_table(result, *, wide: bool = False) -> tuple[Table, list[str]]:
 
 def fold_summary(result) -> str:
     diff = "not checked" if result.max_abs_diff is None else f"within {result.max_abs_diff:.3g}"
+    zeros = (f"{len(result.branches_removed)} still-zero residual branch(es) removed; "
+             if result.branches_removed else "")
     return (f"{result.ops_before} ops -> {result.ops_after}; {len(result.batchnorms_folded)} "
-            f"BatchNorm folded; {result.fusion_eligible} Add(s) fusable into a conv; outputs "
-            f"{diff} of the unfolded model (eval mode)")
+            f"BatchNorm folded; {zeros}{result.fusion_eligible} Add(s) fusable into a conv; "
+            f"outputs {diff} of the unfolded model (eval mode)")
 
 
 def onnx_summary(report) -> str:

@@ -36,7 +36,7 @@ from .._io import check_parent, check_writable, scratch_dir
 from ..errors import ConfigError, ExportError, LoadError, brief
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "ZERO_RULES", "ExpansionReport", "StackPlan",
-           "expand_checkpoint", "plan_stack", "spread"]
+           "config_for", "expand_checkpoint", "find_layer_stack", "plan_stack", "spread"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9   # transformers' "5GB"
 CHUNK_BYTES = 8 << 20                 # one read or write; two such buffers are all we hold
@@ -335,6 +335,30 @@ def plan_stack(dtypes: dict[str, str], settings: dict | None, *,
                         if config and settings is not None else (None, []))
     return StackPlan(prefix=prefix, layers=tuple(layers), sources=tuple(sources), zeroed=zeroed,
                      config=new_config, config_keys=tuple(keys))
+
+
+def find_layer_stack(dtypes: dict[str, str], settings: dict | None,
+                     prefix: str | None = None) -> tuple[str, int]:
+    """(the layer stack's prefix, its number of layers) from tensor names, as ``plan_stack``
+    finds them.
+
+    Raises:
+        ConfigError: no stack, or several equally likely ones (pass ``prefix``).
+    """
+    prefix, layers = _find_stack(dtypes, prefix, _layer_counts(settings))
+    return prefix, len(layers)
+
+
+def config_for(settings: dict, n: int, sources: list[tuple[int, bool]]) -> tuple[dict, list[str]]:
+    """config.json (a copy) for the stack ``sources`` describes over ``n`` original layers, and
+    the dotted keys that changed; ``sources`` as in ``StackPlan``.
+
+    Raises:
+        ConfigError: as ``plan_stack``, when the config cannot follow the new depth.
+    """
+    if not any(is_new for _, is_new in sources):
+        return json.loads(json.dumps(settings)), []
+    return _expand_config(settings, n, sources)
 
 
 def spread(n: int, k: int) -> list[int]:

@@ -8,6 +8,8 @@ this order:
    (``ressurgeon.exported``).
 2. (``layers.py``) BatchNorm (eval statistics) is folded into the conv/linear
    before it; Dropout and Identity modules are dropped (eval behaviour).
+   (``zeros.py``) An add whose operand is exactly zero (a block ``deepen`` inserted whose
+   output layer is still zero) becomes its other operand; the dead branch goes.
 3. (``joins.py``) Each shortcut becomes a sum of *terms* ``c * P(v)``, read
    from ``Shortcut.terms()``; a term whose gate is exactly 0 is dropped.
 4. (``merge.py``) A shortcut around one linear layer (``h = conv(x)`` after BN
@@ -30,7 +32,7 @@ Inf that a zero gate used to multiply away is not reproduced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -49,6 +51,7 @@ from .joins import (FoldedSkip, Join, Outcome, close_opaque, collect_joins, drop
                     emit_sums)
 from .layers import drop_identities, fold_batchnorms
 from .merge import merge_linear
+from .zeros import drop_zero_branches
 from .rescale import absorb_gates
 
 __all__ = ["fold", "FoldResult", "FoldedSkip", "Outcome"]
@@ -66,6 +69,7 @@ class FoldResult:
     max_abs_diff: float | None = None   # against the unfolded model, when inputs were given
     tolerance: float | None = None
     eval_only: bool = True              # BatchNorm used its running statistics
+    branches_removed: list[str] = field(default_factory=list)   # exactly-zero residual branches
 
     @property
     def fusion_eligible(self) -> int:
@@ -86,12 +90,12 @@ class FoldResult:
                 "batchnorms_folded": self.batchnorms_folded, "ops_before": self.ops_before,
                 "ops_after": self.ops_after, "fusion_eligible": self.fusion_eligible,
                 "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
-                "eval_only": self.eval_only}
+                "eval_only": self.eval_only, "branches_removed": self.branches_removed}
 
 
 def fold(module: nn.Module, example_inputs: tuple | None = None, *,
          fold_batchnorm: bool = True, trace: TraceOptions | None = None) -> FoldResult:
-    """Fold shortcuts, BatchNorm and gates into the weights for inference.
+    """Fold shortcuts, BatchNorm, gates and still-zero new blocks into the weights for inference.
 
     Args:
         module: the result of ``add_skips`` (``result.module``), a GraphModule
@@ -106,7 +110,8 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
 
     Returns:
         FoldResult: ``.module`` (a new GraphModule in eval mode), one FoldedSkip
-        per shortcut, the BatchNorms folded, op counts before and after.
+        per shortcut, the BatchNorms folded, the residual branches removed because their
+        last layer is exactly zero (``deepen``'s new blocks before training), op counts.
 
     Raises:
         TraceError, ShapeError: ``module`` is not a GraphModule and cannot be traced.
@@ -139,6 +144,7 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
     modules = dict(gm.named_modules())
     folded_bn = fold_batchnorms(gm, modules) if fold_batchnorm else []
     drop_identities(gm, modules)
+    branches = drop_zero_branches(gm, modules)
     joins = collect_joins(gm)
     close_opaque(gm, joins, modules)
     drop_zero_terms(joins)
@@ -152,7 +158,8 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
     gm.graph.lint()
     gm.recompile()
     result = FoldResult(module=gm, skips=[j.record for j in joins], batchnorms_folded=folded_bn,
-                        ops_before=ops_before, ops_after=_count_ops(gm))
+                        ops_before=ops_before, ops_after=_count_ops(gm),
+                        branches_removed=branches)
     if inputs is not None:
         _verify(module, result, inputs)
     return result
