@@ -34,7 +34,7 @@ _EXPORTS = {
     "find_residuals": "analysis.layers",
     # configuration
     "SkipConfig": "config", "TraceOptions": "config", "Init": "config", "Kind": "config",
-    "Placement": "config", "DeepenConfig": "deepen", "How": "deepen",
+    "Placement": "config", "DeepenConfig": "config", "How": "config",
     # records and results
     "SurgeryResult": "surgery", "Inspection": "surgery", "Skip": "rewrite", "Span": "spans",
     "Reason": "spans", "Layer": "analysis.layers", "Residual": "analysis.blocks",
@@ -90,9 +90,9 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .analysis.blocks import Residual
     from .analysis.layers import Layer, analyze_graph, find_layers, find_residuals
-    from .config import Init, Kind, Placement, SkipConfig, TraceOptions
-    from .deepen import (DeepenConfig, DeepenPlan, DeepenResult, ExpansionReport, How, NewBlock,
-                         ResidualLayer, deepen, expand_checkpoint)
+    from .config import DeepenConfig, How, Init, Kind, Placement, SkipConfig, TraceOptions
+    from .deepen import (DeepenPlan, DeepenResult, ExpansionReport, NewBlock, ResidualLayer,
+                         deepen, expand_checkpoint)
     from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
     from .errors import (ConfigError, ExportError, LoadError, PlanError, RessurgeonError,
                          ShapeError, TraceError, UnsafeFileError, VerificationError)

@@ -1,6 +1,7 @@
-"""What the pass should do (``SkipConfig``) and how to capture the model (``TraceOptions``).
+"""What the pass should do (``SkipConfig``, ``DeepenConfig``) and how to capture the model
+(``TraceOptions``).
 
-Both are frozen dataclasses validated on construction. Each field carries its
+All are frozen dataclasses validated on construction. Each field carries its
 own help text in ``metadata["help"]``; the CLI builds its options from these
 fields so the two never drift apart. This module imports no torch, so the
 CLI's ``--help`` stays fast.
@@ -186,6 +187,59 @@ class TraceOptions:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "dynamic", _dynamic_pairs(self.dynamic))
+
+
+class How(StrEnum):
+    """Which kind of new block ``deepen`` inserts."""
+
+    AUTO = "auto"   # copy where the model has stacks of residual blocks, new otherwise
+    COPY = "copy"   # block expansion: copies of existing residual blocks (LLaMA Pro)
+    NEW = "new"     # new residual layers after the layers of a plain network
+
+
+@dataclass(frozen=True)
+class DeepenConfig:
+    """How ``deepen`` grows a network.
+
+    Example:
+        >>> DeepenConfig(blocks=8).how
+        <How.AUTO: 'auto'>
+        >>> DeepenConfig(where=("blocks.1", "blocks.3")).blocks is None
+        True
+    """
+
+    blocks: int | None = field(default=None, metadata=_help(
+        "How many new blocks, spread evenly over the positions (LLaMA Pro: one after every "
+        "k-th block). Default: one after each position --where names."))
+    how: How = field(default=How.AUTO, metadata=_help(
+        "copy: insert copies of existing residual blocks whose branch ends are zeroed "
+        "(transformer layers, ResNet/ConvNeXt/ViT blocks; LLaMA Pro's block expansion); "
+        "new: insert new residual layers x + out(act(layer(x))) with out zeroed, for plain "
+        "networks; auto: copy when the model has residual blocks, else new.", choices=How))
+    where: tuple[str, ...] = field(default=(), metadata=_help(
+        "Glob patterns on positions: block names for copy (e.g. 'blocks.3', "
+        "'model.layers.*'), layer names for new (e.g. 'features.*'). Only matching positions "
+        "get new blocks."))
+    zero: tuple[str, ...] = field(default=(), metadata=_help(
+        "Hugging Face models and checkpoint folders only: the modules to zero in each copy, "
+        "relative to a block (e.g. 'self_attn.o_proj'); default: the family's rule in "
+        "ressurgeon.deepen.ZERO_RULES."))
+
+    def __post_init__(self) -> None:
+        _count("blocks", self.blocks, low=1, optional=True)
+        object.__setattr__(self, "how", _enum(How, "how", self.how))
+        for name in ("where", "zero"):
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))
+        if self.blocks is None and not self.where:
+            raise ConfigError("say how many new blocks (blocks=N, --blocks N) or where they go "
+                              "(where=[...], --where PATTERN)")
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeepenConfig":
+        return _from_dict(cls, data)
 
 
 def _dynamic_pairs(value) -> tuple[tuple[int | None, int], ...]:

@@ -39,8 +39,8 @@ STAGES = [
     ("pass", {"surgery"}),
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
                 "fold.merge", "fold.rescale", "fold.zeros"}),
-    ("deepen", {"deepen", "deepen.stream", "deepen.config", "deepen.positions", "deepen.plan",
-                "deepen.insert", "deepen.hf"}),
+    ("deepen", {"deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
+                "deepen.hf"}),
     ("diagnostics", {"gates", "diagnose", "plot", "training"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

@@ -322,3 +322,38 @@ def gates_legend(report) -> str:
     inits = [i for i in _GATE_MEANING if any(g.init == i for g in report.gates)]
     formulas = {g.init: g.formula for g in report.gates if g.init}
     return "; ".join(f"{i}: {formulas[i]} ({_GATE_MEANING[i]})" for i in inits)
+
+
+# -- deepen -------------------------------------------------------------------------------------
+
+def deepen_table(result, *, wide: bool = False) -> Table:
+    """One row per new block: its module, the position it follows, its kind, its parameters."""
+    caption = (f"total: {len(result.blocks)} new block(s), {result.params_added:,} parameters "
+               "added; each starts as exactly the identity")
+    table = _table(f"New blocks ({result.how.value})", caption)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("new block", no_wrap=True)
+    table.add_column("after", no_wrap=True)
+    table.add_column("zeroed", justify="right", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("layer" if result.how.value == "new" else "zeroed tensors")
+    for i, b in enumerate(result.blocks, 1):
+        row = [str(i), b.name, b.after, str(len(b.zeroed)), f"{b.params:,}"]
+        if wide:
+            row.append(b.layer or ", ".join(b.zeroed))
+        table.add_row(*row)
+    return table
+
+
+def expansion_table(report) -> Table:
+    """A checkpoint folder's expansion: one row per new layer, the layer it copies, its rule."""
+    table = _table(f"New layers in {report.prefix} ({report.layers_before} -> "
+                   f"{report.layers_after})",
+                   f"{len(report.zeroed)} tensor(s) zeroed; later layers renumbered")
+    table.add_column("new layer", justify="right", no_wrap=True)
+    table.add_column("copy of", justify="right", no_wrap=True)
+    table.add_column("zero rule", no_wrap=True)
+    for new, src, rule in zip(report.new_layers, report.copied_from, report.zero_rules):
+        table.add_row(str(new), str(src), rule)
+    return table

@@ -32,13 +32,12 @@ from torch import fx
 from .._fx import attr, capture_info
 from .._torch import normalize_inputs, quiet_copy
 from ..analysis.layers import analyze_graph
-from ..config import TraceOptions
 from ..errors import ConfigError, VerificationError
 from ..exported import as_module
 from ..trace import trace_model
 from ..verify import ParityReport, check_parity
 from . import hf
-from .config import DeepenConfig, How
+from ..config import DeepenConfig, How, TraceOptions
 from .insert import NewBlock, ResidualLayer, insert_blocks
 from .plan import DeepenPlan, PlannedBlock, check_plan, plan_deepen
 from .positions import Position, Reason, choose, find_positions

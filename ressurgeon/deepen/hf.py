@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .config import DeepenConfig, How
+from ..config import DeepenConfig, How
 from .insert import NewBlock
 from .positions import Position
 from .stream import StackPlan, config_for, find_layer_stack, plan_stack

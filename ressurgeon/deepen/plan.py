@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, PlanError
 from ..plan import MAX_DIM, parse_plan_json, read_plan_text
-from .config import DeepenConfig, How
+from ..config import DeepenConfig, How
 from .positions import CHOICES, Position, Reason
 
 PLAN_VERSION = 1

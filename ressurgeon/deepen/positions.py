@@ -31,7 +31,7 @@ from ..analysis.zeros import branch_end
 from ..errors import ConfigError
 from ..registry import Role, Trait, op_info
 from ..shortcuts import find_shortcuts, is_shortcut
-from .config import DeepenConfig, How
+from ..config import DeepenConfig, How
 from .stream import spread
 
 
@@ -322,7 +322,7 @@ def _branch(merge: fx.Node, stream: fx.Node, modules: dict) -> fx.Node | None:
 
 
 def _shared(tensors: tuple[str, ...], inside: set[fx.Node], gm: fx.GraphModule) -> bool:
-    """A tensor to zero that a node outside the block reads (tied weights, a module called twice)."""
+    """A tensor to zero that a node outside the block reads (tied weights, a module used twice)."""
     owners = {t.rpartition(".")[0] for t in tensors} | set(tensors)
     return any(n.op in ("call_module", "get_attr") and str(n.target) in owners
                and n not in inside for n in gm.graph.nodes)

@@ -36,7 +36,8 @@ from .._io import check_parent, check_writable, scratch_dir
 from ..errors import ConfigError, ExportError, LoadError, brief
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "ZERO_RULES", "ExpansionReport", "StackPlan",
-           "config_for", "expand_checkpoint", "find_layer_stack", "plan_stack", "spread"]
+           "checkpoint_stack", "config_for", "expand_checkpoint", "find_layer_stack",
+           "plan_stack", "spread"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9   # transformers' "5GB"
 CHUNK_BYTES = 8 << 20                 # one read or write; two such buffers are all we hold
@@ -347,6 +348,21 @@ def find_layer_stack(dtypes: dict[str, str], settings: dict | None,
     """
     prefix, layers = _find_stack(dtypes, prefix, _layer_counts(settings))
     return prefix, len(layers)
+
+
+def checkpoint_stack(src_dir: str | Path, prefix: str | None = None) -> tuple[str, int]:
+    """(the layer stack's prefix, its number of layers) of a checkpoint folder, from its shard
+    headers and config.json alone, e.g. ``("model.layers", 32)``.
+
+    Raises:
+        LoadError: no safetensors checkpoint in the folder, or a damaged one.
+        ConfigError: no layer stack, or several equally likely ones (pass ``prefix``).
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise LoadError(f"{src} is not a folder; pass the checkpoint's folder")
+    tensors, _ = _read_tensors(_find_source(src))
+    return find_layer_stack({n: t.dtype for n, t in tensors.items()}, _read_config(src), prefix)
 
 
 def config_for(settings: dict, n: int, sources: list[tuple[int, bool]]) -> tuple[dict, list[str]]:

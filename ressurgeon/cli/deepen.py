@@ -1,0 +1,240 @@
+"""deepen: grow a model with new residual blocks that start as exactly the identity."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import DeepenConfig, How
+from ..errors import ConfigError
+from . import render
+from .common import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+                     Fp16Opt, InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt,
+                     Output, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, check_paths,
+                     default_output, load_with_inputs, parse_input, real_inputs, session,
+                     trace_from_flags)
+from .surgery import write_onnx
+
+_HELP = {f.name: f.metadata["help"] for f in fields(DeepenConfig)}
+
+
+def deepen_cmd(
+    model: Annotated[Path, typer.Argument(
+        help="Model file (as for add-skips: .pt2, a state_dict with --arch, ...) or a Hugging "
+        "Face checkpoint folder (save_pretrained's: *.safetensors and config.json), which is "
+        "expanded on disk tensor by tensor.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Where to write the deeper model (.pt2, .pt, .safetensors), or "
+        "a new folder for a checkpoint folder. Default: MODEL.deeper.pt2 (a folder: "
+        "MODEL-deeper) beside the input.", show_default=False)] = None,
+    blocks: Annotated[Optional[int], typer.Option(
+        "--blocks", "-n", help=_HELP["blocks"], show_default=False)] = None,
+    where: Annotated[Optional[list[str]], typer.Option(
+        "--where", metavar="PATTERN", help=_HELP["where"] + " For a folder: layer names "
+        "(model.layers.3) or indices (3).", show_default=False)] = None,
+    how: Annotated[str, typer.Option(
+        "--how", metavar="|".join(h.value for h in How), help=_HELP["how"])] = How.AUTO.value,
+    zero: Annotated[Optional[list[str]], typer.Option(
+        "--zero", metavar="NAME", help=_HELP["zero"], show_default=False)] = None,
+    input_shape: InputShapeOpt = None,
+    vocab: VocabOpt = None,
+    plan: Annotated[Optional[Path], typer.Option(
+        "--plan", help="Apply this plan (JSON from --plan-out, maybe edited: drop a block, "
+        "repeat a position) instead of choosing; its settings win over the flags.",
+        show_default=False)] = None,
+    plan_out: Annotated[Optional[Path], typer.Option(
+        "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Decide and verify, but write no model or ONNX; only --plan-out is "
+        "written.")] = False,
+    onnx: OnnxOpt = None,
+    opset: OpsetOpt = None,
+    fp16: Fp16Opt = False,
+    static_batch: StaticBatchOpt = False,
+    no_check: NoCheckOpt = False,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    leaf: LeafOpt = None,
+    concrete: ConcreteOpt = None,
+    dynamic: DynamicOpt = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip running both models to check the outputs are unchanged (for "
+        "a folder: loading both with transformers; skip it for checkpoints larger than "
+        "memory).")] = False,
+    wide: WideOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Grow MODEL with new residual blocks that start as exactly the identity.
+
+    Residual stacks (transformer layers, ResNet, ConvNeXt or ViT blocks) get
+    copies of their blocks with the end of each residual branch zeroed (LLaMA
+    Pro's block expansion); plain networks get new layers x + out(act(layer(x)))
+    with out zeroed. The deeper model computes exactly what MODEL did, and
+    fine-tuning moves the zeroed weights from the first step; 'ressurgeon fold'
+    removes new blocks that are still zero.
+
+    Examples:
+
+      ressurgeon deepen vit.pt2 --blocks 4 -o vit_deeper.pt2
+
+      ressurgeon deepen mlp.pt2 --how new --where '6' --where '10' --json
+
+      ressurgeon deepen vgg.pt2 -n 2 --plan-out plan.json --dry-run
+
+      ressurgeon deepen llama-7b/ --blocks 8 -o llama-pro-8b/
+
+      ressurgeon deepen resnet.pt2 -n 2 -o deeper.pt2 --onnx deeper.onnx
+    """
+    with session(as_json=as_json, quiet=quiet, debug=debug) as out:
+        from ..deepen.plan import DeepenPlan
+
+        loaded_plan = DeepenPlan.load(plan) if plan else None
+        config = loaded_plan.config if loaded_plan else DeepenConfig(
+            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()))
+        if model.is_dir():
+            if plan or plan_out or onnx:
+                raise ConfigError("--plan, --plan-out and --onnx apply to model files; for a "
+                                  "checkpoint folder use --blocks and --where")
+            _deepen_folder(model, output, config, out, dry_run=dry_run, verify=not no_verify,
+                           shapes=input_shape, vocab=vocab)
+            return
+        from ..save import check_format
+
+        trace = trace_from_flags(leaf=leaf, concrete=concrete, dynamic=dynamic)
+        target = None if dry_run else (output or default_output(model, "deeper"))
+        if dry_run:
+            onnx = None
+        check_paths([model, plan], {"-o": target, "--plan-out": plan_out, "--onnx": onnx})
+        if target is not None:
+            check_format(target)
+        net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
+                                       loaded_plan.input_shapes if loaded_plan else (),
+                                       vocab=vocab)
+        with out.step("tracing and inserting new blocks"):
+            from ..deepen import deepen
+
+            result = deepen(net, inputs, config, plan=loaded_plan, verify=not no_verify,
+                            trace=trace)
+        written = _write(result, inputs, out, target=target, plan_out=plan_out, onnx=onnx,
+                         onnx_options=dict(opset=opset, fp16=fp16, static_batch=static_batch,
+                                           check=not no_check))
+
+        def show() -> None:
+            out.table(render.deepen_table(result, wide=wide))
+            note = render.rejection_summary(result.positions)
+            if note:
+                out.note(note)
+            if result.parity is not None:
+                out.note(f"outputs unchanged: {result.parity.describe()}")
+
+        out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "onnx": written["onnx"].to_dict() if written["onnx"] else None}, show)
+
+
+def _write(result, inputs, out: Output, *, target, plan_out, onnx, onnx_options: dict) -> dict:
+    """ONNX first (the one step that can still fail a check, exit 3), then the model, the plan."""
+    from .._io import atomic_path
+    from ..save import save_model
+
+    written = {"model": None, "onnx": None}
+    if onnx is not None or (target is not None and target.suffix == ".pt2"):
+        inputs = real_inputs(result.module, inputs)
+    if onnx is not None:
+        written["onnx"] = write_onnx(result.module, inputs, onnx, out, **onnx_options)
+    if target is not None:
+        with out.step(f"writing {target}"):
+            written["model"] = save_model(result.module, target, inputs)
+        out.note(f"wrote {written['model']}")
+    if plan_out:
+        with atomic_path(plan_out) as tmp:
+            tmp.write_text(result.plan.to_json())
+        out.note(f"wrote plan {plan_out}")
+    return written
+
+
+def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Output, *,
+                   dry_run: bool, verify: bool, shapes, vocab) -> None:
+    """A checkpoint folder: ``expand_checkpoint`` on disk, then (transformers) a parity check."""
+    import fnmatch
+
+    from ..deepen.stream import checkpoint_stack, expand_checkpoint, spread
+
+    if config.how is How.NEW:
+        raise ConfigError("a checkpoint folder grows by copies of its layers (--how copy or "
+                          "auto); new residual layers need a model file")
+    dst = output or src.with_name(f"{src.name}-deeper")
+    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run}
+    if config.where:
+        prefix, n = checkpoint_stack(src)
+        matched = [i for i in range(n) if any(fnmatch.fnmatchcase(f"{prefix}.{i}", w)
+                                                or w == str(i) for w in config.where)]
+        if not matched:
+            raise ConfigError(f"--where {' '.join(config.where)} matches none of {prefix}.0 .. "
+                              f"{prefix}.{n - 1}")
+        count = config.blocks or len(matched)
+        if count > len(matched):
+            raise ConfigError(f"--blocks {count} but --where matches {len(matched)} layer(s)")
+        options["insert_after"] = [matched[i] for i in spread(len(matched), count)]
+    else:
+        options["blocks"] = config.blocks
+    with out.step(f"expanding {src}" if not dry_run else f"planning {src}"):
+        report = expand_checkpoint(src, dst, **options)
+    parity = None
+    if verify and not dry_run:
+        parity = _check_folders(src, dst, shapes, vocab, out)
+    if not dry_run:
+        out.note(f"wrote {dst}/ ({report.bytes_written / 1e6:.1f} MB)")
+
+    def show() -> None:
+        out.table(render.expansion_table(report))
+        if parity is not None:
+            out.note(f"outputs unchanged (transformers AutoModel): {parity.describe()}")
+
+    out.emit({"checkpoint": report.to_dict(), "dry_run": dry_run,
+              "parity": parity.to_dict() if parity else None,
+              "output": None if dry_run else str(dst)}, show)
+
+
+def _check_folders(src: Path, dst: Path, shapes, vocab, out: Output):
+    """Load both checkpoints with transformers' AutoModel and compare their outputs (exit 3 when
+    they differ); None, with a note, where transformers is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        out.note("not verified: transformers is not installed (pip install transformers)")
+        return None
+    import torch
+    import transformers
+
+    from ..errors import LoadError, VerificationError
+    from ..verify import compare_outputs
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with out.step("checking the expanded checkpoint with transformers"):
+        try:
+            before = transformers.AutoModel.from_pretrained(src).eval()
+            after = transformers.AutoModel.from_pretrained(dst).eval()
+        except Exception as exc:   # any failure inside transformers: report it in one line
+            raise LoadError(f"transformers could not load the checkpoints to check them "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); pass --no-verify to "
+                            "skip the check") from exc
+        shape = parse_input(shapes[0])[0] if shapes else (1, 8)
+        top = vocab or getattr(before.config, "vocab_size", None) or 2
+        ids = torch.randint(0, top, shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, got = before(ids), after(ids)
+    parity = compare_outputs([want.last_hidden_state], [got.last_hidden_state], check="rewrite")
+    if not parity.ok:
+        raise VerificationError(f"the expanded checkpoint's outputs differ from the original's "
+                                f"({parity.describe()}); this is a ressurgeon bug, please "
+                                "report it")
+    return parity
