@@ -691,3 +691,39 @@ def plain34() -> PlainResNet:
 
 def plain50() -> PlainResNet:
     return PlainResNet((3, 4, 6, 3), bottleneck=True)
+
+
+class ResidualMLPBlock(nn.Module):
+    """``x + f(x)`` on features, written four ways: pre-norm (a copy can be the identity),
+    post-norm ``norm(x + f(x))``, a branch that ends in a sigmoid, and a scaled skip ``x/2``
+    (the last three cannot start as the identity)."""
+
+    def __init__(self, width: int, kind: str = "pre"):
+        super().__init__()
+        self.kind = kind
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, 2 * width), \
+            nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        if self.kind == "post":
+            return self.norm(x + self.fc2(F.gelu(self.fc1(x))))
+        h = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        if self.kind == "sigmoid":
+            return x + torch.sigmoid(h)
+        return x * 0.5 + h if self.kind == "scaled" else x + h
+
+
+class ResidualMLP(nn.Module):
+    """A stem, ``depth`` ResidualMLPBlocks of one kind in a ModuleList, a head."""
+
+    def __init__(self, kind: str = "pre", width: int = 16, depth: int = 4, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(width, kind) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)

@@ -158,7 +158,9 @@ def _insert_copy(gm: fx.GraphModule, analysis: GraphAnalysis, pos: Position, nam
     out = env[y]
     inside = set(made)
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
-    zeroed = tuple(rename(t) for t in pos.zero)
+    called = {str(n.target) for n in region if n.op == "call_module"}
+    zeroed = tuple(f"{rename(owner)}.{leaf}" if (owner := t.rpartition(".")[0]) in called
+                   else rename(t) for t in pos.zero for leaf in [t.rpartition(".")[2]])
     with torch.no_grad():
         for tensor in zeroed:
             attr(gm, tensor).zero_()
