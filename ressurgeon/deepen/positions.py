@@ -195,12 +195,13 @@ def block_positions(analysis: GraphAnalysis) -> list[Position]:
                                                            for p in regions):
             found.append(pos)
             done.add(path)
+    covered = {n for path in done for n in regions[path]}
     for site in find_shortcuts(gm):
         if not is_shortcut(site.module) or getattr(site.module, "kind", None) != "identity":
             continue
-        region = _span_region(site.x, site.node)
-        if any(path in done and n in set(regions[path]) for path in regions for n in region):
-            continue
+        region = _span_region(site.x, site.node, analysis.modules)
+        if not covered.isdisjoint(region):
+            continue   # a shortcut inside a block already judged
         found.append(_judge(analysis, site.path, region, module=""))
     return sorted(found, key=lambda p: order[analysis.nodes[p.output]] if p.output
                   else order[analysis.nodes[p.nodes[-1]]])
@@ -226,7 +227,7 @@ def _item_regions(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return regions
 
 
-def _span_region(x: fx.Node, join: fx.Node) -> list[fx.Node]:
+def _span_region(x: fx.Node, join: fx.Node, modules: dict) -> list[fx.Node]:
     """The nodes of a shortcut's span: on a path from ``x`` to the join (and the parameters they
     read), then the join and the activation that follows it."""
     after: set[fx.Node] = set()
@@ -246,16 +247,15 @@ def _span_region(x: fx.Node, join: fx.Node) -> list[fx.Node]:
         stack.extend(n.all_input_nodes)
     inside |= {a for n in inside for a in n.all_input_nodes if a.op == "get_attr"}
     users = list(join.users)
-    if len(users) == 1 and _keeps_nonnegative(users[0]):
+    if len(users) == 1 and _keeps_nonnegative(users[0], modules):
         inside.add(users[0])
     return [n for n in join.graph.nodes if n in inside]
 
 
-def _keeps_nonnegative(node: fx.Node, modules: dict | None = None) -> bool:
+def _keeps_nonnegative(node: fx.Node, modules: dict) -> bool:
     """An op that leaves a non-negative tensor unchanged: a ReLU-like activation or an eval no-op
     (so ``relu(x + 0) == x`` for the copy, whose input came out of the same op)."""
-    gm = node.graph.owning_module
-    info_ = op_info(node, modules if modules is not None else dict(gm.named_modules()))
+    info_ = op_info(node, modules)
     if info_ is None or len(node.all_input_nodes) != 1:
         return False
     return Trait.EVAL_NOOP in info_.traits or (info_.role is Role.ACTIVATION

@@ -51,8 +51,8 @@ from .joins import (FoldedSkip, Join, Outcome, close_opaque, collect_joins, drop
                     emit_sums)
 from .layers import drop_identities, fold_batchnorms
 from .merge import merge_linear
-from .zeros import drop_zero_branches
 from .rescale import absorb_gates
+from .zeros import drop_zero_branches
 
 __all__ = ["fold", "FoldResult", "FoldedSkip", "Outcome"]
 
