@@ -30,7 +30,7 @@ from ..analysis.layers import GraphAnalysis
 from ..analysis.zeros import branch_end
 from ..errors import ConfigError
 from ..registry import Role, Trait, op_info
-from ..shortcuts import find_shortcuts, is_shortcut
+from ..shortcuts import Shortcut, find_shortcuts, is_shortcut
 from ..config import DeepenConfig, How
 from .stream import spread
 
@@ -196,8 +196,8 @@ def block_positions(analysis: GraphAnalysis) -> list[Position]:
             found.append(pos)
             done.add(path)
     covered = {n for path in done for n in regions[path]}
-    for site in find_shortcuts(gm):
-        if not is_shortcut(site.module) or getattr(site.module, "kind", None) != "identity":
+    for site in find_shortcuts(gm):   # the addition join's identity spans (not highway, concat)
+        if not isinstance(site.module, Shortcut) or site.module.kind != "identity":
             continue
         region = _span_region(site.x, site.node, analysis.modules)
         if not covered.isdisjoint(region):
