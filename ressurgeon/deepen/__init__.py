@@ -34,6 +34,7 @@ from .._torch import normalize_inputs, quiet_copy
 from ..analysis.layers import analyze_graph
 from ..errors import ConfigError, VerificationError
 from ..exported import as_module
+from ..hf import is_pretrained
 from ..trace import trace_model
 from ..verify import ParityReport, check_parity
 from . import hf
@@ -165,7 +166,7 @@ def deepen(model: nn.Module, example_inputs: tuple, config: DeepenConfig | None 
         raise ConfigError("deepen needs a DeepenConfig (e.g. DeepenConfig(blocks=2)) or a plan")
     model = as_module(model)
     shapes = tuple(tuple(t.shape) for t in inputs)
-    if hf.is_transformers_model(model):
+    if is_pretrained(model):
         positions = hf.stack_positions(model, config)
         how, method, gm, analysis = How.COPY, "transformers", None, None
     else:

@@ -8,18 +8,19 @@ and the config's layer count and per-layer entries updated. The result is still 
 own class: ``save_pretrained`` and ``generate`` work as before, and ``AutoModel`` loads what
 ``save_pretrained`` writes.
 
-transformers itself is never imported here: a model is recognised by the class it already is.
+transformers itself is never imported here: a model is recognised by the class it already is
+(``ressurgeon.hf.is_pretrained``).
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..hf import is_pretrained
 from ..config import DeepenConfig, How
 from .insert import NewBlock
 from .positions import Position
@@ -30,12 +31,6 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
            torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
            torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
            torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-def is_transformers_model(model: object) -> bool:
-    """True for a ``transformers.PreTrainedModel`` (without importing transformers)."""
-    hf = sys.modules.get("transformers")
-    return hf is not None and isinstance(model, getattr(hf, "PreTrainedModel", ()))
 
 
 def _dtypes(model: nn.Module) -> dict[str, str]:
