@@ -99,12 +99,7 @@ class SurgeryPlan:
             raise PlanError(f"a skip in the plan has unknown or missing fields: {exc}") from exc
         except PlanError as exc:
             raise PlanError(f"in the plan: {exc}") from exc
-        shapes = data.get("input_shapes") or []  # missing or empty: --input-shape gives them
-        if not isinstance(shapes, list) or not all(
-                isinstance(s, list) and s and all(type(d) is int and 0 < d <= MAX_DIM for d in s)
-                for s in shapes):
-            raise PlanError("the plan's input_shapes must be a list of shapes of positive "
-                            f"integers, e.g. [[1, 3, 32, 32]]; got {str(shapes)[:80]}")
+        shapes = plan_input_shapes(data)
         if not isinstance(data["config"], dict):
             raise PlanError("the plan's 'config' must be an object of SkipConfig fields, e.g. "
                             '{"span": 2, "init": "preserve"}; write one with --plan-out')
@@ -112,7 +107,7 @@ class SurgeryPlan:
             config = SkipConfig.from_dict(data["config"])
         except ConfigError as exc:
             raise PlanError(f"the plan's config: {exc}") from exc
-        return cls(config=config, skips=skips, input_shapes=tuple(tuple(s) for s in shapes))
+        return cls(config=config, skips=skips, input_shapes=shapes)
 
     @classmethod
     def from_json(cls, text: str) -> "SurgeryPlan":
@@ -121,6 +116,17 @@ class SurgeryPlan:
     @classmethod
     def load(cls, path: str | Path) -> "SurgeryPlan":
         return cls.from_json(read_plan_text(path))
+
+
+def plan_input_shapes(data: dict) -> tuple[tuple[int, ...], ...]:
+    """A plan's ``input_shapes`` (missing or empty: --input-shape gives them), checked."""
+    shapes = data.get("input_shapes") or []
+    if not isinstance(shapes, list) or not all(
+            isinstance(s, list) and s and all(type(d) is int and 0 < d <= MAX_DIM for d in s)
+            for s in shapes):
+        raise PlanError("the plan's input_shapes must be a list of shapes of positive "
+                        f"integers, e.g. [[1, 3, 32, 32]]; got {str(shapes)[:80]}")
+    return tuple(tuple(s) for s in shapes)
 
 
 def read_plan_text(path: str | Path) -> str:

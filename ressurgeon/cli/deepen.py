@@ -14,9 +14,8 @@ from . import render
 from .common import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      Fp16Opt, InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt,
                      Output, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, check_paths,
-                     default_output, load_with_inputs, parse_input, real_inputs, session,
-                     trace_from_flags)
-from .surgery import write_onnx
+                     default_output, load_with_inputs, parse_input, session, trace_from_flags)
+from .surgery import write_results
 
 _HELP = {f.name: f.metadata["help"] for f in fields(DeepenConfig)}
 
@@ -123,9 +122,10 @@ def deepen_cmd(
 
             result = deepen(net, inputs, config, plan=loaded_plan, verify=not no_verify,
                             trace=trace)
-        written = _write(result, inputs, out, target=target, plan_out=plan_out, onnx=onnx,
-                         onnx_options=dict(opset=opset, fp16=fp16, static_batch=static_batch,
-                                           check=not no_check))
+        written = write_results(result.module, result.plan, inputs, out, target=target,
+                                plan_out=plan_out, onnx=onnx,
+                                onnx_options=dict(opset=opset, fp16=fp16,
+                                                  static_batch=static_batch, check=not no_check))
 
         def show() -> None:
             out.table(render.deepen_table(result, wide=wide))
@@ -137,27 +137,6 @@ def deepen_cmd(
 
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None}, show)
-
-
-def _write(result, inputs, out: Output, *, target, plan_out, onnx, onnx_options: dict) -> dict:
-    """ONNX first (the one step that can still fail a check, exit 3), then the model, the plan."""
-    from .._io import atomic_path
-    from ..save import save_model
-
-    written = {"model": None, "onnx": None}
-    if onnx is not None or (target is not None and target.suffix == ".pt2"):
-        inputs = real_inputs(result.module, inputs)
-    if onnx is not None:
-        written["onnx"] = write_onnx(result.module, inputs, onnx, out, **onnx_options)
-    if target is not None:
-        with out.step(f"writing {target}"):
-            written["model"] = save_model(result.module, target, inputs)
-        out.note(f"wrote {written['model']}")
-    if plan_out:
-        with atomic_path(plan_out) as tmp:
-            tmp.write_text(result.plan.to_json())
-        out.note(f"wrote plan {plan_out}")
-    return written
 
 
 def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Output, *,

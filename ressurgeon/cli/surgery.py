@@ -119,26 +119,13 @@ def add_skips_cmd(
 
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
                    onnx_options: dict) -> dict:
-    """Write what the flags ask for. The ONNX export is the one step that can still fail a
-    check (exit 3): it runs first, so a failure leaves no other output behind."""
-    from .._io import atomic_path
-    from ..save import save_code as write_code, save_model
+    """Write what the flags ask for (nothing when no shortcut was inserted)."""
+    from ..save import save_code as write_code
 
-    written = {"model": None, "onnx": None}
     if not result.skips:
-        return written
-    if onnx is not None or (target is not None and target.suffix == ".pt2"):
-        inputs = real_inputs(result.module, inputs)  # exporters trace with real examples
-    if onnx is not None:
-        written["onnx"] = write_onnx(result.module, inputs, onnx, out, **onnx_options)
-    if target is not None:
-        with out.step(f"writing {target}"):
-            written["model"] = save_model(result.module, target, inputs)
-        out.note(f"wrote {written['model']}")
-    if plan_out:
-        with atomic_path(plan_out) as tmp:
-            tmp.write_text(result.plan.to_json())
-        out.note(f"wrote plan {plan_out}")
+        return {"model": None, "onnx": None}
+    written = write_results(result.module, result.plan, inputs, out, target=target,
+                            plan_out=plan_out, onnx=onnx, onnx_options=onnx_options)
     if plot is not None:
         from ..analysis.layers import analyze_graph
         from ..plot import plot_surgery
@@ -148,6 +135,32 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
     if save_code is not None:
         write_code(result.module, save_code)
         out.note(f"wrote source to {save_code}/")
+    return written
+
+
+def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
+                  onnx_options: dict) -> dict:
+    """Write the model, its ONNX and its plan, as the flags ask ({"model": path, "onnx": report}).
+
+    The ONNX export is the one step that can still fail a check (exit 3): it runs first, so a
+    failure leaves no other output behind.
+    """
+    from .._io import atomic_path
+    from ..save import save_model
+
+    written = {"model": None, "onnx": None}
+    if onnx is not None or (target is not None and target.suffix == ".pt2"):
+        inputs = real_inputs(module, inputs)  # exporters trace with real examples
+    if onnx is not None:
+        written["onnx"] = write_onnx(module, inputs, onnx, out, **onnx_options)
+    if target is not None:
+        with out.step(f"writing {target}"):
+            written["model"] = save_model(module, target, inputs)
+        out.note(f"wrote {written['model']}")
+    if plan_out:
+        with atomic_path(plan_out) as tmp:
+            tmp.write_text(plan.to_json())
+        out.note(f"wrote plan {plan_out}")
     return written
 
 

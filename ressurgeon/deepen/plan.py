@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError, PlanError
-from ..plan import MAX_DIM, parse_plan_json, read_plan_text
+from ..plan import parse_plan_json, plan_input_shapes, read_plan_text
 from ..config import DeepenConfig, How
 from .positions import CHOICES, Position, Reason
 
@@ -71,17 +71,12 @@ class DeepenPlan:
             blocks = tuple(PlannedBlock(**b) for b in data["blocks"])
         except TypeError as exc:
             raise PlanError(f"a block in the plan has unknown or missing fields: {exc}") from exc
-        shapes = data.get("input_shapes") or []
-        if not isinstance(shapes, list) or not all(
-                isinstance(s, list) and s and all(type(d) is int and 0 < d <= MAX_DIM for d in s)
-                for s in shapes):
-            raise PlanError("the plan's input_shapes must be a list of shapes of positive "
-                            f"integers, e.g. [[1, 3, 32, 32]]; got {str(shapes)[:80]}")
+        shapes = plan_input_shapes(data)
         try:
             config = DeepenConfig.from_dict(data["config"])
         except ConfigError as exc:
             raise PlanError(f"the plan's config: {exc}") from exc
-        return cls(config=config, blocks=blocks, input_shapes=tuple(tuple(s) for s in shapes))
+        return cls(config=config, blocks=blocks, input_shapes=shapes)
 
     @classmethod
     def from_json(cls, text: str) -> "DeepenPlan":
