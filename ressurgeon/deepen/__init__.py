@@ -95,7 +95,7 @@ class DeepenResult:
 
         Example:
             >>> result = deepen(model, (x,), DeepenConfig(blocks=2))   # doctest: +SKIP
-            >>> ...  # train result.module, maybe only some new blocks move
+            >>> # train result.module here; some new blocks may stay the identity
             >>> smaller = result.unfold()                               # doctest: +SKIP
         """
         idle = set(self.still_identity())
