@@ -71,13 +71,19 @@ def logged_exceptions(name: str = "torch.export"):
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
-    """Run the block with ``module`` in eval mode; its train/eval mode is restored after."""
-    was_training = module.training
-    module.eval()
+    """Run the block with ``module`` in eval mode; every submodule's own mode is restored after.
+
+    Per submodule, so a training model with frozen (eval-mode) BatchNorm keeps it
+    frozen, and a model already in eval mode is not walked twice.
+    """
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m in training:
+            m.training = True
 
 
 def quiet_copy(module: nn.Module) -> nn.Module:

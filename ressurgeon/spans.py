@@ -473,7 +473,7 @@ def end_name(analysis: GraphAnalysis, node: fx.Node) -> tuple[str, int]:
 
 def units_between(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node) -> list[Layer]:
     """The units whose anchor lies on a path from ``src`` to ``dst`` (``src`` excluded)."""
-    dom, nodes = analysis.dominators, analysis.nodes
+    dom = analysis.dominators
     seen: set[fx.Node] = set()
     stack = [dst]
     while stack:
@@ -482,7 +482,8 @@ def units_between(analysis: GraphAnalysis, src: fx.Node, dst: fx.Node) -> list[L
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
-    return [u for u in analysis.units if nodes[u.anchor] in seen]
+    at = analysis.units_at  # only the nodes the span covers: linear in the graph overall
+    return [u for _, u in sorted(iu for n in seen for iu in at.get(n.name, ()))]
 
 
 def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],

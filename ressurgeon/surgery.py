@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
 import torch.nn as nn
 from torch import fx
 
@@ -24,7 +25,7 @@ from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
 from .spans import Reason, Span, mark_planned, select_spans
 from .trace import trace_model
-from .verify import ParityReport, check_parity, nonfinite_shortcut_paths
+from .verify import ParityReport, check_parity, watch_shortcut_paths
 
 
 @dataclass
@@ -180,10 +181,11 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     gm = trace_model(model, inputs, trace)
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
-        _drop_nonfinite(result, inputs)
+        outputs = _drop_nonfinite(result, inputs)
         # the original runs as it was captured: with the concrete args, and no KV cache
         concrete = {**forward_kwargs(model), **((trace and trace.concrete_args) or {})}
-        result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete)
+        result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete,
+                                     rewritten_outputs=outputs)
         _judge(result.parity, result.plan.config, bool(result.skips))
     return result
 
@@ -203,11 +205,16 @@ def rewrite_traced(gm: fx.GraphModule, inputs: tuple, config: SkipConfig | None 
                          method=capture_info(gm).method, residuals=analysis.residuals)
 
 
-def _drop_nonfinite(result: SurgeryResult, inputs: tuple) -> None:
-    """Take out every shortcut whose path S(x) is not finite; its span says ``non-finite``."""
-    bad = set(nonfinite_shortcut_paths(result.module, inputs))
+def _drop_nonfinite(result: SurgeryResult, inputs: tuple) -> list[torch.Tensor] | None:
+    """Take out every shortcut whose path S(x) is not finite; its span says ``non-finite``.
+
+    Returns the rewritten module's outputs from that run when it kept every
+    shortcut (the parity check needs no second run), else None.
+    """
+    found, outputs = watch_shortcut_paths(result.module, inputs)
+    bad = set(found)
     if not bad:
-        return
+        return outputs
     gm = result.module
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in bad:
@@ -223,6 +230,7 @@ def _drop_nonfinite(result: SurgeryResult, inputs: tuple) -> None:
         p for p in result.plan.skips if (p.source, p.target) not in dropped))
     result.spans = [replace(s, reason=Reason.NON_FINITE) if (s.source, s.target) in dropped
                     else s for s in result.spans]
+    return None
 
 
 def _judge(parity: ParityReport, config: SkipConfig, inserted: bool) -> None:

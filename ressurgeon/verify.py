@@ -145,7 +145,8 @@ def compare_outputs(expected: list[torch.Tensor], actual: list[torch.Tensor], *,
 
 
 def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *,
-                 check: str = "rewrite", original_kwargs: dict | None = None) -> ParityReport:
+                 check: str = "rewrite", original_kwargs: dict | None = None,
+                 rewritten_outputs: list[torch.Tensor] | None = None) -> ParityReport:
     """Run both models in eval mode on the same inputs and compare every output tensor.
 
     Args:
@@ -154,6 +155,8 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
         check: which row of ``TOLERANCES`` applies ("rewrite" by default).
         original_kwargs: keyword arguments for the original only: the
             ``concrete_args`` the rewritten graph was traced with.
+        rewritten_outputs: ``rewritten``'s outputs on these inputs in eval mode,
+            when a caller already has them (``watch_shortcut_paths``); not run again.
 
     Returns:
         A ParityReport (``.ok`` says whether the difference is within tolerance
@@ -167,7 +170,8 @@ def check_parity(original: nn.Module, rewritten: nn.Module, example_inputs: tupl
         0.0
     """
     a = eval_outputs(original, example_inputs, original_kwargs or {})
-    b = eval_outputs(rewritten, example_inputs, {})
+    b = rewritten_outputs if rewritten_outputs is not None \
+        else eval_outputs(rewritten, example_inputs, {})
     return compare_outputs(a, b, check=check)
 
 
@@ -183,12 +187,14 @@ def eval_outputs(model: nn.Module, inputs: tuple, kwargs: dict | None = None) ->
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def nonfinite_shortcut_paths(module: nn.Module, inputs: tuple) -> list[str]:
-    """Shortcuts whose path ``S(x)`` (the output of their ``proj``) is NaN or infinite.
+def watch_shortcut_paths(module: nn.Module, inputs: tuple) -> tuple[list[str], list[torch.Tensor]]:
+    """The shortcuts whose path ``S(x)`` (their ``proj``'s output) is NaN or infinite,
+    and the module's outputs from the same run.
 
     One eval-mode run with a hook on every shortcut's projection (``nn.Identity``
     for identity shortcuts). A zero gate times an infinite S(x) is NaN, and even
-    where the sum hides it, the gate's gradient is lost.
+    where the sum hides it, the gate's gradient is lost. The outputs serve the
+    parity check when no shortcut had to be taken out.
     """
     from .shortcuts import is_shortcut
 
@@ -202,11 +208,11 @@ def nonfinite_shortcut_paths(module: nn.Module, inputs: tuple) -> list[str]:
                     bad.append(name)
             handles.append(sub.proj.register_forward_hook(hook))
     try:
-        eval_outputs(module, inputs)
+        outputs = eval_outputs(module, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(bad))
+    return list(dict.fromkeys(bad)), outputs
 
 
 @dataclass(frozen=True)

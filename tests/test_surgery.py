@@ -117,6 +117,19 @@ def test_input_model_is_untouched_and_shares_no_parameters():
     assert not ours & {id(p) for p in model.parameters()}
 
 
+def test_mixed_train_eval_modes_survive_the_pass():
+    # a training model with frozen BatchNorm (a common fine-tuning set-up)
+    model, inputs = build("plain_cnn")
+    model.train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen
+    for bn in frozen:
+        bn.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    add_skips(model, inputs)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def test_skip_records_and_readable_names():
     model, inputs = build("plain_cnn")
     result = add_skips(model, inputs)

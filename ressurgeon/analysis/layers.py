@@ -85,6 +85,14 @@ class GraphAnalysis:
         return {u.anchor: u for u in self.units}
 
     @cached_property
+    def units_at(self) -> dict[str, list[tuple[int, Layer]]]:
+        """Node name -> (position in ``units``, unit) for every unit anchored there."""
+        found: dict[str, list[tuple[int, Layer]]] = {}
+        for i, u in enumerate(self.units):
+            found.setdefault(u.anchor, []).append((i, u))
+        return found
+
+    @cached_property
     def unit_ends(self) -> dict[str, Layer]:
         """Node name -> the unit whose output (or pre-activation value) it is."""
         return {u.out: u for u in self.units} | {u.pre_act: u for u in self.units}
