@@ -106,6 +106,9 @@ DynamicOpt = Annotated[Optional[list[str]], typer.Option(
     "--dynamic", metavar="[INPUT:]DIM", help="Keep this dim symbolic when torch.export captures "
     "or saves the model, e.g. --dynamic 1 for the sequence dim of every input, --dynamic 0:1 "
     "for input 0 only (repeatable). The batch (dim 0) is dynamic already.", show_default=False)]
+PlanOutOpt = Annotated[Optional[Path], typer.Option(
+    "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
+    show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", metavar="FILE.png", help="Also draw a figure (.png, .svg or .pdf); needs "
     "matplotlib: pip install 'ressurgeon\\[plot]'.", show_default=False)]

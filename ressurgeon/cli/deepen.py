@@ -13,8 +13,9 @@ from ..errors import ConfigError
 from . import render
 from .common import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      Fp16Opt, InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt,
-                     Output, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, check_paths,
-                     default_output, load_with_inputs, parse_input, session, trace_from_flags)
+                     Output, PlanOutOpt, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
+                     check_paths, default_output, load_with_inputs, parse_input, session,
+                     trace_from_flags)
 from .surgery import write_results
 
 _HELP = {f.name: f.metadata["help"] for f in fields(DeepenConfig)}
@@ -44,9 +45,7 @@ def deepen_cmd(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited: drop a block, "
         "repeat a position) instead of choosing; its settings win over the flags.",
         show_default=False)] = None,
-    plan_out: Annotated[Optional[Path], typer.Option(
-        "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
-        show_default=False)] = None,
+    plan_out: PlanOutOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Decide and verify, but write no model or ONNX; only --plan-out is "
         "written.")] = False,

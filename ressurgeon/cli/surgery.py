@@ -9,11 +9,10 @@ import typer
 
 from . import render
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
-                     ExcludeOpt,
-                     FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt, JsonOpt, KindOpt,
-                     LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output,
-                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, StaticBatchOpt, TrustOpt, VocabOpt,
-                     WideOpt,
+                     ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
+                     JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
+                     OpsetOpt, Output, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
+                     StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
                      check_paths, check_plot_extra, config_from_flags,
                      default_output, load_with_inputs, real_inputs, session,
                      trace_from_flags)
@@ -38,9 +37,7 @@ def add_skips_cmd(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
         "choosing spans; its settings win over the span/kind/init flags.",
         show_default=False)] = None,
-    plan_out: Annotated[Optional[Path], typer.Option(
-        "--plan-out", help="Write the plan as JSON, to edit and apply again with --plan.",
-        show_default=False)] = None,
+    plan_out: PlanOutOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Plan and verify, but write no model, ONNX or code; only "
         "--plan-out and --plot are written.")] = False,
