@@ -112,7 +112,10 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     dynamic = capture_info(gm).dynamic if method in ("export", "graph") else None
     gm.meta[META] = CaptureInfo(method=method, fx_error=None if fx_error is None
                                 else _describe_fx_failure(fx_error), dynamic=dynamic)
-    gm.train(model.training)
+    if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
+        gm.train(model.training)
+    else:  # the copy's submodules keep their own modes (frozen BatchNorm stays frozen)
+        gm.training = model.training
     return gm
 
 

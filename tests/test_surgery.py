@@ -126,8 +126,12 @@ def test_mixed_train_eval_modes_survive_the_pass():
     for bn in frozen:
         bn.eval()
     before = {name: m.training for name, m in model.named_modules()}
-    add_skips(model, inputs)
+    result = add_skips(model, inputs)
     assert {name: m.training for name, m in model.named_modules()} == before
+    # the rewritten model inherits them: its BatchNorm stays frozen, the rest trains
+    modes = {type(m).__name__: m.training for m in result.module.modules()}
+    assert result.module.training and modes["Conv2d"] and not modes["BatchNorm2d"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in result.module.modules()) == len(frozen)
 
 
 def test_skip_records_and_readable_names():
