@@ -67,10 +67,10 @@ from ressurgeon.gates import gate_report
 
 try:
     from . import train_digits as td
-    from .retrofit_study import json_ready, mean_std, write_atomic
+    from .retrofit_study import json_ready, mean_std, pct, write_atomic
 except ImportError:  # run as a script: python examples/joins_study.py
     import train_digits as td
-    from retrofit_study import json_ready, mean_std, write_atomic
+    from retrofit_study import json_ready, mean_std, pct, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "joins_study"
@@ -339,13 +339,6 @@ def summarise(runs: list[dict], budget: Budget) -> dict:
     return out
 
 
-def _pct(ms, sign: bool = False) -> str:
-    m, s = ms
-    if m is None or not math.isfinite(m):
-        return "-"
-    return f"{m * 100:+.1f} ± {s * 100:.1f}" if sign else f"{m * 100:.1f} ± {s * 100:.1f}"
-
-
 def _num(ms, digits: int = 3) -> str:
     m, s = ms
     return "-" if m is None or not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -378,8 +371,8 @@ def training_table(summary: dict) -> str:
             openness = "-" if not math.isfinite(openness[0]) else f"{openness[0]:.3g}"
             lines.append(
                 f"| {net} | {VARIANTS[name].label} | {row['skips']} | {row['params_added']:,} | "
-                f"{_pct(row['test_acc'])} | "
-                f"{'-' if name == 'plain' else _pct(row['delta'], True)} | {beats} | "
+                f"{pct(row['test_acc'])} | "
+                f"{'-' if name == 'plain' else pct(row['delta'], True)} | {beats} | "
                 f"{_num(row['final_loss'])} | {_epochs(row)} | "
                 f"{'-' if name == 'plain' else change} | {openness} | "
                 f"{row['seconds'][0]:.1f} |")
@@ -420,7 +413,7 @@ def findings(summary: dict, cost: dict, budget: Budget) -> list[str]:
         best = max(others, key=lambda n: others[n]["test_acc"][0]) if others else None
         def d(n: str, others: dict = others) -> str:
             return f"{n} {others[n]['delta'][0] * 100:+.1f}"
-        text = (f"- **{net}**: plain {_pct(plain['test_acc'])}% (final loss "
+        text = (f"- **{net}**: plain {pct(plain['test_acc'])}% (final loss "
                 f"{plain['final_loss'][0]:.3f}, loss < {budget.threshold:g} in "
                 f"{plain['reached']}/{plain['n']} seeds). ")
         text += (f"Beat plain: {', '.join(map(d, better))}. " if better
@@ -430,7 +423,7 @@ def findings(summary: dict, cost: dict, budget: Budget) -> list[str]:
         if worse:
             text += f"Worse than plain: {', '.join(map(d, worse))}. "
         if best:
-            text += f"Best: {best} at {_pct(others[best]['test_acc'])}%."
+            text += f"Best: {best} at {pct(others[best]['test_acc'])}%."
         c = cost.get(net)
         if c:
             b = budget.latency_batches[0]

@@ -46,7 +46,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ressurgeon import SkipConfig, add_skips
+from ressurgeon._io import atomic_path
 from ressurgeon.gates import gate_report
 from ressurgeon.training import GATE_LR_SCALE, ShortcutRamp, param_groups
 
@@ -456,7 +456,7 @@ def target(summary: dict, setting: str = "mlp20") -> dict:
     return {"setting": setting, "met": bool(hits), "recipes": hits}
 
 
-def _pct(ms, sign: bool = False) -> str:
+def pct(ms, sign: bool = False) -> str:
     m, s = ms
     if m is None or not math.isfinite(m):
         return "-"
@@ -478,9 +478,9 @@ def key_table(summary: dict, recipes: list[Recipe]) -> str:
                 continue
             beats = "-" if recipe.name == "plain" else (
                 "**yes**" if row["beats_plain"] else "worse" if row["worse_than_plain"] else "no")
-            lines.append(f"| {name} | {recipe.label} | {_pct(row['acc_ft'])} | "
-                         f"{_pct(row['delta'], True) if recipe.name != 'plain' else '-'} | "
-                         f"{beats} | {_pct(row['del_drop'])} | {_change(row['max_change'])} |")
+            lines.append(f"| {name} | {recipe.label} | {pct(row['acc_ft'])} | "
+                         f"{pct(row['delta'], True) if recipe.name != 'plain' else '-'} | "
+                         f"{beats} | {pct(row['del_drop'])} | {_change(row['max_change'])} |")
     return "\n".join(lines)
 
 
@@ -497,9 +497,9 @@ def full_table(stats: dict, recipes: list[Recipe]) -> str:
         gate = "-" if not math.isfinite(gate[0]) else f"{gate[0]:.3f} ± {gate[1]:.3f}"
         lines.append(
             f"| {recipe.label} | {row['n']} | {_change(row['max_change'])} | "
-            f"{_pct(row['acc_surgery'])} | {_pct(row['acc_ep1'])} | {_pct(row['acc_ft'])} | "
-            f"{_pct(row['delta'], True) if recipe.name != 'plain' else '-'} | "
-            f"{_pct(row['del_drop'])} | {_pct(row['acc_all_deleted'])} | {gate} | "
+            f"{pct(row['acc_surgery'])} | {pct(row['acc_ep1'])} | {pct(row['acc_ft'])} | "
+            f"{pct(row['delta'], True) if recipe.name != 'plain' else '-'} | "
+            f"{pct(row['del_drop'])} | {pct(row['acc_all_deleted'])} | {gate} | "
             f"{row['cpu'][0]:.1f} |")
     return "\n".join(lines)
 
@@ -513,21 +513,21 @@ def findings(summary: dict) -> list[str]:
         pre = summary["mlp20"]["pretrained"]["del_drop"][0]
         plain = rows["plain"]
         shallow = (f" (the shallow net trained from scratch gets "
-                   f"{_pct(rows['shallow']['acc_ft'])})" if "shallow" in rows else "")
+                   f"{pct(rows['shallow']['acc_ft'])})" if "shallow" in rows else "")
         for name in goal["recipes"]:
             row = rows[name]
             diff = (row["acc_ft"][0] - plain["acc_ft"][0]) * 100
             lines.append(
-                f"- **Target met on mlp20 by {name}**: {_pct(row['acc_ft'])} after fine-tuning "
-                f"vs {_pct(plain['acc_ft'])} for plain fine-tuning (difference of means "
+                f"- **Target met on mlp20 by {name}**: {pct(row['acc_ft'])} after fine-tuning "
+                f"vs {pct(plain['acc_ft'])} for plain fine-tuning (difference of means "
                 f"{diff:+.1f}, pooled std {row['pooled_std'] * 100:.1f}), exact at insertion "
                 f"(max |Δ out| {_change(row['max_change'])}); one-block deletion drop "
                 f"{row['del_drop'][0] * 100:.1f} against {pre * 100:.1f} for the pretrained "
                 f"plain net and {plain['del_drop'][0] * 100:.1f} after plain fine-tuning. With "
-                f"every block deleted it still scores {_pct(row['acc_all_deleted'])}: the "
+                f"every block deleted it still scores {pct(row['acc_all_deleted'])}: the "
                 f"blocks add little, the net has largely become its own shallow path{shallow}. "
                 f"After the first epoch, when the ramp has just opened, it is at "
-                f"{_pct(row['acc_ep1'])}: exact at insertion, not during fine-tuning.")
+                f"{pct(row['acc_ep1'])}: exact at insertion, not during fine-tuning.")
         if not goal["met"]:
             lines.append("- **Target not met on mlp20**: no exact recipe beats plain fine-tuning "
                          "by >= 2 points (difference of means above the pooled std) while "
@@ -545,11 +545,11 @@ def findings(summary: dict) -> list[str]:
         if not any(RECIPES[n].exact for n in better):
             text += " **No exact recipe helps here.**"
         plain = rows["plain"]["acc_ft"]
-        refs = [f"{RECIPES[n].label} {_pct(rows[n]['acc_ft'])}" for n in rows
+        refs = [f"{RECIPES[n].label} {pct(rows[n]['acc_ft'])}" for n in rows
                 if RECIPES[n].from_scratch]
         if refs:
             text += (f" Same budget on a fresh net: {'; '.join(refs)} (plain fine-tuning "
-                     f"{_pct(plain)}).")
+                     f"{pct(plain)}).")
         shallow = rows.get("shallow")
         best = max((rows[n]["acc_ft"][0] for n in retrofits), default=math.nan)
         if shallow and better and shallow["acc_ft"][0] >= best - 0.01:
@@ -567,17 +567,8 @@ def findings(summary: dict) -> list[str]:
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write to a temporary file beside ``path``, then move it there: never a half-written file."""
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
 
 
@@ -686,8 +677,8 @@ def markdown(summary: dict, recipes: list[Recipe], budget: Budget, header: str) 
                     "(below twice chance) and were replaced" if stats["replaced_seeds"] else "")
         about = (f"Pretrained {b.pretrain_epochs.get(name, setting.pretrain_epochs)} epochs, "
                  f"seeds {', '.join(map(str, stats['seeds']))}{replaced}. Pretrained plain "
-                 f"net: test acc {_pct(pre['acc'])}, one-block deletion drop "
-                 f"{_pct(pre['del_drop'])}, all blocks deleted {_pct(pre['acc_all_deleted'])}.")
+                 f"net: test acc {pct(pre['acc'])}, one-block deletion drop "
+                 f"{pct(pre['del_drop'])}, all blocks deleted {pct(pre['acc_all_deleted'])}.")
         parts += [f"## {name}: {setting.about}", "", about, "", full_table(stats, recipes), ""]
     return "\n".join(parts)
 
