@@ -83,18 +83,10 @@ class SurgeryPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SurgeryPlan":
-        if not isinstance(data, dict) or "skips" not in data or "config" not in data:
-            raise PlanError("a plan is a JSON object with 'config' and 'skips'; "
-                            "write one with --plan-out")
-        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise PlanError(f"plan version {data.get('version')} is not supported "
-                            f"(this ressurgeon writes version {PLAN_VERSION})")
-        if not isinstance(data["skips"], list) or not all(isinstance(s, dict)
-                                                           for s in data["skips"]):
-            raise PlanError("the plan's 'skips' must be a list of objects, one per shortcut; "
-                            "write one with --plan-out")
+        entries = plan_entries(data, "skips", kind="a plan", each="shortcut",
+                               hint="--plan-out")
         try:
-            skips = tuple(PlannedSkip(**s) for s in data["skips"])
+            skips = tuple(PlannedSkip(**s) for s in entries)
         except TypeError as exc:
             raise PlanError(f"a skip in the plan has unknown or missing fields: {exc}") from exc
         except PlanError as exc:
@@ -116,6 +108,23 @@ class SurgeryPlan:
     @classmethod
     def load(cls, path: str | Path) -> "SurgeryPlan":
         return cls.from_json(read_plan_text(path))
+
+
+def plan_entries(data, key: str, *, kind: str, each: str, hint: str) -> list[dict]:
+    """The list of objects under ``key`` in a plan read from JSON, after checking the
+    parts every plan kind shares: an object with 'config' and ``key``, a version this
+    ressurgeon writes, ``key`` a list of objects (one per ``each``)."""
+    if not isinstance(data, dict) or key not in data or "config" not in data:
+        raise PlanError(f"{kind} is a JSON object with 'config' and '{key}'; "
+                        f"write one with {hint}")
+    if data.get("version", PLAN_VERSION) != PLAN_VERSION:
+        raise PlanError(f"plan version {data.get('version')} is not supported "
+                        f"(this ressurgeon writes version {PLAN_VERSION})")
+    entries = data[key]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise PlanError(f"the plan's '{key}' must be a list of objects, one per {each}; "
+                        f"write one with {hint}")
+    return entries
 
 
 def plan_input_shapes(data: dict) -> tuple[tuple[int, ...], ...]:

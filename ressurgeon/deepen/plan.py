@@ -12,11 +12,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError, PlanError
-from ..plan import parse_plan_json, plan_input_shapes, read_plan_text
+from ..plan import PLAN_VERSION, parse_plan_json, plan_entries, plan_input_shapes, read_plan_text
 from ..config import DeepenConfig, How
 from .positions import CHOICES, Position, Reason
-
-PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -58,17 +56,10 @@ class DeepenPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeepenPlan":
-        if not isinstance(data, dict) or "blocks" not in data or "config" not in data:
-            raise PlanError("a deepen plan is a JSON object with 'config' and 'blocks'; write "
-                            "one with ressurgeon deepen --plan-out")
-        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise PlanError(f"plan version {data.get('version')} is not supported "
-                            f"(this ressurgeon writes version {PLAN_VERSION})")
-        if not isinstance(data["blocks"], list) or not all(isinstance(b, dict)
-                                                           for b in data["blocks"]):
-            raise PlanError("the plan's 'blocks' must be a list of objects, one per new block")
+        entries = plan_entries(data, "blocks", kind="a deepen plan", each="new block",
+                               hint="ressurgeon deepen --plan-out")
         try:
-            blocks = tuple(PlannedBlock(**b) for b in data["blocks"])
+            blocks = tuple(PlannedBlock(**b) for b in entries)
         except TypeError as exc:
             raise PlanError(f"a block in the plan has unknown or missing fields: {exc}") from exc
         shapes = plan_input_shapes(data)
