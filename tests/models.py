@@ -727,3 +727,18 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+def tiny_llama_lm():
+    """A 4-layer Llama language model (vocab 64, width 32, 4 heads, 2 KV heads), seed 0.
+
+    Needs transformers: callers ``pytest.importorskip("transformers")`` first.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.AutoModelForCausalLM.from_config(config)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import one_line_error, run_cli as run
 
-from models import ViTLike
+from models import ViTLike, tiny_llama_lm
 
 
 def digest(path):
@@ -117,13 +117,8 @@ def test_a_failing_onnx_check_exits_3_and_leaves_no_model(vit_pt2, tmp_path, mon
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
     folder = tmp_path_factory.mktemp("hf") / "tiny"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_llama_lm().save_pretrained(folder)
     return transformers, folder
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import with_gates
-from models import ConvNeXtLike, ResidualMLP, ResNetLike, ViTLike, deep_mlp, plain_cnn, randomize_bn
+from models import (ConvNeXtLike, ResidualMLP, ResNetLike, ViTLike, deep_mlp, plain_cnn,
+                    randomize_bn, tiny_llama_lm)
 from ressurgeon import (ConfigError, DeepenConfig, PlanError, Shortcut, SkipConfig, add_skips,
                         deepen, find_shortcuts, fold, load_model, save_model)
 from ressurgeon.deepen import DeepenPlan, PlannedBlock, ResidualLayer
@@ -319,12 +320,7 @@ def test_bad_configs_are_refused_with_the_fix():
 @pytest.fixture(scope="module")
 def llama():
     transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    return transformers, transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers, tiny_llama_lm().eval()
 
 
 def test_a_transformers_model_is_deepened_in_its_layer_list(llama, tmp_path):

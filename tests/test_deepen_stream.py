@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from models import tiny_llama_lm
 from ressurgeon.deepen import stream
 from ressurgeon.deepen import ZERO_RULES, expand_checkpoint
 from ressurgeon.errors import ConfigError, ExportError, LoadError
@@ -521,12 +522,7 @@ def test_peak_memory_grows_by_at_most_two_tensors(tmp_path):
 
 def test_transformers_llama_expanded_matches_logits_and_generation(tmp_path):
     transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    original = tiny_llama_lm().eval()
     original.save_pretrained(tmp_path / "src", max_shard_size="100KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").exists()
     report = expand_checkpoint(tmp_path / "src", tmp_path / "dst", blocks=2,
