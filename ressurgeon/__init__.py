@@ -21,9 +21,9 @@ __version__ = "0.1.0"
 # name -> module that defines it, grouped by what a user reaches for.
 _EXPORTS = {
     # the pipeline, stage by stage
-    "load_model": "load", "from_torchscript": "load", "trace_model": "trace", "analyze_graph": "analysis.layers",
-    "find_spans": "surgery", "select_spans": "spans", "inspect_model": "surgery",
-    "plan_skips": "plan", "apply_plan": "rewrite", "add_skips": "surgery",
+    "load_model": "load", "from_torchscript": "load", "trace_model": "capture.trace", "analyze_graph": "analysis.layers",
+    "find_spans": "skips.surgery", "select_spans": "skips.select", "inspect_model": "skips.surgery",
+    "plan_skips": "skips.plan", "apply_plan": "skips.rewrite", "add_skips": "skips.surgery",
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
     "save_model": "save", "save_code": "save", "export_onnx": "onnx_export",
     "fusion_report": "onnx_export", "fold": "fold", "deepen": "deepen",
@@ -36,9 +36,9 @@ _EXPORTS = {
     "SkipConfig": "config", "TraceOptions": "config", "Init": "config", "Kind": "config",
     "Placement": "config", "DeepenConfig": "config", "How": "config",
     # records and results
-    "SurgeryResult": "surgery", "Inspection": "surgery", "Skip": "rewrite", "Span": "spans",
-    "Reason": "spans", "Layer": "analysis.layers", "Residual": "analysis.blocks",
-    "SurgeryPlan": "plan", "PlannedSkip": "plan", "ParityReport": "verify",
+    "SurgeryResult": "skips.surgery", "Inspection": "skips.surgery", "Skip": "skips.rewrite", "Span": "skips.select",
+    "Reason": "skips.select", "Layer": "analysis.layers", "Residual": "analysis.blocks",
+    "SurgeryPlan": "skips.plan", "PlannedSkip": "skips.plan", "ParityReport": "verify",
     "GradientReport": "verify", "FoldResult": "fold", "FoldedSkip": "fold",
     "OnnxReport": "onnx_export", "FusionReport": "onnx_export",
     "GradientFlowReport": "diagnose", "LayerFlow": "diagnose", "FlowStats": "diagnose",
@@ -51,7 +51,7 @@ _EXPORTS = {
     "PlanError": "errors", "ExportError": "errors", "VerificationError": "errors",
     # extension points
     "register_op": "registry", "OpInfo": "registry", "Role": "registry", "Trait": "registry",
-    "default_leaf_modules": "trace",
+    "default_leaf_modules": "capture.trace",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -100,13 +100,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .gates import Gate, GateReport, gate_report
     from .load import from_torchscript, load_model
     from .onnx_export import ExportFallbackWarning, FusionReport, OnnxReport, export_onnx, fusion_report
-    from .plan import PlannedSkip, SurgeryPlan, plan_skips
+    from .skips.plan import PlannedSkip, SurgeryPlan, plan_skips
     from .plot import plot_gradient_flow, plot_surgery
     from .registry import OpInfo, Role, Trait, register_op
-    from .rewrite import Skip, apply_plan
+    from .skips.rewrite import Skip, apply_plan
     from .save import save_code, save_model
     from .shortcuts import Shortcut, find_shortcuts
-    from .spans import Reason, Span, select_spans
-    from .surgery import Inspection, SurgeryResult, add_skips, find_spans, inspect_model
-    from .trace import default_leaf_modules, trace_model
+    from .skips.select import Reason, Span, select_spans
+    from .skips.surgery import Inspection, SurgeryResult, add_skips, find_spans, inspect_model
+    from .capture.trace import default_leaf_modules, trace_model
     from .verify import GradientReport, ParityReport, check_gradients, check_parity, compare_outputs

@@ -23,12 +23,12 @@ from ._torch import normalize_inputs, quiet_copy
 from .analysis.layers import Layer, find_layers
 from .config import SkipConfig, TraceOptions
 from .errors import ConfigError, ShapeError, brief
-from .exported import as_module
+from .capture.exported import as_module
 from .gates import gate_report
 from .registry import Role, is_getitem, role_of
 from .shortcuts import is_shortcut
-from .surgery import SurgeryResult, rewrite_traced
-from .trace import trace_model
+from .skips.surgery import SurgeryResult, rewrite_traced
+from .capture.trace import trace_model
 
 LossFn = Callable[[object, object], torch.Tensor]
 

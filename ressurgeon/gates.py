@@ -18,7 +18,7 @@ from torch import fx
 
 from .config import Init
 from .errors import ConfigError
-from .rewrite import name_part
+from .skips.rewrite import name_part
 from .shortcuts import ConcatJoin, find_shortcuts, is_shortcut
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ._nn_pickle import nn_global_names, nn_safe_globals
 from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from ._torch import logged_exceptions, quiet_torch
 from .errors import LoadError, UnsafeFileError, brief
-from .exported import graph_module_from_export, plain_graph_module
+from .capture.exported import graph_module_from_export, plain_graph_module
 
 SAFE_ROUTES = ("save model.state_dict() and pass --arch module:callable, "
                "or torch.export.save the model to a .pt2 archive")

@@ -26,7 +26,7 @@ from torch import nn
 from ._io import atomic_path, check_parent, scratch_dir
 from ._torch import eval_mode, normalize_inputs, quiet_copy, quiet_torch
 from .errors import ConfigError, ExportError, VerificationError, brief
-from .exported import as_module, batched_dims, pinned_batch, dynamic_args, dynamic_dims
+from .capture.exported import as_module, batched_dims, pinned_batch, dynamic_args, dynamic_dims
 from .save import model_dynamic_dims
 from .verify import compare_outputs, eval_outputs
 

@@ -19,7 +19,7 @@ from ._io import atomic_path, owned_folder
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
-from .exported import export_attempts
+from .capture.exported import export_attempts
 
 FORMATS = {".pt2": "pt2", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 

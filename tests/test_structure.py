@@ -30,18 +30,21 @@ STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
               "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
               "_refuse_code", "_nn_pickle"}),
-    ("capture", {"exported", "inplace", "shapes", "load", "hf", "trace"}),
+    ("capture", {"capture", "capture.exported", "capture.inplace", "capture.shapes", "load", "hf",
+                 "capture.trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
-                  "analysis.zeros", "spans"}),
-    ("plan", {"plan"}),
-    ("rewrite", {"rewrite"}),
+                  "analysis.zeros", "skips.select"}),
+    ("plan", {"skips.plan"}),
+    ("rewrite", {"skips.rewrite"}),
     ("verify", {"verify"}),
-    ("pass", {"surgery"}),
+    ("pass", {"skips", "skips.surgery"}),
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
                 "fold.merge", "fold.rescale", "fold.zeros"}),
     ("deepen", {"deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
                 "deepen.hf"}),
     ("diagnostics", {"gates", "diagnose", "plot", "training"}),
+    # old import paths kept for one release: each is the moved module itself
+    ("compat", {"trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 

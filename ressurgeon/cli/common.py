@@ -438,7 +438,7 @@ def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None
     import torch
 
     from ..hf import example_specs, vocab_size
-    from ..shapes import positional_inputs
+    from ..capture.shapes import positional_inputs
 
     if shapes:
         specs = [parse_input(s) for s in shapes]

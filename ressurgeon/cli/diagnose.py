@@ -185,7 +185,7 @@ def _plot_gates(loaded, report, model: Path, shapes, leaf, plot: Path, out) -> N
     import torch
 
     from ..analysis.layers import find_layers
-    from ..trace import trace_model
+    from ..capture.trace import trace_model
 
     if not isinstance(loaded, torch.nn.Module):
         raise ConfigError(f"--plot needs the model's graph, but {model} holds weights only; "

@@ -80,7 +80,7 @@ def add_skips_cmd(
       ressurgeon add-skips vgg.pt2 -o vgg_skips.pt2 --onnx vgg_skips.onnx
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..plan import SurgeryPlan
+        from ..skips.plan import SurgeryPlan
         from ..save import check_format
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
@@ -100,7 +100,7 @@ def add_skips_cmd(
                                        loaded_plan.input_shapes if loaded_plan else (),
                                        shapes_only=fake and no_verify, vocab=vocab)
         with out.step("tracing and inserting shortcuts"):
-            from ..surgery import add_skips
+            from ..skips.surgery import add_skips
 
             result = add_skips(net, inputs, config, plan=loaded_plan, verify=not no_verify,
                                trace=trace)
@@ -251,7 +251,7 @@ def inspect_cmd(
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        vocab=vocab)
         with out.step("tracing"):
-            from ..surgery import inspect_model
+            from ..skips.surgery import inspect_model
 
             found = inspect_model(net, inputs, config, trace=trace)
         if plot is not None:

@@ -33,9 +33,9 @@ from .._fx import attr, capture_info
 from .._torch import normalize_inputs, quiet_copy
 from ..analysis.layers import analyze_graph
 from ..errors import ConfigError, VerificationError
-from ..exported import as_module
+from ..capture.exported import as_module
 from ..hf import is_pretrained
-from ..trace import trace_model
+from ..capture.trace import trace_model
 from ..verify import ParityReport, check_parity
 from . import hf
 from ..config import DeepenConfig, How, TraceOptions

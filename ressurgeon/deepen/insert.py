@@ -26,7 +26,7 @@ from torch import fx
 
 from .._fx import META, attr, free_name, info, op_name
 from ..analysis.layers import GraphAnalysis
-from ..rewrite import name_part
+from ..skips.rewrite import name_part
 from ..shortcuts import is_shortcut
 from .positions import Position
 

@@ -41,11 +41,11 @@ from .._fx import META, call_counts, editable_layer
 from .._torch import normalize_inputs, quiet_copy
 from ..config import TraceOptions
 from ..errors import ShapeError, VerificationError
-from ..exported import as_module, is_unlifted, lift_weighted_ops, plain_graph_module
+from ..capture.exported import as_module, is_unlifted, lift_weighted_ops, plain_graph_module
 from ..registry import Trait, has_trait
-from ..shapes import propagate_shapes
+from ..capture.shapes import propagate_shapes
 from ..shortcuts import is_shortcut, lift_shortcuts
-from ..trace import trace_model
+from ..capture.trace import trace_model
 from ..verify import compare_outputs, eval_outputs
 from .joins import (FoldedSkip, Join, Outcome, close_opaque, collect_joins, drop_zero_terms,
                     emit_sums)

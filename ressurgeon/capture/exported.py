@@ -1,0 +1,403 @@
+"""torch.export plumbing: the arguments that make a capture dynamic, and a trainable graph back.
+
+``ep.module()`` refuses ``.train()``, bakes the capture-time mode into
+batch_norm and dropout, calls convolutions as aten ops on loose weights, and
+inlines our shortcut modules into plain ops. ``graph_module_from_export``
+undoes all of that: the result is a plain GraphModule whose BatchNorm and
+Dropout are modules again (owning the same tensors, following ``.train()``),
+whose convolutions and linears are Conv/Linear modules again
+(``lift_weighted_ops``: fold edits their weights, concat widens them) and
+whose shortcuts are our shortcut modules again.
+
+This is the one module that touches torch.export's private surface
+(``_PyTreeCodeGen``, the tracer class of an unlifted graph, its guard
+module): a torch upgrade that moves those is fixed here.
+
+The dynamic-shape policy lives here too, one rule for every capture and
+export (``dynamic_args``): dim 0 of each input batched like the first input
+(same size) is the symbolic ``batch`` dimension; the dims a user marks dynamic
+(``TraceOptions.dynamic``, ``--dynamic``) must stay symbolic; a dynamic dim of
+size 1 is captured at size 2 (export specialises size 1); where the model pins
+its batch, the capture is static.
+
+A graph torch.export captured computes only the sizes it was captured with
+for its static dims. ``graph_module_from_export`` therefore puts a guard on
+each input (``check_input``) that raises a ShapeError naming the dim and the
+size instead of returning a wrong result for another size.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .._fx import META, CaptureInfo, attr, free_name, stack_path, swap_for_module
+from ..errors import ShapeError
+from ..registry import Role, Trait, lookup
+from ..shortcuts import lift_shortcuts
+
+aten = torch.ops.aten
+
+
+def batched_dims(inputs: tuple) -> list[bool]:
+    """Which inputs get a symbolic batch dim 0: those batched like the first input."""
+    if not inputs or inputs[0].dim() == 0:
+        return [False] * len(inputs)
+    batch = inputs[0].shape[0]
+    return [t.dim() > 0 and t.shape[0] == batch for t in inputs]
+
+
+def dynamic_dims(inputs: tuple, *, batch: bool = True,
+                 dims: tuple[tuple[int | None, int], ...] = ()) -> list[set[int]]:
+    """Per input, the dims to keep symbolic: the batch (dim 0 of batched inputs) and ``dims``.
+
+    ``dims`` holds (input index, dim) pairs; an index of None means every input
+    that has that dim. Negative dims count from the end.
+    """
+    out = [set() for _ in inputs]
+    for i, on in enumerate(batched_dims(inputs) if batch else [False] * len(inputs)):
+        if on:
+            out[i].add(0)
+    for index, dim in dims:
+        for i, t in enumerate(inputs):
+            if (index is None or index == i) and -t.dim() <= dim < t.dim():
+                out[i].add(dim % t.dim())
+    return out
+
+
+def dynamic_args(inputs: tuple, *, batch: bool = True,
+                 dims: tuple[tuple[int | None, int], ...] = ()) -> tuple[tuple, tuple | None]:
+    """(inputs, dynamic_shapes) for torch.export / torch.onnx under the one policy.
+
+    The batch is one named ``Dim("batch")`` shared by the batched inputs; the
+    dims a user asked for are ``Dim.DYNAMIC`` (export fails rather than quietly
+    fixing them). torch.export specialises a dimension of size 1, so such a dim
+    is traced at size 2 instead (the model must treat its rows or positions
+    alike, as any batched or sequence model does). ``dynamic_shapes`` is None
+    when nothing is dynamic.
+    """
+    wanted = dynamic_dims(inputs, batch=batch, dims=dims)
+    if not any(wanted):
+        return tuple(inputs), None
+    # fresh tensor objects: export records dynamic dims on the example tensors it is given
+    inputs = tuple(t.detach() for t in inputs)
+    grown = []
+    for t, free in zip(inputs, wanted):
+        for d in sorted(free):
+            if t.shape[d] == 1:
+                t = t.expand(*[2 if i == d else -1 for i in range(t.dim())]).clone()
+        grown.append(t)
+    batch_dim = torch.export.Dim("batch", min=1)
+    batched = dynamic_dims(inputs, batch=batch)
+    shapes = tuple({d: (batch_dim if d in b else torch.export.Dim.DYNAMIC) for d in sorted(f)}
+                   or None for f, b in zip(wanted, batched))
+    return tuple(grown), shapes
+
+
+def export_attempts(inputs: tuple, *, batch: bool = True,
+                    dims: tuple[tuple[int | None, int], ...] = ()
+                    ) -> list[tuple[tuple, tuple | None]]:
+    """(inputs, dynamic_shapes) to try in turn when saving: all dims, the batch only, static.
+
+    For writing a model that is already captured: what stays dynamic is a
+    convenience there, so a dim export cannot keep symbolic falls back to fixed.
+    """
+    attempts, seen = [], set()
+    for args in (dynamic_args(inputs, batch=batch, dims=dims), dynamic_args(inputs, batch=batch),
+                 (tuple(t.detach() for t in inputs), None)):
+        key = repr(args[1])
+        if key not in seen:
+            seen.add(key)
+            attempts.append(args)
+    return attempts
+
+
+def pinned_batch(module: nn.Module) -> bool:
+    """True for a torch.export capture whose batch is fixed (its inputs' dim 0 is not symbolic)."""
+    from .._fx import capture_info
+
+    if not isinstance(module, fx.GraphModule):
+        return False
+    dims = capture_info(module).dynamic
+    return dims is not None and not any(d == 0 for _, d in dims)
+
+
+def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
+    """(input, dim) pairs a torch.export graph keeps symbolic, read off its placeholders."""
+    found = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                found.append((i, d))
+    return tuple(found)
+
+
+@torch.fx.wrap
+def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
+                bounds: tuple[tuple[int, int], ...] = ()):
+    """``x`` itself, when it has the rank and sizes the graph was captured for.
+
+    ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, largest
+    size) of dynamic dims whose range the model's code limited (past it the
+    captured graph may hold the wrong branch).
+
+    Raises:
+        ShapeError: naming the input, the dim and the captured size.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() != rank:
+        raise ShapeError(f"input {index} has {x.dim()} dims, but this graph was captured by "
+                         f"torch.export with {rank}; give inputs of the captured rank")
+    for dim, size in static:
+        if x.shape[dim] != size:
+            fix = ("a dynamic batch (TraceOptions(dynamic_batch=True), the default, unless the "
+                   "model's code pins it)" if dim == 0 else
+                   f"the dim dynamic: TraceOptions(dynamic=(({index}, {dim}),)) or "
+                   f"--dynamic {index}:{dim}")
+            raise ShapeError(
+                f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
+                f"captured by torch.export with size {size} there and computes only that size; "
+                f"give that size, or capture the model with {fix}")
+    for dim, most in bounds:
+        if x.shape[dim] > most:
+            raise ShapeError(f"input {index} has size {x.shape[dim]} at dim {dim}, but the "
+                             f"model's code limits that dim to {most} (torch.export captured "
+                             "it for sizes up to that only)")
+    return x
+
+
+def _upper_bound(size) -> int | None:
+    """The largest value torch.export allows a symbolic size (None: unbounded or unknown)."""
+    try:
+        ranges = size.node.shape_env.var_to_range[size.node.expr]
+        upper = ranges.upper
+        return int(upper) if upper.is_finite else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _guard_inputs(gm: fx.GraphModule) -> None:
+    """A check_input after every placeholder whose shape torch.export recorded."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        static = tuple((d, int(s)) for d, s in enumerate(val.shape)
+                       if not isinstance(s, torch.SymInt))
+        bounds = tuple((d, b) for d, s in enumerate(val.shape)
+                       if isinstance(s, torch.SymInt) and (b := _upper_bound(s)) is not None)
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, bounds))
+        guard.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+        for user in users:
+            user.replace_input_with(node, guard)
+
+
+def is_unlifted(gm: fx.GraphModule) -> bool:
+    """True for ``ep.module()`` results (pytree calling convention; they refuse ``.train()``)."""
+    return isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen)
+
+
+def as_module(model) -> nn.Module:
+    """``model`` as a module that follows ``.train()``/``.eval()``.
+
+    An ExportedProgram, or the ``ep.module()`` of one (which refuses ``.eval()``),
+    becomes a plain GraphModule (a copy; the caller's object is untouched);
+    anything else is returned as it is. Every entry point that takes a model
+    calls this, so users may pass what torch.export gave them.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        return graph_module_from_export(model)
+    if isinstance(model, fx.GraphModule) and is_unlifted(model):
+        import copy
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn on deepcopy
+            return plain_graph_module(copy.deepcopy(model))
+    return model
+
+
+def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """A plain, trainable GraphModule from an ExportedProgram.
+
+    Args:
+        ep: from ``torch.export.export`` or ``torch.export.load``.
+
+    Returns:
+        A GraphModule that follows ``.train()``/``.eval()``, with BatchNorm,
+        Dropout and our shortcuts as modules owning the program's tensors, and a
+        guard on each input that refuses sizes the capture did not cover.
+        ``capture_info(gm)`` says "export" and which dims stayed dynamic.
+    """
+    return plain_graph_module(ep.module())
+
+
+def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
+    """The conversion behind ``graph_module_from_export``, for an ``ep.module()`` result.
+
+    The graph object is taken over, not copied: pass a module you own.
+    """
+    out_spec = getattr(unlifted, "_out_spec", None)
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name="ExportedModel")
+    # A dynamic-shape export leaves its ShapeEnv behind: unpicklable, and not
+    # needed once the graph runs on real tensors (it lives on in node.meta["val"]).
+    for name in ("shape_env", "_in_spec", "_out_spec"):
+        gm.__dict__.pop(name, None)  # the pytree specs only warn on deepcopy once unused
+    # Unpickling re-traces the generated code with the graph's tracer class;
+    # export's needs constructor arguments, the plain fx Tracer does not.
+    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = None, {}, None
+    graph = gm.graph
+    graph.set_codegen(fx.graph.CodeGen())
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn"):
+            target = str(node.target)
+            graph.erase_node(node)
+            gm.delete_submodule(target)  # a local function inside: it would block pickling
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    if out_spec is not None and isinstance(flat, (tuple, list)):
+        output.args = (pytree.tree_unflatten(list(flat), out_spec),)
+    _modules_from_mode_ops(gm)
+    lift_shortcuts(gm)
+    lift_weighted_ops(gm)  # Conv/Linear modules again: editable, widenable, readable
+    if not any(n.target is check_input for n in graph.nodes):
+        _guard_inputs(gm)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    gm.meta[META] = CaptureInfo(method="export", dynamic=captured_dims(gm))
+    return gm
+
+
+def _modules_from_mode_ops(gm: fx.GraphModule) -> None:
+    """aten batch_norm / dropout (Trait.MODE_DEPENDENT) -> modules that follow train/eval."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        info = lookup(node.target) if node.op == "call_function" else None
+        if info is None or Trait.MODE_DEPENDENT not in info.traits:
+            continue
+        if info.role is Role.NORM:
+            _replace_batch_norm(gm, node)
+        else:
+            x, p = node.args[0], node.args[1]
+            dims = len(x.meta["val"].shape) if "val" in x.meta else 2
+            cls = nn.Dropout if node.target is aten.dropout.default else (
+                {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}.get(dims, nn.Dropout))
+            swap_for_module(gm, node, cls(p), (x,), stack_path(node) or "dropout")
+    # BN's num_batches_tracked increment is part of the BatchNorm module now.
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.add_.Tensor and not node.users:
+            target = node.args[0]
+            if target.op == "get_attr" and str(target.target).endswith("num_batches_tracked"):
+                graph.erase_node(node)
+
+
+def _replace_batch_norm(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, weight, bias, mean, var = node.args[:5]
+    if node.target is aten.batch_norm.default:
+        momentum, eps = node.args[6], node.args[7]
+    else:
+        momentum, eps = node.args[5], node.args[6]
+    tensors = {name: (gm.get_parameter(a.target) if name in ("weight", "bias")
+                      else gm.get_buffer(a.target)) if isinstance(a, fx.Node) else None
+               for name, a in (("weight", weight), ("bias", bias),
+                               ("running_mean", mean), ("running_var", var))}
+    rank = len(x.meta["val"].shape)
+    channels = x.meta["val"].shape[1]
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    bn = cls(int(channels), eps=eps, momentum=momentum,
+             affine=tensors["weight"] is not None,
+             track_running_stats=tensors["running_mean"] is not None)
+    for name, t in tensors.items():
+        if t is not None:
+            setattr(bn, name, t)  # the very same Parameter / buffer: no copy
+    path = None
+    for a in (weight, bias, mean, var):
+        if isinstance(a, fx.Node) and "." in str(a.target):
+            path = str(a.target).rsplit(".", 1)[0]
+            break
+    if path is not None and tensors["running_mean"] is not None:
+        try:
+            bn.num_batches_tracked = gm.get_buffer(f"{path}.num_batches_tracked")
+        except AttributeError:
+            pass
+    user = node
+    if node.target is not aten.batch_norm.default:  # returns a tuple: use its item 0
+        items = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(items) != 1 or len(node.users) != 1:
+            return
+        user = items[0]
+    swap_for_module(gm, user, bn, (x,), path or stack_path(node) or "batch_norm",
+                    replace_existing=path is not None)
+    if user is not node:
+        gm.graph.erase_node(node)
+
+
+def lift_weighted_ops(gm: fx.GraphModule) -> None:
+    """Functional/aten conv and linear calls on get_attr weights (Trait.LIFTABLE) -> modules.
+
+    fold edits weights through modules; a graph loaded from ``.pt2`` calls
+    ``aten.conv2d(x, weight, bias, ...)`` on loose tensors instead.
+    """
+    for node in list(gm.graph.nodes):
+        info = lookup(node.target) if node.op == "call_function" else None
+        if info is None or Trait.LIFTABLE not in info.traits or node.kwargs:
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        x, w, b = args[:3]
+        if not isinstance(w, fx.Node) or w.op != "get_attr" or (
+                b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr")):
+            continue
+        weight = attr(gm, w.target)
+        bias = attr(gm, b.target) if b is not None else None
+        if info.spatial_dims == 0:
+            module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            stride, padding, dilation, groups = (args[3] or 1, args[4] or 0, args[5] or 1,
+                                                 args[6] or 1)
+            if isinstance(padding, str):
+                continue
+            cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[info.spatial_dims]
+            module = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                         stride=stride, padding=padding, dilation=dilation, groups=groups,
+                         bias=bias is not None)
+        module.weight = _as_param(weight)
+        if bias is not None:
+            module.bias = _as_param(bias)
+        path = _module_path(gm, str(w.target))
+        swap_for_module(gm, node, module, (x,), path, replace_existing=True)
+
+
+def _as_param(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+def _module_path(gm: fx.GraphModule, weight_target: str) -> str:
+    """The weight's owner path when that owner holds nothing else (as ep.module() builds it)."""
+    owner = weight_target.rpartition(".")[0]
+    if owner:
+        try:
+            holder = gm.get_submodule(owner)
+        except AttributeError:
+            holder = None
+        if (holder is not None and type(holder) is nn.Module and not list(holder.children())
+                and not list(holder.buffers())
+                and {n for n, _ in holder.named_parameters()} <= {"weight", "bias"}):
+            return owner
+    return free_name(gm, (owner or "linear").replace(".", "_"))
+
+
+__all__ = ["graph_module_from_export", "plain_graph_module", "lift_weighted_ops",
+           "dynamic_args", "dynamic_dims", "export_attempts", "batched_dims", "captured_dims",
+           "check_input", "as_module", "pinned_batch",
+           "is_unlifted"]

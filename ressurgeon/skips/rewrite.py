@@ -1,0 +1,274 @@
+"""Stage 4, rewrite: traced graph + plan -> rewritten GraphModule + Skip records.
+
+Decide, check, then execute: every planned shortcut is checked against the
+graph analysis first with the same ``pair_verdict`` that selection uses (the
+nodes exist, the source dominates the target, both are tensors of one dtype,
+the shapes fit the kind); only then is anything inserted. Heuristics that a
+hand-edited plan may override (layout, squeezed ends, overlaps, the head, an
+existing residual) are recorded on the Skip as ``overrides``. Shortcuts are
+real submodules (``Shortcut``) named after the layers they join.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch.nn as nn
+from torch import fx
+
+from .._fx import free_name, info, node_order, set_info
+from .._torch import quiet_copy
+from ..analysis.layers import GraphAnalysis, analyze_graph
+from ..errors import PlanError
+from .plan import PlannedSkip, SurgeryPlan
+from ..shortcuts import ConcatJoin, HighwayShortcut, Shortcut, build_projection
+from ..config import Init, Join
+from .select import Reason, concat_verdict, end_name, pair_verdict, units_between
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One inserted shortcut, as a report sees it."""
+
+    name: str                  # submodule name in the rewritten GraphModule
+    source: str                # node whose output the shortcut reads
+    target: str                # node whose output the sum replaces
+    source_layer: str
+    target_layer: str
+    kind: str                  # "identity" | "projection"
+    init: str
+    src_shape: tuple[int, ...]
+    dst_shape: tuple[int, ...]
+    stride: int
+    params: int                # parameters added (gate, projection, transform, new columns)
+    overrides: tuple[str, ...] = ()  # heuristics a plan overrode (Reason values)
+    join: str = "add"          # "add", "highway" or "concat"
+    channel_axis: int = 1      # where both ends keep their channels
+    consumer_layer: str | None = None  # concat: the layer widened to take the features
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    planned: PlannedSkip
+    source_layer: str
+    target_layer: str
+    overrides: tuple[str, ...]
+    consumer_layer: str | None = None
+
+
+def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *, analysis: GraphAnalysis | None = None,
+               inplace: bool = False) -> tuple[fx.GraphModule, list[Skip]]:
+    """Insert the planned shortcuts into a traced graph.
+
+    Args:
+        gm: a GraphModule from ``trace_model`` (shapes in node.meta).
+        plan: from ``plan_skips`` or ``SurgeryPlan.load``.
+        analysis: ``analyze_graph(gm)`` when the caller has it (it is not computed again).
+        inplace: edit ``gm`` itself instead of a copy.
+
+    Returns:
+        The rewritten GraphModule and one Skip per inserted shortcut.
+
+    Raises:
+        PlanError: the plan names a node the graph lacks, a source that does not
+            dominate its target, ends of another dtype or shapes that do not fit
+            the kind, or layer names that disagree with its node names.
+
+    Example:
+        >>> module, skips = apply_plan(trace_model(m, x), plan)   # doctest: +SKIP
+    """
+    analysis = analysis if analysis is not None else analyze_graph(gm)
+    checked = check_plan(analysis, plan)
+    if not inplace:
+        gm = quiet_copy(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = node_order(gm.graph)
+    checked.sort(key=lambda c: order[nodes[c.planned.target]])
+
+    current: dict[fx.Node, fx.Node] = {}  # a target's original node -> the sum that replaced it
+    skips = []
+    config = plan.config
+    for item in checked:
+        planned = item.planned
+        src, dst = nodes[planned.source], nodes[planned.target]
+        src_info, dst_info = info(src), info(dst)
+        name = free_name(gm, _module_name(item.source_layer, item.target_layer))
+        source = current.get(src, src)
+        if planned.kind == "concat":
+            params = _insert_concat(gm, nodes[planned.consumer], name, dst, source, planned,
+                                    config.init)
+        else:
+            module = _join_module(config, planned, src_info, dst_info)
+            gm.add_submodule(name, module)
+            with gm.graph.inserting_after(dst):
+                total = gm.graph.call_module(name, (dst, source))
+            total.meta = {}
+            set_info(total, **{**dst_info.__dict__, "skip": name})
+            dst.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+            current[dst] = total
+            params = sum(p.numel() for p in module.parameters())
+        skips.append(Skip(name=name, source=src.name, target=dst.name,
+                          source_layer=item.source_layer, target_layer=item.target_layer,
+                          kind=planned.kind, init=config.init.value, src_shape=src_info.shape,
+                          dst_shape=dst_info.shape, stride=planned.stride, params=params,
+                          overrides=item.overrides, join=config.join.value,
+                          channel_axis=planned.channel_axis,
+                          consumer_layer=item.consumer_layer))
+    gm.graph.lint()
+    gm.recompile()
+    return gm, skips
+
+
+def _join_module(config, planned: PlannedSkip, src_info, dst_info) -> nn.Module:
+    """The add or highway module for one planned skip, on its source's device and dtype."""
+    proj = None
+    if planned.kind == "projection":
+        proj = build_projection(src_info.shape, dst_info.shape, planned.channel_axis,
+                                planned.stride)
+    if config.join is Join.HIGHWAY:
+        module = HighwayShortcut.build(config.init, proj, src_info.shape, dst_info.shape,
+                                       planned.channel_axis, planned.stride)
+    else:
+        module = Shortcut(config.init, proj)
+    return module.to(device=src_info.device, dtype=src_info.dtype)
+
+
+def _insert_concat(gm: fx.GraphModule, consumer: fx.Node, name: str, c_in: fx.Node,
+                   source: fx.Node, planned: PlannedSkip, init: Init) -> int:
+    """``consumer(cat([c_in, pool(source)]))`` with the consumer widened; returns weights added."""
+    src_info, c_info = info(source), info(c_in)
+    axis = planned.channel_axis
+    spatial = len(c_info.shape) - 2 if axis == 1 and len(c_info.shape) >= 3 else 0
+    join = ConcatJoin(init, axis, planned.stride, spatial)
+    gm.add_submodule(name, join.to(device=src_info.device))
+    with gm.graph.inserting_before(consumer):
+        cat = gm.graph.call_module(name, (c_in, source))
+    extra = src_info.shape[axis]
+    shape = list(c_info.shape)
+    shape[axis] += extra
+    set_info(cat, **{**c_info.__dict__, "shape": tuple(shape), "skip": name})
+    consumer.replace_input_with(c_in, cat)
+    layer = gm.get_submodule(str(consumer.target))
+    wide = ConcatJoin.widen(layer, extra, init)
+    gm.add_submodule(str(consumer.target), wide)
+    return wide.weight.numel() - layer.weight.numel()
+
+
+def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
+    """Check every planned skip against the graph; raise PlanError for the first that cannot work."""
+    targets: dict[str, PlannedSkip] = {}
+    for skip in plan.skips:
+        if skip.target in targets:
+            other = targets[skip.target]
+            raise PlanError(f"two skips end at node '{skip.target}' (from {other.source} and "
+                            f"{skip.source}); keep one of them")
+        targets[skip.target] = skip
+    residual_layers = {name for b in analysis.blocks if b.kind == "residual"
+                       for name in (b.name, *b.covers)}
+    concat = plan.config.join is Join.CONCAT
+    checked, owners = [], {}
+    for i, skip in enumerate(plan.skips):
+        if (skip.kind == "concat") != concat:
+            raise PlanError(f"skip {skip.source} -> {skip.target} is of kind {skip.kind}, but the "
+                            f"plan's join is {plan.config.join.value}; concat skips go with "
+                            "join concat only")
+        item, inside = _check(analysis, skip, residual_layers)
+        checked.append(item)
+        for name in inside:
+            owners.setdefault(name, []).append(i)
+    # Plan skips that share a layer are allowed, and reported as overriding ``overlaps``.
+    overlapping = {i for users in owners.values() if len(users) > 1 for i in users}
+    return [replace(c, overrides=(*c.overrides, Reason.OVERLAPS.value)) if i in overlapping
+            else c for i, c in enumerate(checked)]
+
+
+def _check(analysis: GraphAnalysis, skip: PlannedSkip,
+           residual_layers: set[str]) -> tuple[_Checked, set[str]]:
+    nodes = analysis.nodes
+    for end in (skip.source, skip.target):
+        if end not in nodes:
+            raise PlanError(f"the plan names node '{end}', which this model's graph lacks; "
+                            "write a fresh plan for this model with --plan-out")
+    src, dst = nodes[skip.source], nodes[skip.target]
+    where = f"skip {skip.source} -> {skip.target}"
+    (src_name, src_axis), (dst_name, _) = end_name(analysis, src), end_name(analysis, dst)
+    for given, actual, end in ((skip.source_layer, src_name, skip.source),
+                               (skip.target_layer, dst_name, skip.target)):
+        if given and given != actual:
+            raise PlanError(f"{where}: the plan calls node '{end}' layer '{given}', but in this "
+                            f"graph it belongs to layer '{actual}'; a plan entry is identified by "
+                            "its node names: fix the layer name or leave it empty")
+    consumer_layer = None
+    if skip.kind == "concat":
+        consumer_layer = _check_consumer(analysis, skip, dst, where)
+        verdict = concat_verdict(analysis, src, dst, src_axis, skip.channel_axis)
+    else:
+        verdict = pair_verdict(analysis, src, dst, src_axis, skip.channel_axis)
+    enforced = verdict.enforced
+    a, b = info(src).shape, info(dst).shape
+    if Reason.NOT_TENSOR in enforced:
+        raise PlanError(f"{where}: both ends must be single tensors")
+    if Reason.NOT_DOMINATED in enforced:
+        raise PlanError(f"{where}: a path from the input reaches {dst.format_node()} without "
+                        f"passing {skip.source}, so the sum would not be a residual; pick a "
+                        "source that every path to the target goes through")
+    if Reason.DTYPE in enforced:
+        raise PlanError(f"{where}: the ends have different dtypes ({info(src).dtype} and "
+                        f"{info(dst).dtype}); pick ends of one dtype")
+    if Reason.SHAPE in enforced:
+        raise PlanError(f"{where}: shapes {a} and {b} cannot be joined by a 1x1 projection "
+                        "(rank, batch or spatial size differ)")
+    if Reason.NON_FINITE in enforced:
+        raise PlanError(f"{where}: the shortcut path would be NaN or infinite on the example "
+                        f"inputs (|x| up to {info(src).absmax:.3g} in {info(src).dtype}); pick "
+                        "another source, or run in a wider dtype")
+    if skip.kind == "concat" and verdict.stride != skip.stride:
+        raise PlanError(f"{where}: the features need pooling by {verdict.stride}, the plan "
+                        f"says {skip.stride}")
+    if skip.kind == "identity" and verdict.kind != "identity":
+        raise PlanError(f"{where}: shapes {a} and {b} differ; use kind projection "
+                        f"(stride {verdict.stride})")
+    if skip.kind == "projection" and verdict.stride != skip.stride:
+        raise PlanError(f"{where}: the shapes need stride {verdict.stride}, the plan says "
+                        f"{skip.stride}")
+    overrides = [r.value for r in verdict.reasons if r.overridable]
+    inside = {u.name for u in units_between(analysis, src, dst)}
+    if inside & analysis.heads:
+        overrides.append(Reason.HEAD.value)
+    if inside & residual_layers:
+        overrides.append(Reason.EXISTING.value)
+    item = _Checked(planned=skip, source_layer=src_name, target_layer=dst_name,
+                    overrides=tuple(overrides), consumer_layer=consumer_layer)
+    return item, inside
+
+
+def _check_consumer(analysis: GraphAnalysis, skip: PlannedSkip, c_in: fx.Node,
+                    where: str) -> str:
+    """The concat consumer: a widenable Conv/Linear module, called once, reading ``c_in``."""
+    node = analysis.nodes.get(skip.consumer)
+    if node is None:
+        raise PlanError(f"{where}: the plan names consumer node '{skip.consumer}', which this "
+                        "model's graph lacks; write a fresh plan with --plan-out")
+    module = analysis.modules.get(node.target) if node.op == "call_module" else None
+    why = "it is not a module call" if module is None else ConcatJoin.cannot_widen(module)
+    if why is None and analysis.calls.get(node.target) != 1:
+        why = "the module is called more than once"
+    if why is None and (not node.args or node.args[0] is not c_in):
+        why = f"it does not read node '{c_in.name}'"
+    if why:
+        raise PlanError(f"{where}: consumer '{skip.consumer}' cannot take the features: {why}")
+    unit = analysis.unit_anchors.get(node.name)
+    return unit.name if unit is not None else str(node.target)
+
+
+def name_part(name: str) -> str:
+    """A layer name as it appears in a shortcut's module name (gates.py reads it back)."""
+    return re.sub(r"\W+", "_", name).strip("_") or "node"
+
+
+def _module_name(source_layer: str, target_layer: str) -> str:
+    return f"skip_{name_part(source_layer)}__{name_part(target_layer)}"
