@@ -13,6 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
+from .catalog import JOINS, PATTERNS, join_entry, pattern_entry
 from .errors import ConfigError
 
 
@@ -34,15 +35,13 @@ class Init(StrEnum):
 
     @property
     def formula(self) -> str:
-        return _FORMULAS[self]
-
-
-_FORMULAS = {Init.PRESERVE: "h + a*S(x)", Init.STANDARD: "h + S(x)", Init.REZERO: "S(x) + a*h",
-             Init.MORPH: "(1-c+a)*h + c*S(x)"}
+        """The addition join's formula for this init (each join has its own: ``catalog.JOINS``)."""
+        return JOINS["add"].formulas[self.value]
 
 
 class Join(StrEnum):
-    """How a shortcut's path meets the span: the residual families of the literature."""
+    """The joins that ship with ressurgeon (``SkipConfig.join`` takes any registered in
+    ``ressurgeon.catalog.JOINS``, these and a user's own)."""
 
     ADD = "add"            # ResNet, Transformer sublayers: h + S(x)
     CONCAT = "concat"      # DenseNet: x's features concatenated to the next layer's input
@@ -54,9 +53,6 @@ class Placement(StrEnum):
 
     PRE = "pre-activation"
     POST = "post-activation"
-
-
-_ADD_ONLY = {Init.MORPH: "morph ramps an addition open; use preserve (exact) or standard"}
 
 
 def _help(text: str, **extra):
@@ -110,10 +106,13 @@ class SkipConfig:
         "morph: (1-c+a)*h + c*S(x), a=c=0, outputs unchanged, then c ramps to 1 while "
         "fine-tuning (ressurgeon.training.ShortcutRamp).",
         choices=Init))
-    join: Join = field(default=Join.ADD, metadata=_help(
-        "add: h + S(x) (ResNet); concat: x's features concatenated to the input of the next "
-        "weighted layer, widened with zero weights (DenseNet); highway: T*h + (1-T)*S(x) "
-        "with T = sigmoid(W_T x + b_T) per channel (Highway networks).", choices=Join))
+    join: str = field(default="add", metadata=_help(
+        "How the shortcut meets the span: " + "; ".join(
+            f"{name}: {entry.help}" for name, entry in JOINS.items()) + ".", choices=JOINS))
+    pattern: str = field(default="chain", metadata=_help(
+        "Which pairs of tensors get joined: " + "; ".join(
+            f"{name}: {entry.help}" for name, entry in PATTERNS.items()) + ".",
+        choices=PATTERNS))
     placement: Placement = field(default=Placement.PRE, metadata=_help(
         "Where the sum goes: before the span's last activation (ResNet v1) or after it.",
         choices=Placement))
@@ -127,15 +126,14 @@ class SkipConfig:
 
     def __post_init__(self) -> None:
         _count("span", self.span, low=1)
-        for name, cls in (("kind", Kind), ("init", Init), ("join", Join),
-                          ("placement", Placement)):
+        for name, cls in (("kind", Kind), ("init", Init), ("placement", Placement)):
             object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
-        if self.join is not Join.ADD and self.init in _ADD_ONLY:
-            raise ConfigError(f"init {self.init.value} has no {self.join.value} form: "
-                              f"{_ADD_ONLY[self.init]}")
-        if self.join is Join.CONCAT and self.init is Init.REZERO:
-            raise ConfigError("init rezero has no concat form (the span cannot be bypassed by "
-                              "a concatenation); use preserve (zero weights, exact) or standard")
+        join = join_entry(self.join)  # a registered join, built in or a user's
+        object.__setattr__(self, "join", join.name)
+        object.__setattr__(self, "pattern", pattern_entry(self.pattern).name)
+        if self.init.value not in join.formulas:
+            why = join.refused.get(self.init.value, "use one of " + ", ".join(join.inits))
+            raise ConfigError(f"init {self.init.value} has no {join.name} form: {why}")
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
         _count("max_skips", self.max_skips, low=0, optional=True)

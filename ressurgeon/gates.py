@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from .config import Init
 from .errors import ConfigError
 from .skips.rewrite import name_part
-from .shortcuts import ConcatJoin, find_shortcuts, is_shortcut
+from .catalog import JOINS
+from .shortcuts import find_shortcuts, is_shortcut
 
 @dataclass(frozen=True)
 class Gate:
@@ -41,7 +41,8 @@ class Gate:
 
     @property
     def formula(self) -> str | None:
-        return Init(self.init).formula if self.init else None
+        entry = JOINS.get(self.join) if self.init else None  # each join states its formulas
+        return entry.formulas.get(self.init) if entry is not None else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,20 +118,9 @@ def gate_report(module: nn.Module | Mapping[str, torch.Tensor]) -> GateReport:
         ramp = getattr(sub, "ramp", None)
         gates.append(Gate(name=name, source_layer=src, target_layer=dst,
                           init=sub.init.value if sub.init is not None else None,
-                          kind=sub.kind, value=_openness(sub, site, modules),
-                          ramp=None if ramp is None else float(ramp),
-                          join=getattr(sub, "join", "add")))
+                          kind=sub.kind, value=sub.openness(site, modules),
+                          ramp=None if ramp is None else float(ramp), join=sub.join))
     return GateReport(gates=tuple(gates), flattened=inlined)
-
-
-def _openness(sub: nn.Module, site, modules: dict) -> float | None:
-    """The gate's value; for per-channel gates the largest |g|; for a concat the largest new weight."""
-    if isinstance(sub, ConcatJoin):
-        return sub.consumer_openness(site, modules) if site is not None else None
-    if sub.gate is None:
-        return None
-    gate = sub.gate.detach().float()
-    return float(gate.item()) if gate.numel() == 1 else float(gate.abs().max())
 
 
 def _skip_paths(tensors: dict) -> list[str]:

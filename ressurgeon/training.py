@@ -32,10 +32,10 @@ import torch.nn as nn
 
 from .config import Init
 from .errors import ConfigError
-from .shortcuts import is_shortcut
+from .shortcuts import Shortcut, is_shortcut
 
-# Gate learning rate, as a multiple of the weights' (measured: README "Surgery on a trained network").
-GATE_LR_SCALE = {Init.PRESERVE: 1.0, Init.REZERO: 1.0, Init.MORPH: 0.3}
+# Gate learning rate, as a multiple of the weights'; each join says its own (JoinModule.gate_lr_scale).
+GATE_LR_SCALE = {Init(k): v for k, v in Shortcut.gate_lr_scales.items()}
 
 
 def added_parameters(module: nn.Module, extra: Iterable[str] = ()) -> dict[str, str]:
@@ -48,11 +48,14 @@ def added_parameters(module: nn.Module, extra: Iterable[str] = ()) -> dict[str, 
     roles: dict[str, str] = {}
     extra = tuple(extra)
     for prefix, sub in module.named_modules():
-        if is_shortcut(sub) or (prefix and any(prefix == e or prefix.startswith(e + ".")
-                                               for e in extra)):
-            for name, _ in sub.named_parameters():
-                full = f"{prefix}.{name}" if prefix else name
-                roles[full] = "gate" if name == "gate" and is_shortcut(sub) else "added"
+        if is_shortcut(sub):  # the join says which of its parameters are gates
+            own = sub.parameter_roles()
+        elif prefix and any(prefix == e or prefix.startswith(e + ".") for e in extra):
+            own = {name: "added" for name, _ in sub.named_parameters()}
+        else:
+            continue
+        for name, role in own.items():
+            roles[f"{prefix}.{name}" if prefix else name] = role
     return roles
 
 
@@ -87,8 +90,9 @@ def param_groups(module: nn.Module, lr: float, *, gate_lr: float | None = None,
         if value is not None and value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value!r}")
     roles = added_parameters(module, extra)
-    inits = {f"{p}.gate" if p else "gate": sub.init for p, sub in module.named_modules()
-             if is_shortcut(sub)}
+    owners = {f"{p}.{name}" if p else name: sub for p, sub in module.named_modules()
+              if is_shortcut(sub) for name, role in sub.parameter_roles().items()
+              if role == "gate"}
     groups: dict[str, dict] = {}
 
     def group(key: str, **settings) -> dict:
@@ -99,9 +103,10 @@ def param_groups(module: nn.Module, lr: float, *, gate_lr: float | None = None,
             continue
         role = roles.get(name, "weights")
         if role == "gate":
-            init = inits.get(name, Init.PRESERVE)
-            rate = gate_lr if gate_lr is not None else lr * GATE_LR_SCALE.get(init, 1.0)
-            group(f"gates:{init.value}", lr=rate, weight_decay=0.0)["params"].append(param)
+            owner = owners[name]
+            rate = gate_lr if gate_lr is not None else lr * owner.gate_lr_scale()
+            init = owner.init.value if owner.init is not None else "unknown"
+            group(f"gates:{init}", lr=rate, weight_decay=0.0)["params"].append(param)
         elif role == "added":
             group("added", lr=added_lr if added_lr is not None else lr,
                   weight_decay=weight_decay)["params"].append(param)
@@ -131,7 +136,7 @@ class ShortcutRamp:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
         self.shortcuts = [m for m in module.modules()
-                          if is_shortcut(m) and getattr(m, "init", None) is Init.MORPH]
+                          if is_shortcut(m) and m.init is Init.MORPH]
         if not self.shortcuts:
             raise ConfigError("the model has no morph shortcut; add them with "
                               "SkipConfig(init='morph') (or --init morph)")

@@ -19,34 +19,16 @@ from helpers import with_gates
 from models import deep_mlp, plain_cnn
 from ressurgeon import SkipConfig, TraceOptions, add_skips, fold, gate_report, gradient_flow, inspect_model
 from ressurgeon.analysis.dominators import DominatorTree
+from ressurgeon import _structure as structure
 from ressurgeon.cli import render
 from ressurgeon.registry import OPS, OpInfo, Role, Trait, register_op
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ressurgeon"
 
-# Each library module's stage; a module may import only modules of its own or an
-# earlier stage. The CLI sits on top and may import anything.
-STAGES = [
-    ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
-              "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
-              "_refuse_code", "_nn_pickle"}),
-    ("capture", {"capture", "capture.exported", "capture.inplace", "capture.shapes", "load", "hf",
-                 "capture.trace"}),
-    ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
-                  "analysis.zeros", "skips.select"}),
-    ("plan", {"skips.plan"}),
-    ("rewrite", {"skips.rewrite"}),
-    ("verify", {"verify"}),
-    ("pass", {"skips", "skips.surgery"}),
-    ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
-                "fold.merge", "fold.rescale", "fold.zeros"}),
-    ("deepen", {"deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
-                "deepen.hf"}),
-    ("diagnostics", {"gates", "diagnose", "plot", "training"}),
-    # old import paths kept for one release: each is the moved module itself
-    ("compat", {"trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite"}),
-]
-RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
+# The stages and their modules are written once, in ressurgeon/_structure.py; README's
+# "How it works" table is generated from the same description.
+STAGES = [(stage.name, set(stage.modules)) for stage in structure.STAGES]
+RANK = structure.rank()
 
 
 def _module_name(path: Path) -> str:
@@ -109,6 +91,34 @@ def test_module_level_imports_have_no_cycle():
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+def test_imports_have_no_cycle_inside_functions_either():
+    """A function-level import closes a circle as surely as a module-level one."""
+    graph = {_module_name(p): _imports(p, top_level_only=False) & set(RANK)
+             for p in _library_files()}
+    for compat in structure.STAGES[-1].modules:  # an alias is the moved module itself
+        graph.pop(compat, None)
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join(path + [nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_readme_shows_the_layout_from_the_one_description():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert structure.readme_table() in readme, (
+        "README's layout table is stale; paste `python -m ressurgeon._structure`:\n"
+        + structure.readme_table())
 
 
 def test_help_and_version_import_no_torch():

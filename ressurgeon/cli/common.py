@@ -25,7 +25,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..config import Init, Join, Kind, Placement, SkipConfig, TraceOptions
+from ..catalog import JOINS
+from ..config import Init, Kind, Placement, SkipConfig, TraceOptions
 from ..errors import ConfigError, RessurgeonError, VerificationError, brief
 
 console = Console(soft_wrap=True)
@@ -42,7 +43,7 @@ def cfg_help(name: str) -> str:
 def _choice(flag: str, enum) -> typer.models.OptionInfo:
     """A flag whose values are an enum's: listed in --help, completed by the shell, and
     checked by SkipConfig (so a bad value is a one-line error naming the choices)."""
-    values = [m.value for m in enum]
+    values = [getattr(m, "value", m) for m in enum]  # an enum, or a catalog table's names
     return typer.Option(flag, metavar="|".join(values), show_default=True,
                         help=cfg_help(flag.lstrip("-")),
                         autocompletion=lambda incomplete: [v for v in values
@@ -54,7 +55,7 @@ def _choice(flag: str, enum) -> typer.models.OptionInfo:
 SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
 KindOpt = Annotated[str, _choice("--kind", Kind)]
 InitOpt = Annotated[str, _choice("--init", Init)]
-JoinOpt = Annotated[str, _choice("--join", Join)]
+JoinOpt = Annotated[str, _choice("--join", JOINS)]
 PlacementOpt = Annotated[str, _choice("--placement", Placement)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError, PlanError
-from ..skips.plan import PLAN_VERSION, parse_plan_json, plan_entries, plan_input_shapes, read_plan_text
+from ..plans import PLAN_VERSION, parse_plan_json, plan_entries, plan_input_shapes, read_plan_text
 from ..config import DeepenConfig, How
 from .positions import CHOICES, Position, Reason
 

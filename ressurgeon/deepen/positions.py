@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
 import torch.nn as nn
 from torch import fx
@@ -29,50 +28,12 @@ from .._fx import info, op_name, shape_of
 from ..analysis.layers import GraphAnalysis
 from ..analysis.zeros import branch_end
 from ..errors import ConfigError
+from ..verdicts import Reason
 from ..registry import Role, Trait, op_info
 from ..shortcuts import Shortcut, find_shortcuts, is_shortcut
 from ..config import DeepenConfig, How
 from .stream import spread
 
-
-class Reason(StrEnum):
-    """Why a position gets no new block."""
-
-    NO_RESIDUAL = "no-residual"
-    CHANGES_SHAPE = "changes-shape"
-    NOT_IDENTITY = "not-identity"
-    NO_BRANCH_END = "no-branch-end"
-    SHARED = "shared"
-    OUTPUTS = "several-outputs"
-    HEAD = "head"
-    NOT_TENSOR = "not-tensor"
-    UNSUPPORTED = "unsupported-layer"
-    EXCLUDED = "excluded"
-    SPREAD = "spread"
-    NOT_IN_PLAN = "not-in-plan"
-
-    @property
-    def text(self) -> str:
-        return _REASON_TEXT[self]
-
-
-_REASON_TEXT = {
-    Reason.NO_RESIDUAL: "the block has no residual connection of its own",
-    Reason.CHANGES_SHAPE: "the block changes its input's shape or has a projection shortcut, "
-                          "so no copy of it is the identity",
-    Reason.NOT_IDENTITY: "something besides residual adds lies on the block's main path (a "
-                         "post-norm, a scaled shortcut), so a zeroed copy is not the identity",
-    Reason.NO_BRANCH_END: "a residual branch ends in an op that no zeroed parameter makes "
-                          "exactly zero",
-    Reason.SHARED: "a parameter to zero is shared with layers outside the block",
-    Reason.OUTPUTS: "the block's values are read outside it at more than one place",
-    Reason.HEAD: "after the output layer: a new block there would be no hidden layer",
-    Reason.NOT_TENSOR: "the layer's output is not one floating-point tensor",
-    Reason.UNSUPPORTED: "no new layer can be shaped like this op (conv and linear only)",
-    Reason.EXCLUDED: "not matched by the where patterns",
-    Reason.SPREAD: "other positions were picked to spread the new blocks evenly",
-    Reason.NOT_IN_PLAN: "left out of the plan",
-}
 
 # Reasons a position may still be chosen by an explicit plan (they are choices, not faults).
 CHOICES = frozenset({Reason.EXCLUDED, Reason.SPREAD, Reason.NOT_IN_PLAN})

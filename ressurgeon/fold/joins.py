@@ -15,8 +15,8 @@ from enum import StrEnum
 
 from torch import fx
 
-from .._fx import META, free_name, shape_or_val
-from ..shortcuts import ConcatJoin, ShortcutSite, find_shortcuts, is_shortcut
+from .._fx import META, free_name
+from ..shortcuts import ShortcutSite, find_shortcuts, is_shortcut
 
 
 class Outcome(StrEnum):
@@ -104,14 +104,17 @@ def close_opaque(gm: fx.GraphModule, joins: list[Join], modules: dict) -> None:
         if join.terms is not None:
             continue
         site, module = join.site, join.site.module
-        if isinstance(module, ConcatJoin):
-            _close_concat(gm, join, modules)
+        undone = module.fold_back(gm, site, modules)  # a join with a rule of its own
+        if undone is not None:
+            if undone == "removed":
+                join.record.outcome = Outcome.REMOVED
+            else:
+                join.record.outcome, join.record.reason = Outcome.PLAIN, undone
             continue
         closed = module.reduces_to()
         if closed is None:
             join.record.outcome = Outcome.KEPT
-            join.record.reason = ("a highway's transform gate depends on its input "
-                                  "(T = sigmoid(W_T x + b_T)): no exact fold")
+            join.record.reason = module.kept_reason
             continue
         value = site.h
         if closed == "x":
@@ -124,31 +127,6 @@ def close_opaque(gm: fx.GraphModule, joins: list[Join], modules: dict) -> None:
         rebind(joins, site.node, value)
         gm.graph.erase_node(site.node)
         join.record.outcome = Outcome.REMOVED if closed == "h" else Outcome.SPAN_REMOVED
-
-
-def _close_concat(gm: fx.GraphModule, join: Join, modules: dict) -> None:
-    site = join.site
-    users = list(site.node.users)
-    consumer = modules.get(users[0].target) if len(users) == 1 and \
-        users[0].op == "call_module" else None
-    extra = _channels(site.x, site.module.channel_axis)
-    width = consumer.weight.shape[1] - extra if consumer is not None and extra else None
-    narrow = ConcatJoin.narrow(consumer, width) if width else None
-    if narrow is None:
-        join.record.kind = "concat"
-        join.record.outcome = Outcome.PLAIN
-        join.record.reason = "the widened layer's new weights are trained: the concatenation stays"
-        return
-    gm.add_submodule(str(users[0].target), narrow)
-    modules[str(users[0].target)] = narrow
-    users[0].replace_input_with(site.node, site.h)
-    gm.graph.erase_node(site.node)
-    join.record.outcome = Outcome.REMOVED
-
-
-def _channels(node: fx.Node, axis: int) -> int | None:
-    shape = shape_or_val(node)
-    return int(shape[axis]) if shape else None
 
 
 def drop_zero_terms(joins: list[Join]) -> None:

@@ -15,7 +15,12 @@ asks the module instead of re-deriving it.
 ops torch.export inlines them into (recognised by the ``nn_module_stack`` it
 records); ``lift_shortcuts(gm)`` turns inlined ones back into module calls,
 so a model read back from a ``.pt2`` trains and folds like the one add_skips
-returned. A new join is added to ``JOIN_CLASSES``, here and nowhere else.
+returned.
+
+A join is one class (a ``JoinModule``, ``base.py``) in one file, registered
+in ``ressurgeon.catalog.JOINS``; every stage asks the class (see ``base.py``
+for the protocol). A join registered by a user's code is recognised here like
+the built-in ones, after export too, by the class path torch.export records.
 """
 
 from __future__ import annotations
@@ -25,30 +30,53 @@ import torch.nn as nn
 from torch import fx
 
 from .._fx import node_order
+from ..catalog import JOINS
 from ._graph import ShortcutSite, build_projection
 from .add import Shortcut, Term
+from .base import JoinModule
 from .concat import ConcatJoin
 from .highway import HighwayShortcut
 
-# Every kind of shortcut module (every join), by the qualified name torch.export
-# records for it. A new join is one class with forward, terms() (or reduces_to()),
-# formula and from_inlined, added here.
-JOIN_CLASSES: tuple[type[nn.Module], ...] = (Shortcut, HighwayShortcut, ConcatJoin)
-for _cls in JOIN_CLASSES:
+BUILT_IN: tuple[type[JoinModule], ...] = (Shortcut, HighwayShortcut, ConcatJoin)
+for _cls in BUILT_IN:
     _cls.__module__ = __name__  # one public home, whatever file defines it (pickles, .pt2)
-SHORTCUT_TYPES: dict[str, type[nn.Module]] = {
-    f"{cls.__module__}.{cls.__qualname__}": cls for cls in JOIN_CLASSES}
 
 
-def shortcut_type(cls) -> type[nn.Module] | None:
-    """Our shortcut class for a class or the qualified name torch.export records; else None."""
+_loaded: dict[tuple, dict[str, type[JoinModule]]] = {}
+
+
+def join_classes() -> dict[str, type[JoinModule]]:
+    """Every registered join's class, by the qualified name torch.export records for it."""
+    key = tuple((name, entry.target) for name, entry in JOINS.items())
+    if key not in _loaded:  # the catalog changed (a join registered): load its classes
+        _loaded.clear()
+        found = {}
+        for entry in list(JOINS.values()):
+            cls = entry.load()
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        _loaded[key] = found
+    return _loaded[key]
+
+
+def __getattr__(name: str):
+    # the tables of the previous release, now read from the catalog at each use
+    if name == "SHORTCUT_TYPES":
+        return join_classes()
+    if name == "JOIN_CLASSES":
+        return tuple(join_classes().values())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def shortcut_type(cls) -> type[JoinModule] | None:
+    """Our join class for a class or the qualified name torch.export records; else None."""
     if isinstance(cls, type):
-        return cls if issubclass(cls, tuple(SHORTCUT_TYPES.values())) else None
-    return SHORTCUT_TYPES.get(cls)
+        return cls if issubclass(cls, JoinModule) and cls.join_name in JOINS else None
+    return join_classes().get(cls) if isinstance(cls, str) else None
 
 
 def is_shortcut(module: object) -> bool:
-    return isinstance(module, tuple(SHORTCUT_TYPES.values()))
+    """A module of a registered join (what add_skips inserts)."""
+    return isinstance(module, JoinModule) and type(module).join_name in JOINS
 
 
 def exported_shortcut_path(node: fx.Node) -> str | None:
@@ -133,6 +161,6 @@ def lift_shortcuts(gm: fx.GraphModule) -> int:
     return lifted
 
 
-__all__ = ["Shortcut", "HighwayShortcut", "ConcatJoin", "Term", "ShortcutSite", "find_shortcuts", "lift_shortcuts",
-           "build_projection", "exported_shortcut_path", "is_shortcut", "shortcut_type",
-           "SHORTCUT_TYPES", "JOIN_CLASSES"]
+__all__ = ["JoinModule", "Shortcut", "HighwayShortcut", "ConcatJoin", "Term", "ShortcutSite",
+           "find_shortcuts", "lift_shortcuts", "build_projection", "exported_shortcut_path",
+           "is_shortcut", "shortcut_type", "join_classes", "BUILT_IN"]

@@ -13,6 +13,7 @@ from ..config import Init
 from ..errors import ConfigError
 from ..registry import Trait, lookup
 from ._graph import ShortcutSite, _projection_from_graph, group_ends
+from .base import JoinModule
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ _TERMS = {
 }
 
 
-class Shortcut(nn.Module):
+class Shortcut(JoinModule):
     """Joins a span's output ``h`` with a shortcut ``S(x)`` from the span's input ``x``.
 
     init "preserve": ``h + gate * S(x)``, gate = 0, the model computes what it did;
@@ -57,6 +58,10 @@ class Shortcut(nn.Module):
         True
     """
 
+    join_name = "add"
+    # measured: README "Surgery on a trained network" (morph's gate learns slower)
+    gate_lr_scales = {"preserve": 1.0, "rezero": 1.0, "morph": 0.3}
+
     def __init__(self, init: str | Init, proj: nn.Module | None = None):
         super().__init__()
         try:
@@ -71,14 +76,6 @@ class Shortcut(nn.Module):
             self.gate = nn.Parameter(torch.zeros(()))
         if self.init is Init.MORPH:
             self.register_buffer("ramp", torch.zeros(()))
-
-    @property
-    def kind(self) -> str:
-        return "identity" if isinstance(self.proj, nn.Identity) else "projection"
-
-    @property
-    def formula(self) -> str:
-        return self.init.formula
 
     def terms(self) -> tuple[Term, ...]:
         """What ``forward`` adds, in order."""

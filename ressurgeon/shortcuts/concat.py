@@ -19,22 +19,25 @@ consumer back when its new weights are all still zero.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 from torch import fx
 
-from .._fx import plain_instance, shape_or_val
-from ..config import Init, Join
-from ..errors import ConfigError
+from .._fx import info, plain_instance, set_info, shape_or_val
+from ..config import Init
+from ..errors import ConfigError, PlanError
 from ..registry import Trait, lookup
+from ..verdicts import PairVerdict, Reason, Span, data_input, end_reasons, feeding
 from ._graph import ShortcutSite, group_ends
+from .base import JoinModule
 
 _POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-class ConcatJoin(nn.Module):
+class ConcatJoin(JoinModule):
     """``cat([c, pool(x)], dim=channel_axis)``: what the consumer of a DenseNet-style join reads.
 
     Args:
@@ -50,7 +53,8 @@ class ConcatJoin(nn.Module):
         torch.Size([2, 8, 4, 4])
     """
 
-    join = Join.CONCAT
+    join_name = "concat"
+    planned_kinds = ("concat",)
     kind = "concat"
 
     def __init__(self, init: str | Init | None, channel_axis: int, stride: int = 1,
@@ -65,14 +69,6 @@ class ConcatJoin(nn.Module):
         self.pool = (_POOLS[spatial_dims](stride, stride) if stride > 1 and spatial_dims
                      else nn.Identity())
         self.register_parameter("gate", None)
-
-    @property
-    def formula(self) -> str:
-        return "W [h; pool(x)]: x's features join the next layer's input (new weights from 0)"
-
-    def terms(self):
-        """None: a concatenation is no sum of terms (fold narrows the consumer instead)."""
-        return None
 
     def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([c, self.pool(x)], dim=self.channel_axis)
@@ -139,13 +135,13 @@ class ConcatJoin(nn.Module):
             narrow.bias = consumer.bias
         return narrow
 
-    def consumer_openness(self, site: ShortcutSite, modules: dict) -> float | None:
+    def openness(self, site: ShortcutSite | None, modules: dict) -> float | None:
         """max |w| over the consumer's weights for x's channels (0: still closed; None: unknown).
 
         The consumer is the one layer reading this join: a module call, or (in a
         graph read back from a ``.pt2``) an aten conv/linear on a get_attr weight.
         """
-        users = list(site.node.users)
+        users = list(site.node.users) if site is not None else []
         if len(users) != 1:
             return None
         user = users[0]
@@ -163,6 +159,138 @@ class ConcatJoin(nn.Module):
             return None
         columns = weight.detach()[:, weight.shape[1] - extra:]
         return float(columns.abs().max()) if columns.numel() else 0.0
+
+
+    def fold_back(self, gm: fx.GraphModule, site: ShortcutSite, modules: dict) -> str | None:
+        """Narrow the consumer back when its new weights are all still 0 (then "removed")."""
+        users = list(site.node.users)
+        consumer = modules.get(users[0].target) if len(users) == 1 and \
+            users[0].op == "call_module" else None
+        shape = shape_or_val(site.x)
+        extra = int(shape[self.channel_axis]) if shape else None
+        width = consumer.weight.shape[1] - extra if consumer is not None and extra else None
+        narrow = ConcatJoin.narrow(consumer, width) if width else None
+        if narrow is None:
+            return "the widened layer's new weights are trained: the concatenation stays"
+        gm.add_submodule(str(users[0].target), narrow)
+        modules[str(users[0].target)] = narrow
+        users[0].replace_input_with(site.node, site.h)
+        gm.graph.erase_node(site.node)
+        return "removed"
+
+    # -- selection, plan check, rewrite ------------------------------------------------------
+
+    @classmethod
+    def verdict(cls, analysis, x: fx.Node, c_in: fx.Node, src_axis: int,
+                dst_axis: int) -> PairVerdict:
+        """Whether x's features can be concatenated to ``c_in`` (a consumer's input).
+
+        Both tensors of one dtype, x dominating ``c_in``, the same rank and batch
+        and layout; channels-first, every spatial dim of x an integer multiple (the
+        pooling factor) of ``c_in``'s; features-last, every dim but the last equal.
+        """
+        a, b = info(x), info(c_in)
+        reasons = end_reasons(a, b, src_axis, dst_axis)
+        kind, stride = None, 1
+        if Reason.NOT_TENSOR not in reasons:
+            fit = concat_fit(a.shape, b.shape, dst_axis)
+            if fit is None:
+                reasons.append(Reason.SHAPE)
+            else:
+                kind, stride = "concat", fit
+            if a.absmax is not None and not math.isfinite(a.absmax):
+                reasons.append(Reason.NON_FINITE)
+        if x is c_in or not analysis.dominators.dominates(x, c_in):
+            reasons.append(Reason.NOT_DOMINATED)
+        return PairVerdict(kind=kind, stride=stride, reasons=tuple(reasons))
+
+    @classmethod
+    def candidate(cls, chooser) -> Span:
+        """DenseNet: the span's input features join the input of the next layer after the unit.
+
+        The consumer must be the only unit after the span, a Conv1d/2d/3d or Linear
+        module called once with no groups; x joins its input after average pooling
+        by an integer factor when the spatial sizes differ.
+        """
+        analysis, src, unit, config = chooser.analysis, chooser.src, chooser.unit, chooser.config
+        nodes = analysis.nodes
+        feed = feeding(analysis, nodes[chooser.first.anchor])
+        sources = [n for n in (feed, nodes[src.out]) if n is not None]
+        after = chooser.children.get(unit.name, [])
+        consumer = after[0] if len(after) == 1 and after[0].kind == "layer" else None
+        anchor = nodes[consumer.anchor] if consumer is not None else None
+        c_in = data_input(anchor)
+        module = analysis.modules.get(anchor.target) if anchor is not None and \
+            anchor.op == "call_module" else None
+        widenable = (module is not None and c_in is not None
+                     and analysis.calls.get(anchor.target) == 1
+                     and cls.cannot_widen(module) is None)
+        base = Span(source=sources[0].name, target=(c_in or nodes[unit.out]).name,
+                    source_layer=src.name, target_layer=unit.name, layers=chooser.inside,
+                    src_shape=info(sources[0]).shape,
+                    dst_shape=info(c_in).shape if c_in else None,
+                    channel_axis=consumer.channel_axis if consumer else unit.channel_axis,
+                    consumer=anchor.name if anchor is not None else None,
+                    consumer_layer=consumer.name if consumer else None)
+        if not widenable:
+            return replace(base, reason=Reason.CONSUMER)
+        best = None
+        for x in dict.fromkeys(sources):
+            verdict = cls.verdict(analysis, x, c_in, src.channel_axis, consumer.channel_axis)
+            span = replace(base, source=x.name, src_shape=info(x).shape, kind=verdict.kind,
+                           stride=verdict.stride)
+            if verdict.reasons:
+                span = replace(span, reason=verdict.reasons[0])
+            elif not (config.allows(src.name) and config.allows(unit.name)):
+                span = replace(span, reason=Reason.EXCLUDED)
+            if best is None or (best.reason is not None and span.reason is None):
+                best = span
+            if best.reason is None:
+                break
+        return best
+
+    @classmethod
+    def check_planned(cls, analysis, skip, src: fx.Node, dst: fx.Node, src_axis: int,
+                      where: str) -> tuple[PairVerdict, str | None]:
+        """The consumer must be a widenable Conv/Linear module, called once, reading ``dst``."""
+        node = analysis.nodes.get(skip.consumer)
+        if node is None:
+            raise PlanError(f"{where}: the plan names consumer node '{skip.consumer}', which "
+                            "this model's graph lacks; write a fresh plan with --plan-out")
+        module = analysis.modules.get(node.target) if node.op == "call_module" else None
+        why = "it is not a module call" if module is None else cls.cannot_widen(module)
+        if why is None and analysis.calls.get(node.target) != 1:
+            why = "the module is called more than once"
+        if why is None and (not node.args or node.args[0] is not dst):
+            why = f"it does not read node '{dst.name}'"
+        if why:
+            raise PlanError(f"{where}: consumer '{skip.consumer}' cannot take the features: "
+                            f"{why}")
+        unit = analysis.unit_anchors.get(node.name)
+        verdict = cls.verdict(analysis, src, dst, src_axis, skip.channel_axis)
+        return verdict, (unit.name if unit is not None else str(node.target))
+
+    @classmethod
+    def insert(cls, gm: fx.GraphModule, name: str, planned, init: Init, src: fx.Node,
+               c_in: fx.Node, consumer: fx.Node | None) -> tuple[fx.Node, fx.Node, int]:
+        """``consumer(cat([c_in, pool(src)]))`` with the consumer widened."""
+        src_info, c_info = info(src), info(c_in)
+        axis = planned.channel_axis
+        spatial = len(c_info.shape) - 2 if axis == 1 and len(c_info.shape) >= 3 else 0
+        join = cls(init, axis, planned.stride, spatial)
+        gm.add_submodule(name, join.to(device=src_info.device))
+        with gm.graph.inserting_before(consumer):
+            cat = gm.graph.call_module(name, (c_in, src))
+        extra = src_info.shape[axis]
+        shape = list(c_info.shape)
+        shape[axis] += extra
+        set_info(cat, **{**c_info.__dict__, "shape": tuple(shape), "skip": name})
+        consumer.replace_input_with(c_in, cat)
+        layer = gm.get_submodule(str(consumer.target))
+        wide = cls.widen(layer, extra, init)
+        gm.add_submodule(str(consumer.target), wide)
+        # the consumer reads the concatenation; later shortcuts still read c_in itself
+        return c_in, c_in, wide.weight.numel() - layer.weight.numel()
 
     @classmethod
     def from_inlined(cls, gm: fx.GraphModule, path: str,
@@ -201,3 +329,17 @@ def _copy_layer(layer: nn.Module, in_channels: int) -> nn.Module:
                        padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                        bias=layer.bias is not None, padding_mode=layer.padding_mode,
                        device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def concat_fit(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
+               channel_axis: int) -> int | None:
+    """The average-pooling factor that brings x's spatial size to the consumer's, else None."""
+    if len(src_shape) != len(dst_shape) or src_shape[0] != dst_shape[0]:
+        return None
+    if channel_axis == 1 and len(src_shape) >= 3:
+        spatial = list(zip(src_shape[2:], dst_shape[2:]))
+        factor = spatial[0][0] // spatial[0][1] if spatial[0][1] else 0
+        if factor >= 1 and all(d * factor == s for s, d in spatial):
+            return factor
+        return None
+    return 1 if src_shape[:-1] == dst_shape[:-1] else None

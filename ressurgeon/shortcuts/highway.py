@@ -25,18 +25,18 @@ import torch.nn as nn
 from torch import fx
 
 from .._fx import attr
-from ..config import Init, Join
+from ..catalog import JOINS
+from ..config import Init
 from ..errors import ConfigError
 from ..registry import Trait, lookup
 from ._graph import ShortcutSite, _projection_from_graph, group_ends
+from .base import JoinModule
 
 CARRY_BIAS = -2.0
 
-_FORMULAS = {Init.STANDARD: "T*h + (1-T)*S(x)", Init.PRESERVE: "h + g*(1-T)*(S(x)-h)",
-             Init.REZERO: "S(x) + g*T*(h-S(x))"}
 
 
-class HighwayShortcut(nn.Module):
+class HighwayShortcut(JoinModule):
     """Joins ``h`` and ``S(x)`` through a transform gate ``T = sigmoid(transform(x))``.
 
     Args:
@@ -53,13 +53,15 @@ class HighwayShortcut(nn.Module):
         True
     """
 
-    join = Join.HIGHWAY
+    join_name = "highway"
+    kept_reason = ("a highway's transform gate depends on its input "
+                   "(T = sigmoid(W_T x + b_T)): no exact fold")
 
     def __init__(self, init: str | Init, proj: nn.Module | None, transform: nn.Module,
                  channel_axis: int):
         super().__init__()
         self.init = Init(init)
-        if self.init not in _FORMULAS:
+        if self.init.value not in JOINS[self.join_name].formulas:
             raise ConfigError(f"init {self.init.value} has no highway form; use preserve, "
                               "standard or rezero")
         self.proj = proj if proj is not None else nn.Identity()
@@ -74,18 +76,6 @@ class HighwayShortcut(nn.Module):
         else:
             self.gate = nn.Parameter(torch.zeros(channels, dtype=transform.weight.dtype,
                                                  device=transform.weight.device))
-
-    @property
-    def kind(self) -> str:
-        return "identity" if isinstance(self.proj, nn.Identity) else "projection"
-
-    @property
-    def formula(self) -> str:
-        return f"{_FORMULAS[self.init]}, T = sigmoid(W_T x + b_T)"
-
-    def terms(self):
-        """None: T depends on x, so this join is no sum of fixed terms."""
-        return None
 
     def reduces_to(self) -> str | None:
         """What the join computes while its gate is exactly 0: "h", "x" (S(x)), or None."""
@@ -112,9 +102,11 @@ class HighwayShortcut(nn.Module):
         return f"init={self.init.value!r}, channel_axis={self.channel_axis}"
 
     @classmethod
-    def build(cls, init: Init, proj: nn.Module | None, src_shape: tuple[int, ...],
-              dst_shape: tuple[int, ...], channel_axis: int, stride: int) -> "HighwayShortcut":
-        """A highway from x of ``src_shape`` to h of ``dst_shape`` (a strided 1x1 conv when needed)."""
+    def build(cls, init: Init, planned, src_info, dst_info) -> "HighwayShortcut":
+        """A highway from x to h (a strided 1x1 conv when needed) for one planned skip."""
+        proj = cls.projection(planned, src_info, dst_info)
+        src_shape, dst_shape = src_info.shape, dst_info.shape
+        channel_axis, stride = planned.channel_axis, planned.stride
         rank = len(src_shape)
         if channel_axis == 1 and rank >= 3:
             conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[rank]

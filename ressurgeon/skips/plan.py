@@ -14,9 +14,8 @@ from ..config import SkipConfig
 from ..errors import ConfigError, PlanError
 from .select import Span
 
-PLAN_VERSION = 1
-MAX_PLAN_BYTES = 16 * 2 ** 20    # a plan is a few KB; anything this big is not one
-MAX_DIM = 2 ** 31 - 1
+from ..plans import (MAX_DIM, MAX_PLAN_BYTES, PLAN_VERSION, parse_plan_json,  # noqa: F401
+                     plan_entries, plan_input_shapes, read_plan_text)
 
 
 @dataclass(frozen=True)
@@ -108,67 +107,6 @@ class SurgeryPlan:
     @classmethod
     def load(cls, path: str | Path) -> "SurgeryPlan":
         return cls.from_json(read_plan_text(path))
-
-
-def plan_entries(data, key: str, *, kind: str, each: str, hint: str) -> list[dict]:
-    """The list of objects under ``key`` in a plan read from JSON, after checking the
-    parts every plan kind shares: an object with 'config' and ``key``, a version this
-    ressurgeon writes, ``key`` a list of objects (one per ``each``)."""
-    if not isinstance(data, dict) or key not in data or "config" not in data:
-        raise PlanError(f"{kind} is a JSON object with 'config' and '{key}'; "
-                        f"write one with {hint}")
-    if data.get("version", PLAN_VERSION) != PLAN_VERSION:
-        raise PlanError(f"plan version {data.get('version')} is not supported "
-                        f"(this ressurgeon writes version {PLAN_VERSION})")
-    entries = data[key]
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise PlanError(f"the plan's '{key}' must be a list of objects, one per {each}; "
-                        f"write one with {hint}")
-    return entries
-
-
-def plan_input_shapes(data: dict) -> tuple[tuple[int, ...], ...]:
-    """A plan's ``input_shapes`` (missing or empty: --input-shape gives them), checked."""
-    shapes = data.get("input_shapes") or []
-    if not isinstance(shapes, list) or not all(
-            isinstance(s, list) and s and all(type(d) is int and 0 < d <= MAX_DIM for d in s)
-            for s in shapes):
-        raise PlanError("the plan's input_shapes must be a list of shapes of positive "
-                        f"integers, e.g. [[1, 3, 32, 32]]; got {str(shapes)[:80]}")
-    return tuple(tuple(s) for s in shapes)
-
-
-def read_plan_text(path: str | Path) -> str:
-    """A plan file's text: a regular UTF-8 file of plan size, or a PlanError naming the fix."""
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise PlanError(f"the plan {path} is not a regular file; give the JSON file "
-                            "--plan-out wrote")
-        if path.stat().st_size > MAX_PLAN_BYTES:
-            raise PlanError(f"the plan {path} is {path.stat().st_size:,} bytes, too large to "
-                            f"be a plan (at most {MAX_PLAN_BYTES:,}); give the file "
-                            "--plan-out wrote")
-        with path.open("rb") as f:
-            raw = f.read(MAX_PLAN_BYTES + 1)
-    except OSError as exc:
-        raise PlanError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PlanError(f"the plan {path} is not UTF-8 text; give the JSON file --plan-out "
-                        "wrote") from None
-
-
-def parse_plan_json(text: str):
-    """JSON text -> data, or a PlanError that says where the JSON breaks."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"the plan is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except RecursionError:
-        raise PlanError("the plan is nested too deeply to be a plan; write one with "
-                        "--plan-out") from None
 
 
 def plan_skips(spans: list[Span], config: SkipConfig,

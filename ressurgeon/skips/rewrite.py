@@ -14,17 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
-import torch.nn as nn
 from torch import fx
 
-from .._fx import free_name, info, node_order, set_info
+from .._fx import free_name, info, node_order
 from .._torch import quiet_copy
 from ..analysis.layers import GraphAnalysis, analyze_graph
 from ..errors import PlanError
+from ..catalog import join_class
 from .plan import PlannedSkip, SurgeryPlan
-from ..shortcuts import ConcatJoin, HighwayShortcut, Shortcut, build_projection
-from ..config import Init, Join
-from .select import Reason, concat_verdict, end_name, pair_verdict, units_between
+from .select import Reason, end_name, units_between
 
 
 @dataclass(frozen=True)
@@ -92,70 +90,27 @@ def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *, analysis: GraphAnalysis
     current: dict[fx.Node, fx.Node] = {}  # a target's original node -> the sum that replaced it
     skips = []
     config = plan.config
+    join = join_class(config.join)
     for item in checked:
         planned = item.planned
         src, dst = nodes[planned.source], nodes[planned.target]
         src_info, dst_info = info(src), info(dst)
         name = free_name(gm, _module_name(item.source_layer, item.target_layer))
-        source = current.get(src, src)
-        if planned.kind == "concat":
-            params = _insert_concat(gm, nodes[planned.consumer], name, dst, source, planned,
-                                    config.init)
-        else:
-            module = _join_module(config, planned, src_info, dst_info)
-            gm.add_submodule(name, module)
-            with gm.graph.inserting_after(dst):
-                total = gm.graph.call_module(name, (dst, source))
-            total.meta = {}
-            set_info(total, **{**dst_info.__dict__, "skip": name})
-            dst.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-            current[dst] = total
-            params = sum(p.numel() for p in module.parameters())
+        consumer = nodes.get(planned.consumer) if planned.consumer else None
+        replaced, replacing, params = join.insert(gm, name, planned, config.init,
+                                                  current.get(src, src), dst, consumer)
+        if replacing is not replaced:
+            current[replaced] = replacing
         skips.append(Skip(name=name, source=src.name, target=dst.name,
                           source_layer=item.source_layer, target_layer=item.target_layer,
                           kind=planned.kind, init=config.init.value, src_shape=src_info.shape,
                           dst_shape=dst_info.shape, stride=planned.stride, params=params,
-                          overrides=item.overrides, join=config.join.value,
+                          overrides=item.overrides, join=config.join,
                           channel_axis=planned.channel_axis,
                           consumer_layer=item.consumer_layer))
     gm.graph.lint()
     gm.recompile()
     return gm, skips
-
-
-def _join_module(config, planned: PlannedSkip, src_info, dst_info) -> nn.Module:
-    """The add or highway module for one planned skip, on its source's device and dtype."""
-    proj = None
-    if planned.kind == "projection":
-        proj = build_projection(src_info.shape, dst_info.shape, planned.channel_axis,
-                                planned.stride)
-    if config.join is Join.HIGHWAY:
-        module = HighwayShortcut.build(config.init, proj, src_info.shape, dst_info.shape,
-                                       planned.channel_axis, planned.stride)
-    else:
-        module = Shortcut(config.init, proj)
-    return module.to(device=src_info.device, dtype=src_info.dtype)
-
-
-def _insert_concat(gm: fx.GraphModule, consumer: fx.Node, name: str, c_in: fx.Node,
-                   source: fx.Node, planned: PlannedSkip, init: Init) -> int:
-    """``consumer(cat([c_in, pool(source)]))`` with the consumer widened; returns weights added."""
-    src_info, c_info = info(source), info(c_in)
-    axis = planned.channel_axis
-    spatial = len(c_info.shape) - 2 if axis == 1 and len(c_info.shape) >= 3 else 0
-    join = ConcatJoin(init, axis, planned.stride, spatial)
-    gm.add_submodule(name, join.to(device=src_info.device))
-    with gm.graph.inserting_before(consumer):
-        cat = gm.graph.call_module(name, (c_in, source))
-    extra = src_info.shape[axis]
-    shape = list(c_info.shape)
-    shape[axis] += extra
-    set_info(cat, **{**c_info.__dict__, "shape": tuple(shape), "skip": name})
-    consumer.replace_input_with(c_in, cat)
-    layer = gm.get_submodule(str(consumer.target))
-    wide = ConcatJoin.widen(layer, extra, init)
-    gm.add_submodule(str(consumer.target), wide)
-    return wide.weight.numel() - layer.weight.numel()
 
 
 def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
@@ -169,14 +124,14 @@ def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
         targets[skip.target] = skip
     residual_layers = {name for b in analysis.blocks if b.kind == "residual"
                        for name in (b.name, *b.covers)}
-    concat = plan.config.join is Join.CONCAT
+    join = join_class(plan.config.join)
     checked, owners = [], {}
     for i, skip in enumerate(plan.skips):
-        if (skip.kind == "concat") != concat:
+        if skip.kind not in join.planned_kinds:
             raise PlanError(f"skip {skip.source} -> {skip.target} is of kind {skip.kind}, but the "
-                            f"plan's join is {plan.config.join.value}; concat skips go with "
-                            "join concat only")
-        item, inside = _check(analysis, skip, residual_layers)
+                            f"plan's join {plan.config.join} takes skips of kind "
+                            f"{' or '.join(join.planned_kinds)}")
+        item, inside = _check(analysis, join, skip, residual_layers)
         checked.append(item)
         for name in inside:
             owners.setdefault(name, []).append(i)
@@ -186,7 +141,7 @@ def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
             else c for i, c in enumerate(checked)]
 
 
-def _check(analysis: GraphAnalysis, skip: PlannedSkip,
+def _check(analysis: GraphAnalysis, join, skip: PlannedSkip,
            residual_layers: set[str]) -> tuple[_Checked, set[str]]:
     nodes = analysis.nodes
     for end in (skip.source, skip.target):
@@ -202,12 +157,7 @@ def _check(analysis: GraphAnalysis, skip: PlannedSkip,
             raise PlanError(f"{where}: the plan calls node '{end}' layer '{given}', but in this "
                             f"graph it belongs to layer '{actual}'; a plan entry is identified by "
                             "its node names: fix the layer name or leave it empty")
-    consumer_layer = None
-    if skip.kind == "concat":
-        consumer_layer = _check_consumer(analysis, skip, dst, where)
-        verdict = concat_verdict(analysis, src, dst, src_axis, skip.channel_axis)
-    else:
-        verdict = pair_verdict(analysis, src, dst, src_axis, skip.channel_axis)
+    verdict, consumer_layer = join.check_planned(analysis, skip, src, dst, src_axis, where)
     enforced = verdict.enforced
     a, b = info(src).shape, info(dst).shape
     if Reason.NOT_TENSOR in enforced:
@@ -226,15 +176,12 @@ def _check(analysis: GraphAnalysis, skip: PlannedSkip,
         raise PlanError(f"{where}: the shortcut path would be NaN or infinite on the example "
                         f"inputs (|x| up to {info(src).absmax:.3g} in {info(src).dtype}); pick "
                         "another source, or run in a wider dtype")
-    if skip.kind == "concat" and verdict.stride != skip.stride:
-        raise PlanError(f"{where}: the features need pooling by {verdict.stride}, the plan "
-                        f"says {skip.stride}")
     if skip.kind == "identity" and verdict.kind != "identity":
         raise PlanError(f"{where}: shapes {a} and {b} differ; use kind projection "
                         f"(stride {verdict.stride})")
-    if skip.kind == "projection" and verdict.stride != skip.stride:
-        raise PlanError(f"{where}: the shapes need stride {verdict.stride}, the plan says "
-                        f"{skip.stride}")
+    if skip.kind != "identity" and verdict.stride != skip.stride:
+        raise PlanError(f"{where}: the shapes need stride {verdict.stride} (the {skip.kind}'s "
+                        f"stride or pooling factor), the plan says {skip.stride}")
     overrides = [r.value for r in verdict.reasons if r.overridable]
     inside = {u.name for u in units_between(analysis, src, dst)}
     if inside & analysis.heads:
@@ -244,25 +191,6 @@ def _check(analysis: GraphAnalysis, skip: PlannedSkip,
     item = _Checked(planned=skip, source_layer=src_name, target_layer=dst_name,
                     overrides=tuple(overrides), consumer_layer=consumer_layer)
     return item, inside
-
-
-def _check_consumer(analysis: GraphAnalysis, skip: PlannedSkip, c_in: fx.Node,
-                    where: str) -> str:
-    """The concat consumer: a widenable Conv/Linear module, called once, reading ``c_in``."""
-    node = analysis.nodes.get(skip.consumer)
-    if node is None:
-        raise PlanError(f"{where}: the plan names consumer node '{skip.consumer}', which this "
-                        "model's graph lacks; write a fresh plan with --plan-out")
-    module = analysis.modules.get(node.target) if node.op == "call_module" else None
-    why = "it is not a module call" if module is None else ConcatJoin.cannot_widen(module)
-    if why is None and analysis.calls.get(node.target) != 1:
-        why = "the module is called more than once"
-    if why is None and (not node.args or node.args[0] is not c_in):
-        why = f"it does not read node '{c_in.name}'"
-    if why:
-        raise PlanError(f"{where}: consumer '{skip.consumer}' cannot take the features: {why}")
-    unit = analysis.unit_anchors.get(node.name)
-    return unit.name if unit is not None else str(node.target)
 
 
 def name_part(name: str) -> str:
