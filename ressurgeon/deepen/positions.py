@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..registry import Role, Trait, op_info
 from ..shortcuts import Shortcut, find_shortcuts, is_shortcut
 from ..config import DeepenConfig, How
-from .stream import spread
+from .decide import spread
 
 
 class Reason(StrEnum):
