@@ -170,7 +170,7 @@ def load_pretrained(folder: Path, *, trust_pickle: bool = False) -> nn.Module:
     cls = _model_class(transformers, folder, config)
     state = _read_folder_weights(folder, trust_pickle)
     try:
-        with _quiet_transformers(transformers):
+        with quiet_transformers(transformers):
             model, info = cls.from_pretrained(None, config=config, state_dict=state,
                                               output_loading_info=True)
     except Exception as exc:
@@ -200,7 +200,7 @@ def _build_config(transformers, folder: Path, data: dict):
     values = dict(data)
     model_type = values.pop("model_type")
     try:
-        with _quiet_transformers(transformers):
+        with quiet_transformers(transformers):
             return transformers.AutoConfig.for_model(model_type, **values)
     except Exception as exc:
         raise LoadError(f"{folder}/{CONFIG} describes a '{model_type}' model, which transformers "
@@ -255,7 +255,7 @@ def _read_pickled(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(transformers):
+def quiet_transformers(transformers):
     """No progress bars and no warnings from transformers for the block (the library never prints)."""
     logging = transformers.utils.logging
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()

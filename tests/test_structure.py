@@ -30,7 +30,8 @@ STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
               "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
               "_refuse_code", "_nn_pickle"}),
-    ("capture", {"exported", "inplace", "shapes", "safetensors_io", "load", "hf", "trace"}),
+    ("capture", {"exported", "inplace", "shapes", "safetensors_io", "load", "hf", "trace",
+                 "inputs"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
                   "analysis.zeros", "spans"}),
     ("plan", {"plan"}),
@@ -40,7 +41,8 @@ STAGES = [
     ("deploy", {"save", "export", "onnx_export", "fold", "fold.joins", "fold.layers",
                 "fold.merge", "fold.rescale", "fold.zeros"}),
     ("deepen", {"deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
-                "deepen.hf", "deepen.decide", "deepen.layer_config", "deepen.write"}),
+                "deepen.hf", "deepen.decide", "deepen.layer_config", "deepen.write",
+                "deepen.folder"}),
     ("diagnostics", {"gates", "diagnose", "plot", "training"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
