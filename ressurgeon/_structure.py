@@ -29,9 +29,10 @@ STAGES: tuple[Stage, ...] = (
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
-          ("load", "hf", "capture", "capture.exported", "capture.inplace", "capture.shapes",
-           "capture.trace"),
-          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `shapes`, `inplace`)"),
+          ("safetensors_io", "load", "hf", "capture", "capture.exported", "capture.inplace",
+           "capture.shapes", "capture.trace", "inputs"),
+          "`load.py`, `hf.py`, `safetensors_io.py`, `capture/` (`trace`, `exported`, `shapes`, "
+          "`inplace`), `inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
@@ -49,7 +50,7 @@ STAGES: tuple[Stage, ...] = (
           "`save.py`, `onnx_export.py`, `fold/`"),
     Stage("deepen", "grow a network with new residual blocks that start as the identity",
           ("deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
-           "deepen.hf"),
+           "deepen.hf", "deepen.decide", "deepen.layer_config", "deepen.write", "deepen.folder"),
           "`deepen/`"),
     Stage("diagnostics", "gradient flow, gates, plots, training recipes",
           ("gates", "diagnose", "plot", "training"),

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import re
 import sys
 from pathlib import Path
@@ -41,12 +40,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from .errors import LoadError, UnsafeFileError, brief
-from .load import TRUST_ONLY_YOURS, read_safetensors, read_weights
+from .load import TRUST_ONLY_YOURS, read_weights
+from .safetensors_io import CONFIG, read_checkpoint, read_config, read_index
 
-CONFIG = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-MAX_CONFIG_BYTES = 16 << 20   # a config.json is a few KiB; this only bounds what we parse
 DEFAULT_SEQUENCE = 16         # default example length: enough to show every layer
 
 
@@ -172,7 +170,7 @@ def load_pretrained(folder: Path, *, trust_pickle: bool = False) -> nn.Module:
     cls = _model_class(transformers, folder, config)
     state = _read_folder_weights(folder, trust_pickle)
     try:
-        with _quiet_transformers(transformers):
+        with quiet_transformers(transformers):
             model, info = cls.from_pretrained(None, config=config, state_dict=state,
                                               output_loading_info=True)
     except Exception as exc:
@@ -191,23 +189,10 @@ def load_pretrained(folder: Path, *, trust_pickle: bool = False) -> nn.Module:
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise LoadError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a model config "
-                        "is a few KiB: is it the right file?")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LoadError(f"{path} is not valid JSON ({brief(exc)}); write the folder again with "
-                        "save_pretrained") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise LoadError(f"{path} has no model_type; is {folder} a transformers save_pretrained "
-                        "folder?")
+    data = read_config(folder, "write the folder again with save_pretrained")
+    if data is None or not isinstance(data.get("model_type"), str):
+        raise LoadError(f"{folder / CONFIG} has no model_type; is {folder} a transformers "
+                        "save_pretrained folder?")
     return data
 
 
@@ -215,7 +200,7 @@ def _build_config(transformers, folder: Path, data: dict):
     values = dict(data)
     model_type = values.pop("model_type")
     try:
-        with _quiet_transformers(transformers):
+        with quiet_transformers(transformers):
             return transformers.AutoConfig.for_model(model_type, **values)
     except Exception as exc:
         raise LoadError(f"{folder}/{CONFIG} describes a '{model_type}' model, which transformers "
@@ -242,10 +227,8 @@ def _model_class(transformers, folder: Path, config) -> type:
 
 def _read_folder_weights(folder: Path, trust_pickle: bool) -> dict:
     """Every weight of the folder, read by safetensors (or, trusted, torch's weights-only reader)."""
-    if (folder / SAFE_WEIGHTS).is_file():
-        return read_safetensors(folder / SAFE_WEIGHTS)
-    if (folder / SAFE_INDEX).is_file():
-        return _read_shards(folder, SAFE_INDEX, ".safetensors", read_safetensors)
+    if (folder / SAFE_WEIGHTS).is_file() or (folder / SAFE_INDEX).is_file():
+        return read_checkpoint(folder, "model")
     pickled = [n for n in (PICKLE_WEIGHTS, PICKLE_INDEX) if (folder / n).is_file()]
     if pickled and not trust_pickle:
         raise UnsafeFileError(
@@ -255,7 +238,10 @@ def _read_folder_weights(folder: Path, trust_pickle: bool) -> dict:
     if (folder / PICKLE_WEIGHTS).is_file():
         return _read_pickled(folder / PICKLE_WEIGHTS)
     if (folder / PICKLE_INDEX).is_file():
-        return _read_shards(folder, PICKLE_INDEX, ".bin", _read_pickled)
+        state: dict = {}
+        for shard in read_index(folder / PICKLE_INDEX, ".bin")[1]:
+            state.update(_read_pickled(shard))
+        return state
     raise LoadError(f"{folder} has a {CONFIG} but no weights ({SAFE_WEIGHTS} or {SAFE_INDEX}); "
                     "write it with save_pretrained")
 
@@ -268,29 +254,8 @@ def _read_pickled(path: Path) -> dict:
     return state
 
 
-def _read_shards(folder: Path, index_name: str, suffix: str, read) -> dict:
-    """The shards an index lists: plain file names in the folder, with the index's suffix."""
-    index = folder / index_name
-    try:
-        weight_map = json.loads(index.read_bytes()[:MAX_CONFIG_BYTES])["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LoadError(f"{index} is not a readable shard index ({brief(exc)}); write the "
-                        "folder again with save_pretrained") from exc
-    state: dict = {}
-    for shard in shards:
-        if not (isinstance(shard, str) and re.fullmatch(r"[\w.-]+", shard)
-                and shard.endswith(suffix) and not shard.startswith(".")):
-            raise LoadError(f"{index} lists the shard {shard!r}, which is not a {suffix} file in "
-                            f"{folder}; write the folder again with save_pretrained")
-        if not (folder / shard).is_file():
-            raise LoadError(f"{index} lists {shard}, which is missing from {folder}")
-        state.update(read(folder / shard))
-    return state
-
-
 @contextlib.contextmanager
-def _quiet_transformers(transformers):
+def quiet_transformers(transformers):
     """No progress bars and no warnings from transformers for the block (the library never prints)."""
     logging = transformers.utils.logging
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()

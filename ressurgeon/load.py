@@ -35,6 +35,7 @@ import torch.nn as nn
 from ._nn_pickle import nn_global_names, nn_safe_globals
 from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from ._torch import logged_exceptions, quiet_torch
+from .safetensors_io import read_safetensors
 from .errors import LoadError, UnsafeFileError, brief
 from .capture.exported import graph_module_from_export, plain_graph_module
 
@@ -396,19 +397,6 @@ def _restore_parameters(unlifted: nn.Module, script: torch.jit.ScriptModule) -> 
         del owner._buffers[leaf]
         owner.register_parameter(leaf, nn.Parameter(buffers[target],
                                                     requires_grad=param.requires_grad))
-
-
-def read_safetensors(path: Path) -> dict:
-    """The tensors of a .safetensors file (no code runs when reading it)."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError as exc:
-        raise LoadError("reading .safetensors needs the safetensors package: "
-                        "pip install 'ressurgeon[safetensors]'") from exc
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise LoadError(f"{path} is not a readable safetensors file ({brief(exc)})") from exc
 
 
 def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:

@@ -211,9 +211,12 @@ def as_module(model) -> nn.Module:
     """``model`` as a module that follows ``.train()``/``.eval()``.
 
     An ExportedProgram, or the ``ep.module()`` of one (which refuses ``.eval()``),
-    becomes a plain GraphModule (a copy; the caller's object is untouched);
-    anything else is returned as it is. Every entry point that takes a model
-    calls this, so users may pass what torch.export gave them.
+    becomes a plain GraphModule: a new module over a copy of the graph that
+    shares the caller's parameters and buffers and never writes them (the
+    caller's object is untouched; every stage that edits weights copies first,
+    so a call deep-copies the model once). Anything else is returned as it is.
+    Every entry point that takes a model calls this, so users may pass what
+    torch.export gave them.
     """
     if isinstance(model, torch.export.ExportedProgram):
         return graph_module_from_export(model)
@@ -223,7 +226,12 @@ def as_module(model) -> nn.Module:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn on deepcopy
-            return plain_graph_module(copy.deepcopy(model))
+            graph = copy.deepcopy(model.graph)  # nodes only: tensors stay shared
+        shell = fx.GraphModule(model, graph)
+        for name in ("_in_spec", "_out_spec"):
+            if name in model.__dict__:
+                shell.__dict__[name] = model.__dict__[name]
+        return plain_graph_module(shell)
     return model
 
 
