@@ -155,7 +155,11 @@ def _insert_concat(gm: fx.GraphModule, consumer: fx.Node, name: str, c_in: fx.No
     layer = gm.get_submodule(str(consumer.target))
     wide = ConcatJoin.widen(layer, extra, init)
     gm.add_submodule(str(consumer.target), wide)
-    return wide.weight.numel() - layer.weight.numel()
+    return _numel(wide) - _numel(layer)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:

@@ -35,6 +35,7 @@ from ._fx import info, node_label
 from .analysis.blocks import Residual
 from .analysis.layers import GraphAnalysis, Layer, analyze_graph, find_layers, find_residuals
 from .config import Join, Kind, Placement, SkipConfig
+from .registry import is_getitem
 from .shortcuts import ConcatJoin
 
 __all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "join_kind",
@@ -88,8 +89,9 @@ _REASON_TEXT = {
     Reason.NOT_IN_PLAN: "left out of the applied plan",
     Reason.NON_FINITE: ("the shortcut path S(x) is NaN or infinite on the example inputs "
                         "(a zero gate would turn it into NaN and cut the gate's gradient)"),
-    Reason.CONSUMER: ("concat: no single Conv/Linear after the span can be widened to take "
-                      "the features (none, several, grouped, shared or functional)"),
+    Reason.CONSUMER: ("concat: no single Conv/Linear/LSTM/GRU/RNN after the span can be "
+                      "widened to take the features (none, several, grouped, shared, "
+                      "functional or multi-layer)"),
 }
 OVERRIDABLE = frozenset({Reason.LAYOUT, Reason.SQUEEZED, Reason.OVERLAPS, Reason.HEAD,
                          Reason.EXISTING})
@@ -290,7 +292,7 @@ def _concat_candidate(analysis: GraphAnalysis, src: Layer, first: Layer, unit: L
     sources = [n for n in (feed, nodes[src.out]) if n is not None]
     after = children.get(unit.name, [])
     consumer = after[0] if len(after) == 1 and after[0].kind == "layer" else None
-    anchor = nodes[consumer.anchor] if consumer is not None else None
+    anchor = _layer_call(nodes[consumer.anchor]) if consumer is not None else None
     c_in = _data_input(anchor)
     module = analysis.modules.get(anchor.target) if anchor is not None and \
         anchor.op == "call_module" else None
@@ -357,6 +359,12 @@ def concat_fit(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
             return factor
         return None
     return 1 if src_shape[:-1] == dst_shape[:-1] else None
+
+
+def _layer_call(anchor: fx.Node) -> fx.Node:
+    """The call of a layer: its anchor, or the module call whose tuple's item 0 it is (LSTM)."""
+    call = anchor.args[0] if is_getitem(anchor, 0) else None
+    return call if isinstance(call, fx.Node) and call.op == "call_module" else anchor
 
 
 def _data_input(node: fx.Node | None) -> fx.Node | None:

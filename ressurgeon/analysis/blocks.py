@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from .._fx import has_data, node_label, node_order, shape_of, stack_path
-from ..registry import Role, Trait, is_getitem, op_info
+from ..registry import Role, Trait, has_trait, is_getitem, op_info
 from ..shortcuts import is_shortcut
 from .dominators import DominatorTree
 
@@ -93,8 +93,8 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree,
     merge_nodes: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if (node.op not in ("call_function", "call_method", "call_module") or node in unit_at
-                or _is_layer_op(node, modules)):
-            continue
+                or _is_layer_op(node, modules) or has_trait(node, modules, Trait.STATES)):
+            continue  # a stack's h_n reads every layer's state, but joins no activations
         # tensors only: sizes read off a tensor (``x.reshape(b, n, c)``) join no branches
         preds = list(dict.fromkeys(a for a in node.all_input_nodes
                                    if a in dom and shape_of(a) is not None))

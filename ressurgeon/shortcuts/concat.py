@@ -27,6 +27,7 @@ from torch import fx
 from .._fx import plain_instance, shape_or_val
 from ..config import Init, Join
 from ..errors import ConfigError
+from .. import recurrent
 from ..registry import Trait, lookup
 from ._graph import ShortcutSite, group_ends
 
@@ -85,12 +86,16 @@ class ConcatJoin(nn.Module):
     def widen(consumer: nn.Module, extra: int, init: Init) -> nn.Module:
         """A copy of ``consumer`` that also reads ``extra`` appended input channels.
 
+        A single-layer LSTM/GRU/RNN widens its input weights (``recurrent.widen``).
+
         preserve: their weights are zero (the output is exactly the consumer's);
         standard: PyTorch's default init for a layer of the new width.
 
         Raises:
             ConfigError: the consumer cannot be widened (see ``can_widen``).
         """
+        if isinstance(consumer, recurrent.RECURRENT):  # weight_ih_l0 (both directions) widens
+            return recurrent.widen(consumer, extra, init)
         why = ConcatJoin.cannot_widen(consumer)
         if why:
             raise ConfigError(f"cannot widen {type(consumer).__name__}: {why}")
@@ -115,6 +120,8 @@ class ConcatJoin(nn.Module):
     @staticmethod
     def cannot_widen(consumer: nn.Module) -> str | None:
         """Why ``consumer`` cannot take appended input channels (None: it can)."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return recurrent.cannot_widen(consumer)
         if not plain_instance(consumer, WIDENABLE):
             return (f"a {type(consumer).__name__} is not a plain Conv1d/2d/3d or Linear (its "
                     "forward is its own)")
@@ -128,6 +135,8 @@ class ConcatJoin(nn.Module):
     @staticmethod
     def narrow(consumer: nn.Module, width: int) -> nn.Module | None:
         """``consumer`` without its appended input channels, if their weights are all zero."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return recurrent.narrow(consumer, width)
         if not plain_instance(consumer, WIDENABLE) or consumer.weight.shape[1] <= width:
             return None
         if bool(consumer.weight.detach()[:, width:].ne(0).any()):
