@@ -279,8 +279,11 @@ def check_captured(gm: fx.GraphModule, method: str) -> None:
     node = captured_recurrent(gm)
     if node is None:
         return
+    way_out = ("make the model traceable by torch.fx (keep the part it cannot follow opaque "
+               "with --leaf)" if method == "export" else
+               "load the nn.Module instead (a state_dict with --arch module:factory) so that "
+               "torch.fx traces it")
     raise TraceError(
         f"node '{node.name}' ({node.target}) is a recurrent layer captured by torch.export: a "
         "flat weight list fixed to the captured sequence length, which ressurgeon cannot give "
-        "shortcuts; load the nn.Module instead (a state_dict with --arch module:factory) so "
-        "that torch.fx traces it")
+        f"shortcuts; {way_out}")

@@ -55,6 +55,7 @@ class Trait(Enum):
     FUSED_AFTER_ADD = "fused-after-add"          # ONNX Runtime fuses Conv + Add + this op
     LIFTABLE = "liftable"                        # functional conv/linear: can become a module
     STATES = "states"                            # gathers recurrent layers' final states: no merge
+    STATE_INPUT = "state-input"                  # args after the first are a state (h0), no data path
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _entries() -> dict[object, OpInfo]:
     put(_layer(-1), nn.MultiheadAttention)
     # recurrent layers (torch.fx keeps them whole): features on the last dim, batch_first
     # either way; the sequence output (getitem 0 of the tuple) is the layer's output
-    put(_layer(-1), nn.LSTM, nn.GRU, nn.RNN)
+    put(_layer(-1, None, T.STATE_INPUT), nn.LSTM, nn.GRU, nn.RNN)
     put(_layer(1, 1, T.LIFTABLE), F.conv1d, aten.conv1d.default)
     put(_layer(1, 2, T.LIFTABLE), F.conv2d, aten.conv2d.default)
     put(_layer(1, 3, T.LIFTABLE), F.conv3d, aten.conv3d.default)
