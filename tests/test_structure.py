@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ressurgeon"
 STAGES = [
     ("base", {"errors", "config", "_torch", "_io", "_fx", "registry", "shortcuts",
               "shortcuts._graph", "shortcuts.add", "shortcuts.highway", "shortcuts.concat",
-              "_refuse_code", "_nn_pickle"}),
+              "_refuse_code", "_nn_pickle", "recurrent"}),
     ("capture", {"exported", "inplace", "shapes", "load", "hf", "trace"}),
     ("analysis", {"analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
                   "analysis.zeros", "spans"}),
@@ -126,9 +126,9 @@ def analyses(monkeypatch):
     calls = []
     real = DominatorTree.__init__
 
-    def counting(self, graph):
+    def counting(self, graph, *args, **kwargs):
         calls.append(graph)
-        real(self, graph)
+        real(self, graph, *args, **kwargs)
 
     monkeypatch.setattr(DominatorTree, "__init__", counting)
     return calls
