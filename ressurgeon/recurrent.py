@@ -112,11 +112,13 @@ class RecurrentStack(nn.Module):
     """``nn.LSTM/GRU/RNN(num_layers=k)`` as k one-layer modules holding the same parameters.
 
     ``layers[i]`` holds the fused module's ``*_l{i}[_reverse]`` parameters (the same
-    Parameter objects) under the names ``*_l0[_reverse]``; ``dropout`` (an
+    Parameter objects) under the names ``*_l0[_reverse]``; ``drop`` (an
     ``nn.Dropout``, or None when the rate is 0) acts on the output of every layer
     but the last, on ``.data`` of a PackedSequence. ``forward`` takes and returns
     what the fused module does: h0 (and c0) are sliced per layer, h_n (and c_n)
-    concatenated layer-major.
+    concatenated layer-major. The fused module's attributes (``num_layers``,
+    ``hidden_size``, ``bidirectional``, ``dropout``, ...) and ``flatten_parameters``
+    are kept, since models read them in ``forward``.
 
     Example:
         >>> gru = nn.GRU(4, 6, num_layers=2, bidirectional=True, batch_first=True)
@@ -127,10 +129,17 @@ class RecurrentStack(nn.Module):
 
     def __init__(self, layers: list[nn.RNNBase], dropout: float = 0.0):
         super().__init__()
+        first = layers[0]
         self.layers = nn.ModuleList(layers)
-        self.mode = layers[0].mode
-        self.directions = 2 if layers[0].bidirectional else 1
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # the fused module's attributes, which models read (h0 = zeros(lstm.num_layers * 2, ...))
+        self.mode, self.input_size, self.hidden_size = first.mode, first.input_size, first.hidden_size
+        self.num_layers, self.bias, self.batch_first = len(layers), first.bias, first.batch_first
+        self.bidirectional, self.proj_size = first.bidirectional, getattr(first, "proj_size", 0)
+        self.dropout = float(dropout)
+        if isinstance(first, nn.RNN):
+            self.nonlinearity = first.nonlinearity
+        self.directions = 2 if first.bidirectional else 1
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
 
     @classmethod
     def from_packed(cls, module: nn.RNNBase) -> "RecurrentStack":
@@ -157,7 +166,7 @@ class RecurrentStack(nn.Module):
                 state = (hx[0][rows], hx[1][rows]) if lstm else hx[rows]
             out, state = layer(out, state)
             states.append(state)
-            if self.dropout is not None and i < last:
+            if self.drop is not None and i < last:
                 out = self._drop(out)
         if lstm:
             return out, (layer_major(*[s[0] for s in states]),
@@ -166,8 +175,13 @@ class RecurrentStack(nn.Module):
 
     def _drop(self, out):
         if isinstance(out, PackedSequence):
-            return out._replace(data=self.dropout(out.data))
-        return self.dropout(out)
+            return out._replace(data=self.drop(out.data))
+        return self.drop(out)
+
+    def flatten_parameters(self) -> None:
+        """What the fused module's method does, for each layer (models call it in forward)."""
+        for layer in self.layers:
+            layer.flatten_parameters()
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, num_layers={len(self.layers)}"

@@ -156,7 +156,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
 def test_split_is_bitwise_exact_in_eval_and_seeded_train(cls, batch_first):
     torch.manual_seed(0)
     fused = cls(5, 6, num_layers=3, bidirectional=True, dropout=0.3, batch_first=batch_first)
@@ -234,3 +234,51 @@ def test_packed_sequences_are_refused_naming_the_call():
     with pytest.raises(TraceError, match="pack_padded_sequence") as info:
         add_skips(Packed(), (torch.randn(2, 5, 4), torch.tensor([5, 3])))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("init", ["rezero", "morph"])
+def test_other_inits_join_recurrent_layers(init):
+    model, x = build("lstm_list")
+    result = add_skips(model, (x,), SkipConfig(span=1, init=init))
+    assert len(result.skips) == 5 and all(s.init == init for s in result.skips)
+    y = resized("lstm_list", 3, 9)
+    out = result.module(y)
+    assert torch.isfinite(out).all()
+    if init == "morph":  # exact at insertion, like preserve
+        assert torch.equal(out, model(y))
+
+
+def test_preserve_keeps_the_inter_layer_dropout_in_train_mode():
+    torch.manual_seed(0)
+    model, x = PackedLSTM(dropout=0.3).train(), torch.randn(6, 2, 4)
+    result = add_skips(model, (x,), SkipConfig(span=1))
+    assert len(result.skips) == 4
+    result.module.train()
+    torch.manual_seed(3)
+    want = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(result.module(x), want)
+    torch.manual_seed(4)
+    assert not torch.equal(result.module(x), want)  # the dropout does act: other draws differ
+
+
+def test_models_that_read_the_fused_modules_attributes_still_trace():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 8, num_layers=3, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            self.lstm.flatten_parameters()
+            rows = self.lstm.num_layers * (2 if self.lstm.bidirectional else 1)
+            h0 = torch.zeros(rows, x.size(0), self.lstm.hidden_size)
+            out, _ = self.lstm(x, (h0, torch.zeros_like(h0)))
+            return self.head(out)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 5, 4)
+    result = add_skips(model, (x,), SkipConfig(span=1))
+    assert len(result.skips) == 2 and result.parity.max_abs_diff == 0.0
+    y = torch.randn(3, 8, 4)
+    assert torch.equal(result.module(y), model(y))
