@@ -6,8 +6,8 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from models import BiGRUStack, LSTMList, PackedLSTM
-from ressurgeon import SkipConfig, ShapeError, TraceError, add_skips, find_spans, load_model, \
-    save_model
+from ressurgeon import SkipConfig, ShapeError, TraceError, add_skips, find_spans, fold, \
+    gate_report, load_model, save_model
 from ressurgeon.config import TraceOptions
 from ressurgeon.recurrent import RecurrentStack, split_recurrent
 from ressurgeon.spans import Reason
@@ -282,3 +282,15 @@ def test_models_that_read_the_fused_modules_attributes_still_trace():
     assert len(result.skips) == 2 and result.parity.max_abs_diff == 0.0
     y = torch.randn(3, 8, 4)
     assert torch.equal(result.module(y), model(y))
+
+
+@pytest.mark.parametrize("join", ["add", "highway", "concat"])
+def test_fold_removes_closed_recurrent_shortcuts(join):
+    model, x = build("bigru")
+    result = add_skips(model, (x,), SkipConfig(span=1, join=join))
+    gates = gate_report(result.module).gates
+    assert gates and all(g.value == 0.0 for g in gates)  # concat: its new weight_ih columns
+    folded = fold(result.module, (x,)).module
+    count = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in folded.parameters()) == count  # narrowed back / removed
+    assert torch.equal(folded(x), model(x))

@@ -132,7 +132,7 @@ def _close_concat(gm: fx.GraphModule, join: Join, modules: dict) -> None:
     consumer = modules.get(users[0].target) if len(users) == 1 and \
         users[0].op == "call_module" else None
     extra = _channels(site.x, site.module.channel_axis)
-    width = consumer.weight.shape[1] - extra if consumer is not None and extra else None
+    width = ConcatJoin.input_width(consumer) - extra if consumer is not None and extra else None
     narrow = ConcatJoin.narrow(consumer, width) if width else None
     if narrow is None:
         join.record.kind = "concat"

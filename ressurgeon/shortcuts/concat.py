@@ -133,6 +133,13 @@ class ConcatJoin(nn.Module):
         return None
 
     @staticmethod
+    def input_width(consumer: nn.Module) -> int:
+        """How many input channels (features) the consumer reads."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return consumer.input_size
+        return consumer.weight.shape[1]
+
+    @staticmethod
     def narrow(consumer: nn.Module, width: int) -> nn.Module | None:
         """``consumer`` without its appended input channels, if their weights are all zero."""
         if isinstance(consumer, recurrent.RECURRENT):
@@ -158,8 +165,12 @@ class ConcatJoin(nn.Module):
         if len(users) != 1:
             return None
         user = users[0]
-        if user.op == "call_module" and hasattr(modules.get(user.target), "weight"):
-            weight = modules[user.target].weight
+        layer = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(layer, recurrent.RECURRENT):  # both directions' input weights
+            weight = torch.cat([getattr(layer, n) for n in layer._flat_weights_names
+                                if n.startswith("weight_ih")])
+        elif layer is not None and hasattr(layer, "weight"):
+            weight = layer.weight
         elif user.op == "call_function" and len(user.args) > 1 and \
                 getattr(user.args[1], "op", None) == "get_attr":
             owner, _, leaf = str(user.args[1].target).rpartition(".")
