@@ -16,10 +16,14 @@ module holds the rest, in one place:
 - ``widen`` / ``cannot_widen`` / ``narrow``: the concat join's consumer may be a
   single-layer recurrent module: its input weights (``weight_ih_l0``, and
   ``weight_ih_l0_reverse`` when bidirectional) take the new columns.
-- ``packed_call`` / ``check_captured``: the two things a recurrent model cannot
-  do here, refused in one line (packed sequences under torch.fx; recurrent ops
-  in a graph torch.export captured, which holds flat weight lists and a fixed
-  sequence length).
+- ``packed_call``: packed sequences stop torch.fx (and torch.export), so they
+  are refused in one line that names the call.
+- ``captured_recurrent``: in a graph torch.export captured (a ``.pt2``, the
+  export fallback), a recurrent layer is an aten op (``aten.lstm.input``) on a
+  flat weight list, fixed to the captured sequence length. The registry makes
+  it a layer too, so add and highway shortcuts join it (the graph's input guard
+  refuses other lengths, naming this op); concat cannot widen it (no module:
+  ``no-consumer``), and a fused multi-layer op stays one layer.
 
 Example:
     >>> lstm = nn.LSTM(8, 8, num_layers=3)
@@ -277,27 +281,3 @@ def captured_recurrent(gm: fx.GraphModule) -> fx.Node | None:
                 and node.target.__name__.split(".")[0] in _CAPTURED:
             return node
     return None
-
-
-def check_captured(gm: fx.GraphModule, method: str) -> None:
-    """Refuse recurrent shortcuts in a graph torch.export captured (a .pt2, the export fallback).
-
-    There a recurrent layer is an aten op on a flat weight list, fixed to the
-    captured sequence length: not a layer ressurgeon can join or widen.
-
-    Raises:
-        TraceError: naming the node, the op and the way out.
-    """
-    if method == "fx":
-        return
-    node = captured_recurrent(gm)
-    if node is None:
-        return
-    way_out = ("make the model traceable by torch.fx (keep the part it cannot follow opaque "
-               "with --leaf)" if method == "export" else
-               "load the nn.Module instead (a state_dict with --arch module:factory) so that "
-               "torch.fx traces it")
-    raise TraceError(
-        f"node '{node.name}' ({node.target}) is a recurrent layer captured by torch.export: a "
-        "flat weight list fixed to the captured sequence length, which ressurgeon cannot give "
-        f"shortcuts; {way_out}")

@@ -22,7 +22,6 @@ from .errors import VerificationError
 from .exported import as_module
 from .hf import forward_kwargs
 from .plan import SurgeryPlan, plan_skips
-from .recurrent import check_captured
 from .rewrite import Skip, apply_plan
 from .spans import Reason, Span, mark_planned, select_spans
 from .trace import trace_model
@@ -117,7 +116,6 @@ def inspect_model(model: nn.Module, example_inputs: tuple, config: SkipConfig | 
         (8, 3)
     """
     gm = trace_model(model, example_inputs, trace)
-    check_captured(gm, capture_info(gm).method)
     analysis = analyze_graph(gm)
     spans = select_spans(analysis, config or SkipConfig())
     return Inspection(gm=gm, analysis=analysis, spans=spans, method=capture_info(gm).method)
@@ -169,8 +167,7 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
         SurgeryResult with ``.module`` (GraphModule), ``.skips`` and ``.residuals``.
 
     Raises:
-        TraceError, ShapeError: the model cannot be captured or rejects the inputs, or
-            torch.export captured recurrent layers (``recurrent.check_captured``).
+        TraceError, ShapeError: the model cannot be captured or rejects the inputs.
         PlanError: the plan does not fit this model.
         VerificationError: init "preserve" changed the outputs beyond tolerance,
             or the rewritten model outputs NaN or infinity where the original does not.
@@ -197,7 +194,6 @@ def rewrite_traced(gm: fx.GraphModule, inputs: tuple, config: SkipConfig | None 
                    plan: SurgeryPlan | None = None) -> SurgeryResult:
     """The pass after tracing: analyse once, select, plan, rewrite ``gm`` in place (no verify)."""
     config = plan.config if plan is not None else (config or SkipConfig())
-    check_captured(gm, capture_info(gm).method)
     analysis = analyze_graph(gm)
     spans = select_spans(analysis, config)
     if plan is None:

@@ -214,10 +214,21 @@ def test_pt2_of_the_result_round_trips_and_refuses_other_lengths(tmp_path):
     assert "--dynamic" not in str(info.value)  # no option frees that dim in torch.export
     with pytest.raises(ShapeError, match="size 5 at dim 1"):
         loaded(resized("packed_lstm", 5, 6))
-    # and the graph's recurrent ops (flat weights, fixed length) get no shortcuts, in one line
-    with pytest.raises(TraceError, match=r"aten\.lstm.*--arch") as info:
-        add_skips(loaded, (x,), SkipConfig(span=1))
-    assert "\n" not in str(info.value)
+
+
+def test_recurrent_layers_of_a_pt2_input_join_by_add_and_highway(tmp_path):
+    """There they are aten.lstm calls on flat weights: layers for add and highway, at the
+    captured length; no module for concat to widen."""
+    model, x = build("lstm_list")
+    loaded = load_model(save_model(model, tmp_path / "plain.pt2", (x,)))
+    for join in ("add", "highway"):
+        result = add_skips(loaded, (x,), SkipConfig(span=1, join=join))
+        assert len(result.skips) == 5 and result.parity.max_abs_diff == 0.0
+        assert torch.equal(result.module(x), model(x))
+    with pytest.raises(ShapeError, match=r"size 9 at dim 1.*aten\.lstm"):
+        result.module(resized("lstm_list", 2, 9))
+    spans = find_spans(loaded, (x,), SkipConfig(span=1, join="concat"))
+    assert sum(s.reason is Reason.CONSUMER for s in spans) == 4  # rnns.1-4 read no module
 
 
 def test_packed_sequences_are_refused_naming_the_call():
