@@ -136,7 +136,8 @@ class RecurrentStack(nn.Module):
         first = layers[0]
         self.layers = nn.ModuleList(layers)
         # the fused module's attributes, which models read (h0 = zeros(lstm.num_layers * 2, ...))
-        self.mode, self.input_size, self.hidden_size = first.mode, first.input_size, first.hidden_size
+        self.mode, self.input_size = first.mode, first.input_size
+        self.hidden_size = first.hidden_size
         self.num_layers, self.bias, self.batch_first = len(layers), first.bias, first.batch_first
         self.bidirectional, self.proj_size = first.bidirectional, getattr(first, "proj_size", 0)
         self.dropout = float(dropout)

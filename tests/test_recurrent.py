@@ -1,4 +1,4 @@
-"""Recurrent stacks: LSTM/GRU/RNN layers get shortcuts, and a multi-layer module is split exactly."""
+"""Recurrent stacks: LSTM/GRU/RNN layers get shortcuts; a multi-layer module is split exactly."""
 
 import pytest
 import torch
@@ -305,3 +305,24 @@ def test_fold_removes_closed_recurrent_shortcuts(join):
     count = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in folded.parameters()) == count  # narrowed back / removed
     assert torch.equal(folded(x), model(x))
+
+
+def test_a_state_from_another_stack_does_not_widen_a_residual():
+    """A decoder fed the encoder's state: its residual covers the decoder only, so the
+    encoder's layers still take shortcuts (state edges are no data path for regions either)."""
+
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.fc = nn.LSTM(8, 8, num_layers=3), nn.LSTM(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            _, (h, c) = self.enc(x)
+            return self.fc(y + self.dec(y, (h[-1:], c[-1:]))[0])
+
+    torch.manual_seed(0)
+    model = EncDec().eval()
+    result = add_skips(model, (torch.randn(5, 2, 8), torch.randn(4, 2, 8)), SkipConfig(span=1))
+    assert [r.layers for r in result.residuals] == [("dec",)]
+    assert [(s.source_layer, s.target_layer) for s in result.skips] == [
+        ("enc.layers.0", "enc.layers.1")]

@@ -41,6 +41,7 @@ class DominatorTree:
     def __init__(self, graph: fx.Graph, modules: dict | None = None):
         self.index: dict[fx.Node, int] = {}
         self.idom: dict[fx.Node, fx.Node | None] = {}
+        self.preds: dict[fx.Node, list[fx.Node]] = {}  # the edges followed, for regions
         for node in graph.nodes:
             if node.op == "placeholder":
                 self._add(node, _ROOT)
@@ -50,6 +51,7 @@ class DominatorTree:
                     and has_trait(node, modules, Trait.STATE_INPUT):
                 inputs = [node.args[0]]
             preds = [a for a in inputs if a in self.index and has_data(a)]
+            self.preds[node] = preds
             if not preds:
                 continue
             dom = preds[0]
@@ -104,6 +106,10 @@ class DominatorTree:
         if u not in self.pre or v not in self.pre:
             return False
         return self.pre[u] <= self.pre[v] and self.post[v] <= self.post[u]
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The inputs of ``node`` that the tree follows (tensors with data, no recurrent state)."""
+        return self.preds.get(node, [])
 
     def parent(self, node: fx.Node) -> fx.Node | None:
         return self.idom.get(node)
