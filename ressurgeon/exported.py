@@ -167,8 +167,8 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
                    f"--dynamic {index}:{dim}")
             if recurrent:  # no option frees a recurrent layer's time dim in torch.export
                 fix = (f"torch.fx instead (the graph holds {recurrent}, which torch.export "
-                       "captures at one sequence length): the module add_skips returns, or a "
-                       ".pt of it, takes any length")
+                       "captures at one sequence length): add_skips on the nn.Module returns "
+                       "a graph, and a .pt of it, that takes any length")
             raise ShapeError(
                 f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
                 f"captured by torch.export with size {size} there and computes only that size; "
