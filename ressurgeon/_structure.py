@@ -25,7 +25,7 @@ STAGES: tuple[Stage, ...] = (
           "the verdict on two ends, the join classes",
           ("_structure", "errors", "catalog", "config", "_torch", "_io", "_fx", "registry", "verdicts",
            "plans", "shortcuts", "shortcuts.base", "shortcuts._graph", "shortcuts.add",
-           "shortcuts.highway", "shortcuts.concat", "_refuse_code", "_nn_pickle"),
+           "shortcuts.highway", "shortcuts.concat", "_refuse_code", "_nn_pickle", "recurrent"),
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",

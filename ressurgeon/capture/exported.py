@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .._fx import META, CaptureInfo, attr, free_name, stack_path, swap_for_module
 from ..errors import ShapeError
+from ..recurrent import captured_recurrent
 from ..registry import Role, Trait, lookup
 from ..shortcuts import lift_shortcuts
 
@@ -130,6 +131,8 @@ def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
     """(input, dim) pairs a torch.export graph keeps symbolic, read off its placeholders."""
     found = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lstm = captured_recurrent(gm)
+    recurrent = str(lstm.target) if lstm is not None else ""
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         for d, size in enumerate(getattr(val, "shape", ())):
@@ -140,12 +143,13 @@ def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
 
 @torch.fx.wrap
 def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
-                bounds: tuple[tuple[int, int], ...] = ()):
+                bounds: tuple[tuple[int, int], ...] = (), recurrent: str = ""):
     """``x`` itself, when it has the rank and sizes the graph was captured for.
 
     ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, largest
     size) of dynamic dims whose range the model's code limited (past it the
-    captured graph may hold the wrong branch).
+    captured graph may hold the wrong branch); ``recurrent``: the aten recurrent
+    op the graph holds, if any (torch.export fixes its sequence length).
 
     Raises:
         ShapeError: naming the input, the dim and the captured size.
@@ -161,6 +165,10 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
                    "model's code pins it)" if dim == 0 else
                    f"the dim dynamic: TraceOptions(dynamic=(({index}, {dim}),)) or "
                    f"--dynamic {index}:{dim}")
+            if recurrent:  # no option frees a recurrent layer's time dim in torch.export
+                fix = (f"torch.fx instead (the graph holds {recurrent}, which torch.export "
+                       "captures at one sequence length): add_skips on the nn.Module returns "
+                       "a graph, and a .pt of it, that takes any length")
             raise ShapeError(
                 f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
                 f"captured by torch.export with size {size} there and computes only that size; "
@@ -186,6 +194,8 @@ def _upper_bound(size) -> int | None:
 def _guard_inputs(gm: fx.GraphModule) -> None:
     """A check_input after every placeholder whose shape torch.export recorded."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lstm = captured_recurrent(gm)
+    recurrent = str(lstm.target) if lstm is not None else ""
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -196,7 +206,8 @@ def _guard_inputs(gm: fx.GraphModule) -> None:
                        if isinstance(s, torch.SymInt) and (b := _upper_bound(s)) is not None)
         users = list(node.users)
         with gm.graph.inserting_after(node):
-            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, bounds))
+            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, bounds,
+                                                         recurrent))
         guard.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
         for user in users:
             user.replace_input_with(node, guard)
