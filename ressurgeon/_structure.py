@@ -25,14 +25,16 @@ STAGES: tuple[Stage, ...] = (
           "the verdict on two ends, the join classes",
           ("_structure", "errors", "catalog", "config", "_torch", "_io", "_fx", "registry", "verdicts",
            "plans", "shortcuts", "shortcuts.base", "shortcuts._graph", "shortcuts.add",
-           "shortcuts.highway", "shortcuts.concat", "_refuse_code", "_nn_pickle", "recurrent"),
+           "shortcuts.highway", "shortcuts.concat", "recurrent"),
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
-          ("safetensors_io", "load", "hf", "capture", "capture.exported", "capture.inplace",
-           "capture.shapes", "capture.trace", "inputs"),
-          "`load.py`, `hf.py`, `safetensors_io.py`, `capture/` (`trace`, `exported`, `shapes`, "
-          "`inplace`), `inputs.py`"),
+          ("load.common", "load.guard", "load.nn_pickle", "load.safetensors", "load.archive",
+           "capture", "capture.exported", "capture.inplace", "capture.shapes", "load.weights",
+           "load.pt2", "load.torchscript", "load.hf", "load", "capture.trace", "inputs"),
+          "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
+          "`archive` checks, `guard`), `capture/` (`trace`, `exported`, `shapes`, `inplace`), "
+          "`inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
@@ -56,7 +58,8 @@ STAGES: tuple[Stage, ...] = (
           ("gates", "diagnose", "plot", "training"),
           "`diagnose.py`, `gates.py`, `plot.py`, `training.py`"),
     Stage("compat", "old import paths kept for one release (each is the moved module itself)",
-          ("trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite"),
+          ("trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite", "hf",
+           "_nn_pickle", "_refuse_code", "safetensors_io"),
           "`trace.py`, `spans.py`, ... (aliases)"),
 )
 

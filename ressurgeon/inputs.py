@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError
-from .hf import example_specs, vocab_size
+from .load.hf import example_specs, vocab_size
 from .capture.shapes import positional_inputs
 
 __all__ = ["MAX_INPUT_BYTES", "Spec", "check_input_memory", "embedding_size", "example_inputs",

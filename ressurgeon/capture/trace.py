@@ -32,7 +32,7 @@ from ..config import TraceOptions
 from ..errors import ConfigError, ShapeError, TraceError, brief
 from .exported import (as_module, dynamic_args, graph_module_from_export, is_unlifted,
                        plain_graph_module)
-from ..hf import without_cache
+from ..load.hf import without_cache
 from .inplace import remove_inplace
 from ..recurrent import packed_call, refuse_packed, split_recurrent
 from .shapes import inputs_message, propagate_shapes, run_error

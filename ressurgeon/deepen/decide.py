@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..safetensors_io import DTYPE_BYTES
+from ..load.safetensors import DTYPE_BYTES
 from .layer_config import _dicts, _expand_config, _layer_counts
 
 __all__ = ["BRANCH_END_NAMES", "ZERO_RULES", "StackPlan", "find_layer_stack", "plan_stack",

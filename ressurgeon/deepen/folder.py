@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import DeepenConfig, How
 from ..errors import ConfigError, LoadError, VerificationError
-from ..hf import quiet_transformers
+from ..load.hf import quiet_transformers
 from ..verify import ParityReport, compare_outputs
 from .decide import spread
 from .stream import ExpansionReport, checkpoint_stack, expand_checkpoint

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..hf import is_pretrained
+from ..load.hf import is_pretrained
 from ..config import DeepenConfig, How
 from .decide import StackPlan, find_layer_stack, plan_stack
 from .insert import NewBlock

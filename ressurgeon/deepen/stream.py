@@ -9,7 +9,7 @@ Decide, then execute. Everything is checked from the shard headers and
 config.json before a byte is written: the layer stack and its prefix, which
 tensors to zero in each copy (``ZERO_RULES``), the new config. Then the output
 shards are written into a scratch folder and moved into place when complete.
-This module runs the three steps in order: read (``ressurgeon.safetensors_io``,
+This module runs the three steps in order: read (``ressurgeon.load.safetensors``,
 the headers and config.json), decide (``decide.py``; ``layer_config.py`` for
 config.json), write (``write.py``).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .._io import scratch_dir
 from ..errors import ConfigError, ExportError, LoadError
-from ..safetensors_io import find_checkpoint, read_config, read_entries
+from ..load.safetensors import find_checkpoint, read_config, read_entries
 from .decide import ZERO_RULES, StackPlan, _check_options, find_layer_stack, plan_stack, spread
 from .layer_config import config_for
 from .write import (DISK_ERRNOS, _check_dirs, _check_space, _other_files,

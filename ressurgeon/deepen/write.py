@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._io import check_parent, check_writable
 from ..errors import ExportError, LoadError
-from ..safetensors_io import DTYPE_BYTES, Checkpoint, TensorEntry
+from ..load.safetensors import DTYPE_BYTES, Checkpoint, TensorEntry
 from .decide import StackPlan
 
 CHUNK_BYTES = 8 << 20                 # one read or write; two such buffers are all we hold
