@@ -90,11 +90,13 @@ def check_class_name(field: str, value: object) -> str:
     return value
 
 
-def refused(field: str, value: object, wanted: str) -> UnsafeFileError:
-    """The one-line refusal of a value that is not ``wanted``."""
-    return UnsafeFileError(f"refused: {field} is {shown(value)}, not {wanted} (at most "
-                           f"{MAX_PART} characters a part); a name that is not one could run "
-                           "code once torch writes it into Python source")
+def refused(field: str, value: object, wanted: str, *, where: object = "",
+            fix: str = "") -> UnsafeFileError:
+    """The one-line refusal of a value that is not ``wanted`` (``where``: the file)."""
+    fix = fix or "a name that is not one could run code once torch writes it into Python source"
+    head = f"{where}: " if where else ""
+    return UnsafeFileError(f"{head}refused: {field} is {shown(value)}, not {wanted} (at most "
+                           f"{MAX_PART} characters a part); {fix}")
 
 
 __all__ = ["check_identifier", "check_fqn", "check_class_name", "is_identifier", "is_fqn",

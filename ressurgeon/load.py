@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._nn_pickle import nn_global_names, nn_safe_globals
+from ._nn_pickle import check_module_tree, nn_global_names, nn_safe_globals
 from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from ._torch import logged_exceptions, quiet_torch
+from .archive_check import check_archive, check_tensor_sizes, drop_guards_code
 from .errors import LoadError, UnsafeFileError, brief
 from .exported import graph_module_from_export, plain_graph_module
 
@@ -253,14 +254,22 @@ def _zip_names(path: Path) -> list[str]:
 
 
 def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
+    """Validate the archive's program (allowlist, before torch reads it), then load it with
+    every code-running reader shut; unless the user vouches for the file."""
+    facts = None if trust_pickle else check_archive(path)
     refused: list[str] = []
-    shut = contextlib.nullcontext(refused) if trust_pickle else refuse_code_execution()
+    shut = (contextlib.nullcontext(refused) if trust_pickle
+            else refuse_code_execution(file_names=facts.names))
     try:
         with quiet_torch(), logged_exceptions() as logged, shut as refused:
             ep = torch.export.load(path)
             if not trust_pickle:
                 refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
+                check_tensor_sizes([*ep.state_dict.items(), *ep.constants.items()], path)
+                drop_guards_code(ep, path)
             module = None if refused else graph_module_from_export(ep)
+    except UnsafeFileError:
+        raise
     except Exception as exc:
         if refused:
             raise _would_run_code(path, refused) from exc
@@ -429,6 +438,8 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
                 f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
+        if not trust_pickle:  # names become fx source when traced; views may claim gigabytes
+            check_module_tree(obj, path)
         return obj
     state = as_state_dict(obj)
     if state is not None:
