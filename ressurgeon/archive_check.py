@@ -60,6 +60,7 @@ FIX = ("write the archive again with torch.export.save from the model, or pass -
 # Call targets: what torch.export's serializer writes (serialize_operator, _SYM_OPS).
 OP_NAMESPACES = ("aten", "prims")
 _OP = re.compile(r"torch\.ops\.(?P<ns>[A-Za-z_]\w*)\.(?P<op>[A-Za-z_]\w*)\.(?P<ovl>[A-Za-z_]\w*)")
+_LITERAL = re.compile(r"[ !#-&(-\[\]-~]{0,1000}")  # printable ASCII but ' " \\
 _HIGHER_ORDER = re.compile(r"torch\.ops\.higher_order\.[A-Za-z_]\w*")
 SYMBOLIC_OPS = frozenset(
     [f"_operator.{n}" for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg",
@@ -263,6 +264,14 @@ class _Checker:
     def string(self, value, field: str, limit: int = MAX_STRING) -> str:
         if not isinstance(value, str) or len(value) > limit:
             raise self.fail(field, value, f"a string of at most {limit} characters")
+        return value
+
+    def literal(self, value, field: str) -> str:
+        """A string argument (``approximate='tanh'``, an einsum equation). fx writes these with
+        repr(), but torch also writes a string input into guard source between bare quotes."""
+        if not (isinstance(value, str) and _LITERAL.fullmatch(value)):
+            raise self.fail(field, value, "printable text without quotes or backslashes "
+                            "(at most 1000 characters)")
         return value
 
     def identifier(self, value, field: str) -> str:
@@ -573,11 +582,9 @@ class _Checker:
             for item in self.list_(value, where):
                 for x in (item if kind.endswith("_lists") else [item]):
                     self.number(x, where) if kind != "as_bools" else self.boolean(x, where)
-        elif kind == "as_string":
-            self.string(value, where)  # written with repr(): a literal, never a name
-        elif kind == "as_strings":
-            for item in self.list_(value, where):
-                self.string(item, where)
+        elif kind in ("as_string", "as_strings"):
+            for item in (self.list_(value, where) if kind == "as_strings" else [value]):
+                self.literal(item, where)
         elif kind in ("as_tensor", "as_graph"):
             self.obj(value, where, frozenset({"name", "graph"} if kind == "as_graph"
                                              else {"name"}), frozenset({"name"}))

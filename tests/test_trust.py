@@ -142,6 +142,8 @@ def test_guards_code_is_never_compiled_for_an_untrusted_file(tmp_path, monkeypat
     loaded = torch.export.load(path)
     drop_guards_code(loaded, path)
     assert loaded._guards_code == []
+    done = cli("inspect", path, "--debug")
+    assert done.returncode == 0 and "debug: " in done.stderr and "guards code" in done.stderr
 
 
 # -- resources --------------------------------------------------------------------------------
