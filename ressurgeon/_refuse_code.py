@@ -34,10 +34,10 @@ capability lives, whichever path leads there:
 - ``importlib.import_module`` refuses a module the archive names (pytree
   type names, enum paths, operator namespaces: ``archive_check`` collects
   every dotted name in the program) unless it is torch's own or already
-  imported; what torch itself imports while loading goes ahead. The enum hook of pytree specs (stored as JSON in the
-  archive, with module:attribute names that it imports and subscripts) only
-  looks up Enum classes: ``import antigravity`` runs a program, and
-  ``ctypes.cdll["lib.so"]`` loads one.
+  imported; what torch itself imports while loading goes ahead. The enum
+  hook of pytree specs (stored as JSON in the archive, with module:attribute
+  names that it imports and subscripts) only looks up Enum classes:
+  ``import antigravity`` runs a program, and ``ctypes.cdll["lib.so"]`` loads one.
 - ``sympy.sympify`` takes a string only if it parses (Python ``ast``) as
   arithmetic, comparisons and calls of known sympy/torch functions over
   symbol names: no attributes, subscripts or lambdas, strings only as the

@@ -580,8 +580,11 @@ class _Checker:
             self.number(value, where)
         elif kind in ("as_ints", "as_floats", "as_bools", "as_int_lists", "as_float_lists"):
             for item in self.list_(value, where):
-                for x in (item if kind.endswith("_lists") else [item]):
-                    self.number(x, where) if kind != "as_bools" else self.boolean(x, where)
+                for x in (self.list_(item, where) if kind.endswith("_lists") else [item]):
+                    if kind == "as_bools":
+                        self.boolean(x, where)
+                    else:
+                        self.number(x, where)
         elif kind in ("as_string", "as_strings"):
             for item in (self.list_(value, where) if kind == "as_strings" else [value]):
                 self.literal(item, where)
@@ -683,7 +686,10 @@ class _Checker:
         if value.get("hint") is not None:
             kind, hint = self.union(value["hint"], f"{where}.hint",
                                     frozenset({"as_int", "as_bool", "as_float"}))
-            self.boolean(hint, where) if kind == "as_bool" else self.number(hint, where)
+            if kind == "as_bool":
+                self.boolean(hint, where)
+            else:
+                self.number(hint, where)
 
     def expression(self, text, where: str) -> None:
         problem = expression_problem(text)
@@ -760,8 +766,8 @@ def check_tensor_sizes(named_tensors, where: str | Path) -> None:
     for name, t in named_tensors:
         try:
             stored = t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # no storage (meta, subclasses)
-            continue
+        except (AttributeError, TypeError, RuntimeError, NotImplementedError):
+            continue  # not a tensor, or no storage (meta tensors, subclasses)
         made_up += made_up_bytes(t.numel() * t.element_size(), stored)
         if made_up > EXPANSION_CAP or t.numel() > MAX_ELEMENTS:
             raise UnsafeFileError(
@@ -894,7 +900,8 @@ _ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositive", 
 _EXPR_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call,
                ast.Name, ast.Load, ast.Constant, ast.Tuple, ast.keyword, ast.operator,
                ast.unaryop, ast.boolop, ast.cmpop)
-_FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]{1,400}(?:\.[0-9]{0,400})?(?:[eE][-+]?[0-9]{1,6})?|inf|nan)")
+_FLOAT_TEXT = re.compile(
+    r"[-+]?(?:[0-9]{1,400}(?:\.[0-9]{0,400})?(?:[eE][-+]?[0-9]{1,6})?|inf|nan)")
 
 
 def parse_expression(text: str) -> ast.Expression:

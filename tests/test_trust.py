@@ -9,7 +9,6 @@ Python API, must refuse it: exit 2, one line, and the payload's marker never wri
 """
 
 import importlib
-import json
 import os
 import resource
 import subprocess
