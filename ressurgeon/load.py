@@ -3,11 +3,14 @@
 Safe routes, where nothing from the file runs:
 
 - a torch.export archive (``.pt2``, in the current layout or the pre-2.8 one),
-  loaded with every code-running reader shut (``_refuse_code``);
+  whose program is first checked against an allowlist (``archive_check``:
+  names, operators, shape expressions, tensor sizes), then loaded with every
+  code-running reader shut (``_refuse_code``) and its guards code dropped;
 - weights (a state_dict saved with torch.save, or ``.safetensors``) plus
   ``arch="module:callable"`` that builds the architecture;
 - a pickled module made only of torch.nn's own classes, rebuilt by torch's
-  weights_only unpickler with the allowlist in ``_nn_pickle``.
+  weights_only unpickler with the allowlist in ``_nn_pickle``, its names and
+  tensor sizes checked before anything traces it.
 
 Only with ``trust_pickle=True``: any other pickle, a ``.pt2`` that needs
 unpickling, and TorchScript archives (returned as a ScriptModule;
