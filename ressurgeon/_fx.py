@@ -8,11 +8,14 @@ layers, spans or shortcuts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch import fx
+
+from ._names import is_fqn
 
 META = "ressurgeon"
 
@@ -129,11 +132,17 @@ def _taken(gm: nn.Module, path: str) -> bool:
 
 
 def stack_path(node: fx.Node) -> str | None:
-    """The module path torch.export recorded for a node (``nn_module_stack``), if any."""
+    """The module path torch.export recorded for a node (``nn_module_stack``), if any.
+
+    Only a dotted path of identifiers and indices (with torch's call count,
+    ``relu@1``) is returned: the path becomes a submodule name, which fx
+    writes into generated source, and a graph may come from a file.
+    """
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        return path or None
+        safe = isinstance(path, str) and is_fqn(re.sub(r"@[0-9]{1,9}$", "", path))
+        return path if path and safe else None
     return None
 
 

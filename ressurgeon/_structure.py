@@ -24,16 +24,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("base", "errors, configs, the family catalog, fx and IO helpers, the op registry, "
           "the verdict on two ends, the join classes",
           ("_structure", "errors", "catalog", "config", "_torch", "_io", "_fx", "registry", "verdicts",
-           "plans", "shortcuts", "shortcuts.base", "shortcuts._graph", "shortcuts.add",
+           "plans", "_names", "shortcuts", "shortcuts.base", "shortcuts._graph", "shortcuts.add",
            "shortcuts.highway", "shortcuts.concat", "recurrent"),
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
-          ("load.common", "load.guard", "load.nn_pickle", "load.safetensors", "load.archive",
+          ("load.common", "load.allowlist", "load.expressions", "load.program", "load.validate",
+           "load.guard", "load.nn_pickle", "load.safetensors", "load.archive",
            "capture", "capture.exported", "capture.inplace", "capture.shapes", "load.weights",
            "load.pt2", "load.torchscript", "load.hf", "load", "capture.trace", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
-          "`archive` checks, `guard`), `capture/` (`trace`, `exported`, `shapes`, `inplace`), "
+          "`archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), `capture/` (`trace`, `exported`, `shapes`, `inplace`), "
           "`inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",

@@ -77,6 +77,8 @@ def session(*, as_json: bool = False, quiet: bool = False, debug: bool = False) 
     verification failed (``VerificationError``), 130 interrupted, 1 a fault of
     ressurgeon's own (with --debug, the traceback).
     """
+    if debug:
+        _debug_notes()
     try:
         yield Output(as_json=as_json, quiet=quiet)
     except (typer.Exit, typer.Abort):
@@ -95,6 +97,18 @@ def session(*, as_json: bool = False, quiet: bool = False, debug: bool = False) 
         typer.echo(f"internal error: {type(exc).__name__}: {brief(exc)} (this is a ressurgeon "
                    "bug; run again with --debug and report the traceback)", err=True)
         raise typer.Exit(1) from None
+
+
+def _debug_notes() -> None:
+    """With --debug, the library's debug notes (e.g. guards code not run) go to stderr."""
+    import logging
+
+    logger = logging.getLogger("ressurgeon")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("debug: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _one_line(exc: BaseException) -> str:

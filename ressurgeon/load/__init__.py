@@ -10,11 +10,14 @@ reader, deepen's streaming uses it too) and ``guard`` (the runtime wall).
 Safe routes, where nothing from the file runs:
 
 - a torch.export archive (``.pt2``, in the current layout or the pre-2.8 one),
-  loaded with every code-running reader shut (``guard.py``);
+  whose program is first checked against an allowlist (``validate.py``:
+  names, operators, shape expressions, tensor sizes), then loaded with every
+  code-running reader shut (``guard.py``) and its guards code dropped;
 - weights (a state_dict saved with torch.save, or ``.safetensors``) plus
   ``arch="module:callable"`` that builds the architecture;
 - a pickled module made only of torch.nn's own classes, rebuilt by torch's
-  weights_only unpickler with the allowlist in ``nn_pickle.py``.
+  weights_only unpickler with the allowlist in ``nn_pickle.py``, its names and
+  tensor sizes checked before anything traces it.
 
 Only with ``trust_pickle=True``: any other pickle, a ``.pt2`` that needs
 unpickling, and TorchScript archives (returned as a ScriptModule;

@@ -31,11 +31,13 @@ capability lives, whichever path leads there:
 - ``torch.jit.load``, ``torch._C.import_ir_module(_from_buffer)`` and
   ``torch._C._pickle_load_obj`` (TorchScript and TorchBind), the AOTInductor
   package loader, and ``torch.ops``/``torch.classes.load_library`` refuse.
-- ``importlib.import_module`` imports only torch's own modules or ones
-  already imported, and the enum hook of pytree specs (stored as JSON in the
-  archive, with module:attribute names that it imports and subscripts) only
-  looks up Enum classes: ``import antigravity`` runs a program, and
-  ``ctypes.cdll["lib.so"]`` loads one.
+- ``importlib.import_module`` refuses a module the archive names (pytree
+  type names, enum paths, operator namespaces: ``validate`` collects
+  every dotted name in the program) unless it is torch's own or already
+  imported; what torch itself imports while loading goes ahead. The enum
+  hook of pytree specs (stored as JSON in the archive, with module:attribute
+  names that it imports and subscripts) only looks up Enum classes:
+  ``import antigravity`` runs a program, and ``ctypes.cdll["lib.so"]`` loads one.
 - ``sympy.sympify`` takes a string only if it parses (Python ``ast``) as
   arithmetic, comparisons and calls of known sympy/torch functions over
   symbol names: no attributes, subscripts or lambdas, strings only as the
@@ -86,13 +88,21 @@ class CodeRefused(RuntimeError):
 
 
 @contextlib.contextmanager
-def refuse_code_execution() -> Iterator[list[str]]:
-    """Shut every code-running loader for the duration; yields the refusals noted so far."""
+def refuse_code_execution(file_names: frozenset[str] | None = None) -> Iterator[list[str]]:
+    """Shut every code-running loader for the duration; yields the refusals noted so far.
+
+    ``file_names``: every dotted name the archive's program mentions
+    (``validate``). With it, an import is refused only when the file
+    could have chosen it (the name or a prefix of it appears in the file) and
+    it is neither torch's own nor already imported; torch's own imports of
+    installed packages while loading (triton's backends on torch 2.14) go
+    ahead. Without it, every import outside torch and ``sys.modules`` is refused.
+    """
     refused: list[str] = []
     with _LOCK:
         saved = []
         try:
-            for owner, name, value in _replacements(refused):
+            for owner, name, value in _replacements(refused, file_names):
                 if hasattr(owner, name):
                     # a method of torch.ops lives on its class: restore by deleting ours
                     own = name in getattr(owner, "__dict__", {})
@@ -107,7 +117,8 @@ def refuse_code_execution() -> Iterator[list[str]]:
                     setattr(owner, name, value)
 
 
-def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
+def _replacements(refused: list[str],
+                  file_names: frozenset[str] | None) -> list[tuple[object, str, object]]:
     import _pickle
     import enum
     import importlib
@@ -170,6 +181,11 @@ def _replacements(refused: list[str]) -> list[tuple[object, str, object]]:
     def torch_or_imported_only(name, package=None):
         resolved = importlib.util.resolve_name(name, package) if name.startswith(".") else name
         if resolved in sys.modules or resolved == "torch" or resolved.startswith("torch."):
+            return import_module(name, package)
+        parts = resolved.split(".")
+        chosen = file_names is None or any(
+            ".".join(parts[:i]) in file_names for i in range(1, len(parts) + 1))
+        if not chosen:  # torch's own import of an installed package: the file never named it
             return import_module(name, package)
         return refuse(f"an import of {resolved}")()
 

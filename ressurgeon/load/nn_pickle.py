@@ -109,3 +109,32 @@ def nn_safe_globals():
     import torch
 
     return torch.serialization.safe_globals(list(_allowlist()))
+
+
+def check_module_tree(module, path) -> None:
+    """Refuse a rebuilt module whose names could become code or whose tensors are bombs.
+
+    Unpickling set ``_modules``/``_parameters``/``_buffers`` from the file's
+    dicts, so a child may be called anything; tracing writes those names into
+    ``getattr(self, "...")`` in generated source. Every key must be an
+    identifier or an index, and every tensor within a small factor of the
+    bytes stored for it (a stride-0 view of a few bytes can claim gigabytes).
+
+    Raises:
+        UnsafeFileError: naming the module path and the offending name.
+    """
+    from .._names import is_fqn, refused
+    from .validate import check_tensor_sizes
+
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for kind in ("_modules", "_parameters", "_buffers"):
+            for key in getattr(sub, kind, {}) or {}:
+                if not (is_fqn(key) and "." not in key):
+                    field = f"the {kind[1:-1]} name in {prefix or 'the root module'}"
+                    raise refused(field, key, "a Python identifier or an index", where=path,
+                                  fix="tracing would write it into Python source; save "
+                                  "model.state_dict() and pass --arch module:callable, or pass "
+                                  "--trust-pickle only for files you made yourself")
+    tensors = [*module.named_parameters(remove_duplicate=False),
+               *module.named_buffers(remove_duplicate=False)]
+    check_tensor_sizes(tensors, path)

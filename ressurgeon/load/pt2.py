@@ -13,18 +13,27 @@ from .guard import foreign_callables, refuse_code_execution
 from .._torch import logged_exceptions, quiet_torch
 from ..errors import LoadError, UnsafeFileError, brief
 from ..capture.exported import graph_module_from_export
+from .validate import check_archive, check_tensor_sizes, drop_guards_code
 from .common import TRUST_ONLY_YOURS
 
 
 def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
+    """Validate the archive's program (allowlist, before torch reads it), then load it with
+    every code-running reader shut; unless the user vouches for the file."""
+    facts = None if trust_pickle else check_archive(path)
     refused: list[str] = []
-    shut = contextlib.nullcontext(refused) if trust_pickle else refuse_code_execution()
+    shut = (contextlib.nullcontext(refused) if trust_pickle
+            else refuse_code_execution(file_names=facts.names))
     try:
         with quiet_torch(), logged_exceptions() as logged, shut as refused:
             ep = torch.export.load(path)
             if not trust_pickle:
                 refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
+                check_tensor_sizes([*ep.state_dict.items(), *ep.constants.items()], path)
+                drop_guards_code(ep, path)
             module = None if refused else graph_module_from_export(ep)
+    except UnsafeFileError:
+        raise
     except Exception as exc:
         if refused:
             raise _would_run_code(path, refused) from exc

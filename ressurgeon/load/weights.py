@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .nn_pickle import nn_global_names, nn_safe_globals
+from .nn_pickle import check_module_tree, nn_global_names, nn_safe_globals
 from .guard import unpickling_refusal
 from .._torch import quiet_torch
 from .safetensors import read_safetensors
@@ -40,6 +40,8 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
                 f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
+        if not trust_pickle:  # names become fx source when traced; views may claim gigabytes
+            check_module_tree(obj, path)
         return obj
     state = as_state_dict(obj)
     if state is not None:
