@@ -44,6 +44,13 @@ def pytest_unconfigure(config):
     pytest.importorskip = _importorskip
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # CI runs two steps, -m "not slow" and -m slow: a step whose marker selects nothing
+    # (exit 5, say when every slow test is deselected by -k) is not a failure
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.option.markexpr:
+        session.exitstatus = pytest.ExitCode.OK
+
+
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory):
     """{'vgg': path, 'mlp': path} of freshly exported .pt2 archives."""

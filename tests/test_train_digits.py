@@ -47,6 +47,7 @@ def test_variants_of_one_network_start_from_the_same_weights(data):
     assert (tuned.get_parameter("0.weight") == plain.get_parameter("0.weight")).all()
 
 
+@pytest.mark.slow   # the study's --quick mode
 def test_quick_mode_writes_tables_and_figures(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     td.main(["--quick", "--families", "mlp", "--out", str(tmp_path)])
