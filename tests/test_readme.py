@@ -43,7 +43,10 @@ def shell_lines() -> list[str]:
 
 
 def ressurgeon_commands() -> list[list[str]]:
-    return [shlex.split(line)[1:] for line in shell_lines() if line.startswith("ressurgeon ")]
+    """The bash blocks' ``ressurgeon`` lines and the inline `ressurgeon ...` examples."""
+    inline = re.findall(r"`(ressurgeon [^`]+)`", README)
+    return [shlex.split(line)[1:] for line in shell_lines() + inline
+            if line.startswith("ressurgeon ")]
 
 
 def section(start: str, end: str) -> str:
