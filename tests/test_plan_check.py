@@ -103,3 +103,22 @@ def test_a_shortcut_path_that_overflows_is_refused_in_a_plan():
     data["skips"] = [{"source": bad[0].source, "target": bad[0].target, "kind": "projection"}]
     with pytest.raises(PlanError, match="NaN or infinite on the example inputs"):
         add_skips(model, (x,), plan=plan(data))
+
+
+def test_a_projection_with_the_wrong_stride_is_refused():
+    from models import plain_cnn
+
+    model, x = plain_cnn().eval(), torch.randn(2, 3, 16, 16)
+    result = add_skips(model, (x,), SkipConfig(span=2))
+    data = json.loads(result.plan.to_json())
+    strided = [s for s in data["skips"] if s["kind"] == "projection" and s["stride"] == 2]
+    assert strided
+    strided[0]["stride"] = 1
+    with pytest.raises(PlanError, match="the shapes need stride 2 .* the plan says 1"):
+        add_skips(model, (x,), plan=plan(data))
+
+
+@pytest.mark.parametrize("skips", [3, [3], ["x"], {"source": "a"}])
+def test_entries_that_are_not_a_list_of_objects_are_named(skips):
+    with pytest.raises(PlanError, match="the plan's 'skips' must be a list of objects, one per"):
+        SurgeryPlan.from_dict({"config": {}, "skips": skips})
