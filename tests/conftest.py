@@ -27,6 +27,7 @@ def in_ci() -> bool:
 
 def strict_importorskip(modname: str, *args, **kwargs):
     """``pytest.importorskip``, except that in CI a [test] extra that is missing fails."""
+    __tracebackhide__ = True   # skips and failures point at the test file's line, not here
     try:
         return _importorskip(modname, *args, **kwargs)
     except pytest.skip.Exception as exc:
