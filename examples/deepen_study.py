@@ -38,11 +38,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.train_digits import digits_cnn, digits_mlp, shaped
 from ressurgeon import DeepenConfig, deepen
 from ressurgeon._io import atomic_path
 from ressurgeon.deepen.stream import spread
 from ressurgeon.training import freeze_except, param_groups
+
+try:
+    from ._digits import load_data
+    from .train_digits import digits_cnn, digits_mlp, shaped
+except ImportError:  # run as a script: python examples/deepen_study.py
+    from _digits import load_data
+    from train_digits import digits_cnn, digits_mlp, shaped
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIGITS_VARIANTS = ("as is", "deepened", "deepened, new only", "deeper from scratch")
@@ -95,25 +101,6 @@ class Run:
 
 
 # -- (a) digits ---------------------------------------------------------------------------------
-
-def load_data(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Digits, the stratified 80/20 split of train_digits.py, standardised on the training part.
-
-    Unlike train_digits.load_data, a pixel that is constant in the training part keeps scale 1:
-    dividing by its std + 1e-6 sends a test image with ink there to values near 1e6, and the
-    test loss (which this study compares) to the hundreds.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0
-    as_x = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return {"x_train": as_x(x_tr), "y_train": torch.tensor(y_tr), "x_test": as_x(x_te),
-            "y_test": torch.tensor(y_te)}
-
 
 def digits_net(family: str, s: Settings) -> nn.Module:
     return digits_mlp(*s.mlp) if family == "mlp" else digits_cnn(*s.cnn)

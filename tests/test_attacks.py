@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -305,18 +306,51 @@ def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(mlp, tmp_path):
     assert not stale.exists() and other.exists() and (tmp_path / "o.pt2").exists()
 
 
+# The run under test pauses at the last moment a kill can hit: its output is whole in the
+# temporary file and about to be renamed. It is killed there, every time (no race with a timer).
+PAUSE_BEFORE_RENAME = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    real_replace, marker = os.replace, Path(sys.argv[1])
+
+    def paused(src, dst, *args, **kwargs):
+        if "ressurgeon-tmp" in os.fspath(src) and Path(dst).name == "o.pt2":
+            marker.write_text(str(os.getpid()))
+            time.sleep(600)
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = paused
+    from ressurgeon.cli import main
+    sys.argv = ["ressurgeon", *sys.argv[2:]]
+    main()
+""")
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_a_killed_run_never_leaves_a_half_file_under_the_final_name(mlp, tmp_path):
     model, _ = mlp
+    final, marker = tmp_path / "o.pt2", tmp_path / "paused"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ressurgeon", "add-skips", str(model), "-o",
-                             str(tmp_path / "o.pt2"), "-q"], env=env)
-    time.sleep(3)
-    proc.kill()
-    proc.wait()
-    final = tmp_path / "o.pt2"
-    if final.exists():  # the run finished before the kill: then the file is whole
-        assert torch.export.load(final) is not None
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_RENAME, str(marker), "add-skips",
+                             str(model), "-o", str(final), "-q"], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the run ended ({proc.poll()}) without renaming a temporary file"
+        temps = [p for p in tmp_path.iterdir() if "ressurgeon-tmp" in p.name]
+        assert [p.name for p in temps] == [f".o.pt2.{proc.pid}.ressurgeon-tmp.pt2"]
+        assert torch.export.load(temps[0]) is not None    # written whole, not yet renamed
+        assert not final.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not final.exists()
+    # the next run removes the dead run's temporary file and writes the output
+    assert run("add-skips", model, "-o", final).exit_code == 0
+    assert torch.export.load(final) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.pt2", "paused"]
 
 
 # -- --arch: the user's own code failing is their input, not our bug -----------------------------

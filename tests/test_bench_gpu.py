@@ -65,6 +65,7 @@ def smoke(tmp_path_factory):
     return bench, report, stdout, out
 
 
+@pytest.mark.slow   # needs the CPU smoke run (40 s on a busy machine)
 def test_smoke_times_every_variant_with_sane_ratios(smoke):
     bench, report, _, _ = smoke
     check_report(bench, report, eager=["eager float32"])
@@ -80,6 +81,7 @@ def test_smoke_times_every_variant_with_sane_ratios(smoke):
     assert report["elapsed_s"] > 0
 
 
+@pytest.mark.slow   # needs the CPU smoke run (40 s on a busy machine)
 def test_smoke_markdown_has_every_row(smoke):
     bench, _, stdout, _ = smoke
     lines = stdout.splitlines()
@@ -93,6 +95,7 @@ def test_smoke_markdown_has_every_row(smoke):
     assert any(line.startswith("gates left after fold") for line in lines)
 
 
+@pytest.mark.slow   # needs the CPU smoke run (40 s on a busy machine)
 def test_json_is_written_without_leftovers(smoke):
     *_, out = smoke
     assert [p.name for p in out.parent.iterdir()] == [out.name]

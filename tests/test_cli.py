@@ -305,3 +305,28 @@ def test_dynamic_flag_keeps_the_sequence_dim_of_a_capture(tmp_path):
         x = torch.randn(2, length, 16)
         torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=1e-6)
     assert "INPUT:DIM" in one_line_error(run("add-skips", path, "--dynamic", "x", "-i", "2,8,16"))
+
+
+def test_a_preserve_rewrite_that_changes_the_outputs_exits_3(example_models, tmp_path,
+                                                             monkeypatch):
+    # A rewrite bug simulated: the gates start at 0.5 instead of 0, so the real parity check
+    # measures a difference; the CLI must then exit 3 (failed verification) and write nothing.
+    import ressurgeon.skips.surgery as surgery
+
+    rewrite = surgery.rewrite_traced
+
+    def opened_gates(*args, **kwargs):
+        result = rewrite(*args, **kwargs)
+        with torch.no_grad():
+            for name, p in result.module.named_parameters():
+                if name.endswith(".gate"):
+                    p.fill_(0.5)
+        return result
+
+    monkeypatch.setattr(surgery, "rewrite_traced", opened_gates)
+    out = tmp_path / "o.pt2"
+    line = one_line_error(run("add-skips", example_models["mlp"], "-o", out), code=3)
+    assert "init 'preserve' changed the outputs by" in line and "tolerance 1e-06" in line, line
+    assert not out.exists()
+    # with init standard the same difference is expected: exit 0
+    assert run("add-skips", example_models["mlp"], "-o", out, "--init", "standard").exit_code == 0

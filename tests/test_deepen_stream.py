@@ -460,7 +460,7 @@ def test_damaged_checkpoints_are_refused(llama_dir, tmp_path):
 # -- memory: peak resident set near one tensor, not one shard -----------------------------------
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from pathlib import Path
     import torch, safetensors.torch
     from ressurgeon.deepen import expand_checkpoint
@@ -475,13 +475,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
             f.write("5")
 
     folder = Path(sys.argv[1])
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset(); hwm = peak_kb(); start = time.perf_counter()
     report = expand_checkpoint(folder / "src", folder / "dst", blocks=2,
                                max_shard_bytes=64 << 20)
     seconds = time.perf_counter() - start
-    grown = {"maxrss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss) / 1024,
-             "hwm_mb": (peak_kb() - hwm) / 1024, "seconds": seconds,
+    grown = {"hwm_mb": (peak_kb() - hwm) / 1024, "seconds": seconds,
              "written_mb": report.bytes_written / 2**20}
     # the meter sees a whole shard loaded (safetensors maps it; summing touches every page)
     reset(); hwm = peak_kb()
@@ -493,7 +491,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_grows_by_at_most_two_tensors(tmp_path):
-    tensor_mb, overhead_mb = 8, 64   # overhead: headers, the plan, Python's allocator
+    # Measured: 7.9 MB (one 8 MB copy buffer). The bound stays well under one 64 MB shard, so
+    # reading a whole shard at once fails it. (ru_maxrss is not used: it is the process's
+    # lifetime peak, set by importing torch, and grows by 0 here whatever expand does.)
+    tensor_mb, overhead_mb = 8, 8   # overhead: headers, the plan, Python's allocator
     src = tmp_path / "src"
     src.mkdir()
     torch.manual_seed(0)
@@ -514,8 +515,7 @@ def test_peak_memory_grows_by_at_most_two_tensors(tmp_path):
     assert grown["written_mb"] > 250                   # 8 layers of 4 tensors were written
     assert grown["control_mb"] > 60                    # the meter does see a 64 MB shard load
     bound = 2 * tensor_mb + overhead_mb
-    assert grown["hwm_mb"] <= bound and grown["maxrss_mb"] <= bound, grown
-    assert grown["seconds"] < 30, grown
+    assert 1 < grown["hwm_mb"] <= bound < 64, grown   # the meter sees the copy buffer
 
 
 # -- with transformers, if installed --------------------------------------------------------------

@@ -20,6 +20,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow   # the study's --quick mode: about a minute
 def test_quick_mode_writes_tables_figure_and_curves(tmp_path, capsys):
     runs = ds.main(["--quick", "--out", str(tmp_path)])
     printed = capsys.readouterr().out

@@ -49,6 +49,26 @@ def test_standard_inits_change_the_function_and_train():
         for name, model, x in nets():
             result = add_skips(model, (x,), SkipConfig(join=join, init="standard"))
             assert result.parity.max_abs_diff > 1e-4, (join, name)
+            # and train: 20 Adam steps on a fixed batch lower the loss and move every new weight
+            module = result.module.train()
+            new = {n: p.detach().clone() for n, p in module.named_parameters()
+                   if any(n.startswith(s.name + ".") for s in result.skips)
+                   or any(n.startswith(f"{s.consumer_layer}.") for s in result.skips
+                          if s.consumer_layer)}
+            assert new, (join, name)
+            target = torch.randint(0, 5, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+            opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+            losses = []
+            for _ in range(20):
+                opt.zero_grad()
+                loss = F.cross_entropy(module(x), target)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            assert losses[-1] < 0.5 * losses[0], (join, name, losses[0], losses[-1])
+            moved = {n: (dict(module.named_parameters())[n] - p).abs().max().item()
+                     for n, p in new.items()}
+            assert all(d > 0 for d in moved.values()), (join, name, moved)
 
 
 def test_highway_rezero_starts_as_its_shortcut_and_standard_carries():

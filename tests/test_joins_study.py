@@ -31,6 +31,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+@pytest.mark.slow   # needs the --quick run (about a minute)
 def test_quick_writes_every_variant_with_finite_numbers(quick):
     out, report = quick
     assert (out / "joins_study.png").read_bytes().startswith(PNG)
@@ -61,6 +62,7 @@ def test_quick_writes_every_variant_with_finite_numbers(quick):
                 assert _finite(cost["variants"][name][form]["ratio"][batch]), (name, form)
 
 
+@pytest.mark.slow   # needs the --quick run (about a minute)
 def test_exact_inits_are_exact_at_insertion(quick):
     _, report = quick
     exact = {name for name, v in js.VARIANTS.items() if v.exact}

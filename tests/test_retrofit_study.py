@@ -31,6 +31,7 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "retrofit_study.json").read_text())
 
 
+@pytest.mark.slow   # needs the --quick run (about a minute)
 def test_quick_writes_every_recipe_with_finite_numbers(quick):
     out, report = quick
     assert (out / "retrofit_study.png").read_bytes().startswith(PNG)
@@ -56,6 +57,7 @@ def test_quick_writes_every_recipe_with_finite_numbers(quick):
         assert set(report["summary"][setting]["recipes"]) == set(rs.RECIPES)
 
 
+@pytest.mark.slow   # needs the --quick run (about a minute)
 def test_exact_recipes_keep_the_trained_function(quick):
     _, report = quick
     exact = {name for name, r in rs.RECIPES.items() if r.exact}

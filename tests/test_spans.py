@@ -1,5 +1,7 @@
 """Stage 3, find spans: layers, dominators, shape rules, tiling, reasons."""
 
+import operator
+
 import pytest
 import torch
 from torch import fx
@@ -158,11 +160,58 @@ def test_join_kind(src, dst, axis, expected):
     assert join_kind(src, dst, axis) == expected
 
 
+class _Residuals(torch.nn.Module):
+    """``blocks`` residual blocks ``x = x + relu(fc(x))``: every add joins two paths."""
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.fcs = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(blocks))
+
+    def forward(self, x):
+        for fc in self.fcs:
+            x = x + torch.relu(fc(x))
+        return x
+
+
+class _CountingIdom(dict):
+    """An idom table that counts its reads: each is one step up the dominator tree."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        _CountingIdom.reads += 1
+        return super().__getitem__(key)
+
+
+class _CountingTree(DominatorTree):
+    idom = property(lambda self: self._idom,
+                    lambda self, table: setattr(self, "_idom", _CountingIdom(table)))
+
+
+def _tree_steps(graph) -> int:
+    _CountingIdom.reads = 0
+    _CountingTree(graph)
+    return _CountingIdom.reads
+
+
 def test_dominator_tree_is_linear_on_a_long_chain():
     gm = fx.symbolic_trace(deep_mlp(500, 4))
     tree = DominatorTree(gm.graph)
     nodes = list(gm.graph.nodes)
     assert tree.dominates(nodes[1], nodes[-2]) and not tree.dominates(nodes[-2], nodes[1])
+
+
+@pytest.mark.parametrize("blocks", [200, 400])
+def test_dominator_tree_takes_a_linear_number_of_steps(blocks):
+    # Operations counted, not time: the steps up the tree that joining two paths takes. A
+    # quadratic walk (to the root at every add) would take ~blocks**2 / 2 steps.
+    graph = fx.symbolic_trace(_Residuals(blocks)).graph
+    steps = _tree_steps(graph)
+    assert blocks <= steps <= 4 * len(graph.nodes), (steps, len(graph.nodes))
+    tree = DominatorTree(graph)
+    adds = [n for n in graph.nodes if n.target is operator.add]
+    assert len(adds) == blocks
+    assert all(tree.parent(b) is a for a, b in zip(adds, adds[1:]))   # each add: the last one
 
 
 # -- does it put shortcuts where a designer would? The ResNet paper's plain networks ------------

@@ -175,6 +175,27 @@ def test_plan_errors_name_the_problem():
         SurgeryPlan.from_json("{")
 
 
+def test_plan_layer_names_must_match_the_graph():
+    model, inputs = build("mlp_widths")
+    result = add_skips(model, inputs, SkipConfig(span=2))
+    data = json.loads(result.plan.to_json())
+    first = data["skips"][0]
+    assert first["source_layer"] and first["target_layer"]
+    for key, other in (("source_layer", first["target_layer"]),
+                       ("target_layer", first["source_layer"])):
+        edited = json.loads(json.dumps(data))
+        edited["skips"][0][key] = other     # a layer name the node does not belong to
+        end = first["source"] if key == "source_layer" else first["target"]
+        with pytest.raises(PlanError, match=f"calls node '{end}' layer '{other}', but in this "
+                                            "graph it belongs to layer"):
+            add_skips(model, inputs, plan=SurgeryPlan.from_dict(edited))
+    blank = json.loads(json.dumps(data))
+    blank["skips"][0]["source_layer"] = blank["skips"][0]["target_layer"] = ""   # empty: accepted
+    again = add_skips(model, inputs, plan=SurgeryPlan.from_dict(blank))
+    assert [(s.source_layer, s.target_layer) for s in again.skips] == \
+        [(s.source_layer, s.target_layer) for s in result.skips]
+
+
 def test_parity_helper_reports_differences():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     report = check_parity(a, b, (torch.randn(4, 3),))

@@ -104,6 +104,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow   # spawns two processes that import torch
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_ddp_two_processes_agree(tmp_path):

@@ -45,6 +45,11 @@ def _shapes(src, dst, wide: bool) -> str:
     return a if a == b else f"{a}->{b}"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 parameter``, ``1,024 parameters``."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _batch_note(items) -> str:
     batches = sorted({s.src_shape[0] for s in items if s.src_shape})
     return f"shapes without the batch ({', '.join(map(str, batches))})" if batches else ""
@@ -61,9 +66,13 @@ def skips_table(skips, *, wide: bool = False, title: str = "Shortcuts inserted")
     if skips:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(s.kind for s in skips).items()))
         caption = (f"total: {len(skips)} shortcut(s), {kinds}; "
-                   f"{sum(s.params for s in skips):,} parameters added")
+                   f"{_count(sum(s.params for s in skips), 'parameter')} added")
         if not wide:
-            caption += f"; {_batch_note(skips)}; proj/2: a projection of stride 2"
+            # the legend explains only the strides the table shows
+            strides = sorted({s.stride for s in skips if s.kind == "projection" and s.stride != 1})
+            notes = [_batch_note(skips), *(f"proj/{n}: a projection of stride {n}"
+                                           for n in strides)]
+            caption += "".join(f"; {note}" for note in notes if note)
     table = _table(title, caption)
     table.add_column("#", justify="right", no_wrap=True)
     if wide:
@@ -328,8 +337,9 @@ def gates_legend(report) -> str:
 
 def deepen_table(result, *, wide: bool = False) -> Table:
     """One row per new block: its module, the position it follows, its kind, its parameters."""
-    caption = (f"total: {len(result.blocks)} new block(s), {result.params_added:,} parameters "
-               "added; each starts as exactly the identity")
+    caption = (f"total: {len(result.blocks)} new block(s), "
+               f"{_count(result.params_added, 'parameter')} added; each starts as exactly the "
+               "identity")
     table = _table(f"New blocks ({result.how.value})", caption)
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("new block", no_wrap=True)
