@@ -41,6 +41,8 @@ STAGES = [
                 "fold.merge", "fold.rescale", "fold.zeros"}),
     ("deepen", {"deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
                 "deepen.hf"}),
+    ("rewire", {"rewire", "rewire.base", "rewire.blocks", "rewire.dwa", "rewire.hyper",
+                "rewire.adapter"}),
     ("diagnostics", {"gates", "diagnose", "plot", "training"}),
 ]
 RANK = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

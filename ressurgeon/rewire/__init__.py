@@ -44,11 +44,11 @@ from ..verify import ParityReport, compare_outputs, eval_outputs
 from . import dwa, hyper  # noqa: F401  (registers the kinds)
 from .adapter import load_into, read_adapter, write_adapter
 from .base import KINDS, RewiredBlock, Rewiring, StreamState, register_rewiring
-from .blocks import FORMS, BlockStack, PreNormForm, find_blocks, form_of
+from .blocks import FORMS, BlockStack, PreNormForm, describe_blocks, find_blocks, form_of
 
 __all__ = ["rewire", "RewireResult", "RewireConfig", "load_adapter", "unwrap", "find_blocks",
            "KINDS", "Rewiring", "RewiredBlock", "register_rewiring", "FORMS", "PreNormForm",
-           "MHC_BOUND"]
+           "MHC_BOUND", "describe_blocks"]
 
 # mHC's insertion error bound (relative to the output's scale, float32 and bfloat16 alike: a
 # few roundings of the Sinkhorn column sums per sublayer); tests check it on the tiny models.
@@ -109,9 +109,24 @@ class RewireResult:
                 "parameters": {k: list(v.shape) for k, v in params.items()}}
         return write_adapter(folder, meta, params)
 
+    def block_records(self) -> list[dict]:
+        """Per rewired block: its name, the original block's class, the parameters added, and
+        what the kind reads (dwa: the outputs averaged; hyper: the pre-norm form)."""
+        rows = []
+        for w in self.wrappers:
+            row = {"name": f"{self.prefix}.{w.index}", "class": type(w.block).__name__,
+                   "params": sum(p.numel() for _, p in w.new_parameters())}
+            if w.kind == "dwa":
+                row["averages"] = w.sources
+            else:
+                row["form"] = w.form.name
+            rows.append(row)
+        return rows
+
     def to_dict(self) -> dict:
         return {"kind": self.config.kind, "description": self.description,
                 "config": self.config.to_dict(), "blocks": self.blocks,
+                "per_block": self.block_records(),
                 "block_list": self.prefix, "params_added": self.params_added,
                 "exact": self.exact, "parity": self.parity.to_dict() if self.parity else None}
 

@@ -82,10 +82,12 @@ class PreNormForm:
     absent: tuple[str, ...] = ()             # attributes whose presence rules the form out
     scales: tuple[tuple[str, ...], ...] = ()
 
+    def matches_pairs(self, block: nn.Module) -> bool:
+        return all(isinstance(getattr(block, a, None), nn.Module)
+                   for pair in self.pairs for a in pair)
+
     def matches(self, block: nn.Module) -> bool:
-        attrs = [a for pair in self.pairs for a in pair]
-        return (all(isinstance(getattr(block, a, None), nn.Module) for a in attrs)
-                and not any(hasattr(block, a) for a in self.absent))
+        return self.matches_pairs(block) and not any(hasattr(block, a) for a in self.absent)
 
 
 FORMS: tuple[PreNormForm, ...] = (
@@ -114,6 +116,12 @@ def form_of(block: nn.Module) -> PreNormForm:
         if form.matches(block):
             return form
     name = type(block).__name__
+    for form in FORMS:
+        extra = [a for a in form.absent if hasattr(block, a)]
+        if extra and form.matches_pairs(block):
+            raise ConfigError(f"{name} has {extra[0]} (a {form.name} block with "
+                              "cross-attention), which hyper-connections do not rewire; use "
+                              "kind='dwa'")
     if _post_norm(block):
         raise ConfigError(f"{name} is post-norm (its norm follows the residual add, "
                           "norm(x + f(x))), so there is no stream update h + 1*y inside it "
@@ -130,6 +138,27 @@ def _post_norm(block: nn.Module) -> bool:
     output = getattr(block, "output", None)
     return isinstance(getattr(output, "LayerNorm", None), nn.Module) or \
         type(block).__name__.startswith(("Bert", "Roberta", "Electra", "Albert"))
+
+
+def describe_blocks(model: nn.Module) -> list[dict]:
+    """The block list as ``rewire`` sees it, one entry per block: its name, class, parameter
+    count, and the pre-norm form hyper-connections would use (or why they cannot).
+
+    Raises:
+        ConfigError: no block list (as ``find_blocks``).
+    """
+    stack = find_blocks(model)
+    rows = []
+    for name, block in zip(stack.names, stack.blocks):
+        inner = getattr(block, "block", block) if hasattr(block, "_state") else block
+        try:
+            form, reason = form_of(inner).name, None
+        except ConfigError as exc:
+            form, reason = None, str(exc)
+        rows.append({"name": name, "class": type(inner).__name__,
+                     "params": sum(p.numel() for p in inner.parameters()),
+                     "dwa": True, "hyper_form": form, "hyper_refused": reason})
+    return rows
 
 
 def bind_arguments(block: nn.Module, hidden, args: tuple, kwargs: dict) -> dict:
