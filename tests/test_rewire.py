@@ -302,3 +302,17 @@ def test_a_deep_copy_of_a_rewired_model_gets_its_own_empty_state():
     assert len(states) == 1 and isinstance(clone.blocks[0]._state, StreamState)
     assert states != {id(result.module.blocks[0]._state)}
     assert torch.equal(_run(clone, _ids()), _run(result.module, _ids()))
+
+
+def test_a_rewired_plain_model_exports_to_onnx(tmp_path):
+    """Dynamic hyper-connections (the most involved kind; DWA exports too, 25 s a test)."""
+    pytest.importorskip("onnxruntime")
+    from ressurgeon import export_onnx
+
+    result = rewire(_build("prenorm"), (_ids(),), CONFIGS["hyper-3-dynamic"])
+    with torch.no_grad():   # trained-like wiring: the streams differ in the exported graph
+        for p in result.new_parameters().values():
+            p.add_(0.05 * torch.randn_like(p))
+    report = export_onnx(result.module, tmp_path / "rewired.onnx", (_ids(),))
+    assert report.exporter == "dynamo" and report.checker_passed
+    assert set(report.parity) == {1, 2} and report.max_abs_diff <= 1e-5
