@@ -90,26 +90,36 @@ class HyperConnection(nn.Module):
         return self.static_alpha.to(dtype)
 
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the sublayer's input x, the carried streams sum_j A_r[j,i] h_j, the write weights b),
-        b shaped to broadcast against the streams."""
-        alpha = self._alpha(streams.dtype)                       # (n, n+1)
+        """(the sublayer's input x, the carried streams sum_j A_r[j,i] h_j, the write weights b).
+
+        Static weights are one matrix product each on the streams flattened to (n, N) (no
+        permuted copies, no slices whose backward fills zeros); the carried streams and b come
+        back shaped for ``write``.
+        """
+        alpha = self._alpha(streams.dtype)                       # (n, n+1): [a_m | A_r]
         beta = self.static_beta.to(streams.dtype)
-        shape = (self.n,) + (1,) * (streams.dim() - 1)
         if not self.dynamic:
-            mixed = torch.einsum("k...,km->m...", streams, alpha)   # (n+1, ..., d)
-            return mixed[0], mixed[1:], beta.view(shape)
+            flat = streams.reshape(self.n, -1)
+            x = (alpha[:, 0] @ flat).view(streams.shape[1:])
+            return x, alpha[:, 1:].t() @ flat, beta.view(self.n, 1)
+        shape = (self.n,) + (1,) * (streams.dim() - 1)
         normed = F.rms_norm(streams, (streams.shape[-1],))
-        dyn_a = torch.tanh(normed @ self.dynamic_alpha.to(streams.dtype)) * self.alpha_scale
+        dyn_a = torch.movedim(torch.tanh(normed @ self.dynamic_alpha.to(streams.dtype))
+                              * self.alpha_scale, 0, -2)                     # (..., n, 1|n+1)
+        read = dyn_a[..., 0] + alpha[:, 0]                                    # (..., n)
+        x = torch.einsum("k...d,...k->...d", streams, read)
         if self.mhc:   # dynamic reads only; the carried mix stays doubly stochastic
-            read = torch.movedim(dyn_a, 0, -2)[..., 0] + alpha[:, 0]            # (..., n)
-            x = torch.einsum("k...d,...k->...d", streams, read)
             carried = torch.einsum("k...,km->m...", streams, alpha[:, 1:])
         else:
-            full = torch.movedim(dyn_a, 0, -2) + alpha                         # (..., n, n+1)
-            mixed = torch.einsum("k...d,...km->m...d", streams, full)
-            x, carried = mixed[0], mixed[1:]
+            carried = torch.einsum("k...d,...km->m...d", streams, dyn_a[..., 1:] + alpha[:, 1:])
         dyn_b = torch.tanh(normed @ self.dynamic_beta.to(streams.dtype)) * self.beta_scale
         return x, carried, dyn_b + beta.view(shape)
+
+    def write(self, carried: torch.Tensor, beta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The new streams ``carried_i + b_i * y``, shaped (n, *y.shape)."""
+        if not self.dynamic:   # (n, N) + (n, 1) @ (1, N): one product, 1*y and h + y exact
+            return torch.addmm(carried, beta, y.reshape(1, -1)).view(self.n, *y.shape)
+        return carried + beta * y
 
     def extra_repr(self) -> str:
         return f"n={self.n}, layer={self.layer}, dynamic={self.dynamic}, mhc={self.mhc}"
@@ -118,9 +128,11 @@ class HyperConnection(nn.Module):
 class HyperBlock(RewiredBlock):
     """A pre-norm block whose residual adds are hyper-connections over n streams.
 
-    The streams after block i are the state's entry i (the next wrapper takes them out); the
-    wrapper returns the read-out of its streams, so the model's loop, its final norm and
-    ``output_hidden_states`` see the ordinary stream at insertion. transformers records
+    The streams after block i are the state's entry i (the next wrapper takes them out). The
+    last wrapper returns the read-out of its streams, the others their first stream (the read-
+    out of every block would cost n passes over the streams for a value no block reads), so
+    the model's loop, its final norm and ``output_hidden_states`` see the ordinary stream at
+    insertion. transformers records
     hidden states by forward hooks on the decoder-layer class: the wrapper runs the block's
     forward hooks itself with the read-out, since it does not call the block's forward.
     """
@@ -158,10 +170,11 @@ class HyperBlock(RewiredBlock):
             streams = checkpoint(self._step, streams, extra, use_reentrant=False)
         else:
             streams = self._step(streams, extra)
-        out = readout(streams)
         if self.last:
+            out = readout(streams)
             self._state.clear()
-        else:
+        else:   # the next wrapper reads the streams from the state, not this tensor
+            out = streams[0]
             seen[self.index] = streams
         _run_forward_hooks(self.block, (hidden,), out)
         return out
@@ -191,7 +204,7 @@ class HyperBlock(RewiredBlock):
                 scale = getattr(self.block, name, None)
                 if scale is not None:
                     y = scale(y)
-            streams = carried + beta * y
+            streams = hc.write(carried, beta, y)
         return streams
 
 
