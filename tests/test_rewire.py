@@ -165,8 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_no_state_outlives_a
     for checkpointing in (False, True):
         module = result.module
         if checkpointing:
-            module.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.activation_checkpointing_enable()
         module.train().zero_grad()
         torch.manual_seed(0)   # GPT-2's dropout draws the same masks in both runs
         _run(module, _ids()).pow(2).mean().backward()
@@ -316,3 +315,20 @@ def test_a_rewired_plain_model_exports_to_onnx(tmp_path):
     report = export_onnx(result.module, tmp_path / "rewired.onnx", (_ids(),))
     assert report.exporter == "dynamo" and report.checker_passed
     assert set(report.parity) == {1, 2} and report.max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2"])
+def test_mistral_and_qwen2_layers_take_the_llama_form(family):
+    """Same layer layout as Llama in transformers 5: exact, and generate() unchanged."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    result = rewire(model, (_ids(),), RewireConfig(kind="hyper", n=2, dynamic=True))
+    assert result.parity.max_abs_diff == 0.0
+    assert [r["form"] for r in result.block_records()] == ["llama", "llama"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(result.module.generate(_ids(2, 5), **kw), model.generate(_ids(2, 5), **kw))

@@ -27,6 +27,8 @@ dynamic terms act on a_m and b only (``A_r`` stays static and doubly stochastic)
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,7 +169,9 @@ class HyperBlock(RewiredBlock):
                     extra[name] = None
             if "use_cache" in extra:
                 extra["use_cache"] = False
-            streams = checkpoint(self._step, streams, extra, use_reentrant=False)
+            run = getattr(self.block, "_gradient_checkpointing_func", None)   # the user's
+            streams = (run or partial(checkpoint, use_reentrant=False))(self._step, streams,
+                                                                          extra)
         else:
             streams = self._step(streams, extra)
         if self.last:
