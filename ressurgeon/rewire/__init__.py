@@ -174,7 +174,8 @@ def rewire(model: nn.Module, example_inputs: tuple | None = None,
     before = eval_outputs(model, inputs, forward_kwargs(model)) if verify and config.inplace \
         else None
     target = model if config.inplace else copy.deepcopy(model)
-    names = _install(target, kind, config)
+    names = stack.names
+    _install(target, stack, kind, config)
     exact = not (config.kind == "hyper" and config.mhc)
     result = RewireResult(module=target, config=config, blocks=names, prefix=stack.prefix,
                           parity=None, exact=exact, description=kind.describe(config))
@@ -183,13 +184,13 @@ def rewire(model: nn.Module, example_inputs: tuple | None = None,
     return result
 
 
-def _install(model: nn.Module, kind: Rewiring, config: RewireConfig) -> list[str]:
-    """Replace the items of ``model``'s block list by the kind's wrappers; their names."""
-    stack = find_blocks(model)
-    wrappers = kind.wrap(stack, config, StreamState())
-    for i, wrapper in enumerate(wrappers):
-        stack.container[i] = wrapper
-    return stack.names
+def _install(model: nn.Module, stack: BlockStack, kind: Rewiring, config: RewireConfig) -> None:
+    """Replace the items of ``model``'s block list (found at ``stack.prefix``, as in the model
+    it was copied from) by the kind's wrappers."""
+    container = model.get_submodule(stack.prefix)
+    target = BlockStack(prefix=stack.prefix, container=container, hf=stack.hf)
+    for i, wrapper in enumerate(kind.wrap(target, config, StreamState())):
+        container[i] = wrapper
 
 
 def _verify(original: nn.Module, rewired: nn.Module, inputs: tuple,
