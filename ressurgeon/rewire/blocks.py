@@ -50,12 +50,19 @@ def find_blocks(model: nn.Module) -> BlockStack:
     """
     names = {name: str(t.dtype) for name, t in model.state_dict().items()}
     settings = model.config.to_dict() if is_pretrained(model) else None
-    prefix, _ = find_layer_stack(names, settings)
+    try:
+        prefix, _ = find_layer_stack(names, settings)
+    except ConfigError as exc:
+        raise ConfigError(f"found no block list in {type(model).__name__}; rewire needs "
+                          "a ModuleList or Sequential of repeated blocks (parameters named like "
+                          "blocks.<i>.<rest>) that the forward runs in order; a .pt2 archive "
+                          "holds one flat graph: load the model from its class (--arch)") from exc
     container = model.get_submodule(prefix)
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         raise ConfigError(f"{prefix} is a {type(container).__name__}, not a ModuleList or "
                           "Sequential; rewire wraps the items of a block list that the model's "
-                          "forward runs one after the other")
+                          "forward runs one after the other (a .pt2 archive holds one flat "
+                          "graph: load the model from its class, with --arch, instead)")
     if len(container) < 2:
         raise ConfigError(f"{prefix} holds {len(container)} block; rewiring needs at least two")
     return BlockStack(prefix=prefix, container=container, hf=is_pretrained(model))

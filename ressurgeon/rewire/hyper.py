@@ -134,9 +134,9 @@ class HyperBlock(RewiredBlock):
     last wrapper returns the read-out of its streams, the others their first stream (the read-
     out of every block would cost n passes over the streams for a value no block reads), so
     the model's loop, its final norm and ``output_hidden_states`` see the ordinary stream at
-    insertion. transformers records
-    hidden states by forward hooks on the decoder-layer class: the wrapper runs the block's
-    forward hooks itself with the read-out, since it does not call the block's forward.
+    insertion. transformers records hidden states by forward hooks on the decoder-layer
+    class: the wrapper runs the block's forward hooks itself with what it returns, since it
+    does not call the block's forward.
     """
 
     kind = "hyper"
