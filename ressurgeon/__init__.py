@@ -27,7 +27,8 @@ _EXPORTS = {
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
     "save_model": "save", "save_code": "save", "export_onnx": "onnx_export",
     "fusion_report": "onnx_export", "fold": "fold", "deepen": "deepen",
-    "expand_checkpoint": "deepen",
+    "expand_checkpoint": "deepen", "rewire": "rewire", "load_adapter": "rewire",
+    "unwrap": "rewire",
     # diagnostics
     "gradient_flow": "diagnose", "gate_report": "gates", "plot_surgery": "plot",
     "plot_gradient_flow": "plot", "find_shortcuts": "shortcuts", "find_layers": "analysis.layers",
@@ -35,6 +36,7 @@ _EXPORTS = {
     # configuration
     "SkipConfig": "config", "TraceOptions": "config", "Init": "config", "Kind": "config",
     "Placement": "config", "DeepenConfig": "config", "How": "config",
+    "RewireConfig": "config",
     # records and results
     "SurgeryResult": "skips.surgery", "Inspection": "skips.surgery", "Skip": "skips.rewrite", "Span": "skips.select",
     "Reason": "skips.select", "Layer": "analysis.layers", "Residual": "analysis.blocks",
@@ -45,13 +47,15 @@ _EXPORTS = {
     "GateReport": "gates", "Gate": "gates", "Shortcut": "shortcuts",
     "ExportFallbackWarning": "onnx_export", "DeepenResult": "deepen", "DeepenPlan": "deepen",
     "NewBlock": "deepen", "ResidualLayer": "deepen", "ExpansionReport": "deepen",
+    "RewireResult": "rewire",
     # errors
     "RessurgeonError": "errors", "ConfigError": "errors", "LoadError": "errors",
     "UnsafeFileError": "errors", "TraceError": "errors", "ShapeError": "errors",
     "PlanError": "errors", "ExportError": "errors", "VerificationError": "errors",
     # extension points
     "register_op": "registry", "OpInfo": "registry", "Role": "registry", "Trait": "registry",
-    "default_leaf_modules": "capture.trace",
+    "default_leaf_modules": "capture.trace", "register_rewiring": "catalog", "Rewiring": "rewire",
+    "register_join": "catalog", "register_pattern": "catalog",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -90,7 +94,8 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .analysis.blocks import Residual
     from .analysis.layers import Layer, analyze_graph, find_layers, find_residuals
-    from .config import DeepenConfig, How, Init, Kind, Placement, SkipConfig, TraceOptions
+    from .config import (DeepenConfig, How, Init, Kind, Placement, RewireConfig, SkipConfig,
+                         TraceOptions)
     from .deepen import (DeepenPlan, DeepenResult, ExpansionReport, NewBlock, ResidualLayer,
                          deepen, expand_checkpoint)
     from .diagnose import FlowStats, GradientFlowReport, LayerFlow, gradient_flow
@@ -103,6 +108,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .skips.plan import PlannedSkip, SurgeryPlan, plan_skips
     from .plot import plot_gradient_flow, plot_surgery
     from .registry import OpInfo, Role, Trait, register_op
+    from .catalog import register_join, register_pattern, register_rewiring
+    from .rewire import RewireResult, Rewiring, load_adapter, rewire, unwrap
     from .skips.rewrite import Skip, apply_plan
     from .save import save_code, save_model
     from .shortcuts import Shortcut, find_shortcuts

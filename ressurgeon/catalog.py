@@ -184,3 +184,12 @@ register_pattern(Entry(
     "chain", "ressurgeon.skips.patterns:Chain",
     "spans of `span` layers along the layer tree, each from a layer's input to a later "
     "layer's output (ResNet)"))
+
+register_rewiring(Entry(
+    "dwa", "ressurgeon.rewire.dwa:DWA",
+    "DenseFormer's depth-weighted average: after block i, a learned mix of the embedding and "
+    "every earlier block's output (Pagliardini et al. 2024)"))
+register_rewiring(Entry(
+    "hyper", "ressurgeon.rewire.hyper:Hyper",
+    "hyper-connections: n copies of the stream, each block reads a learned mix and writes "
+    "back with learned weights (Zhu et al. 2025)"))

@@ -1,5 +1,5 @@
-"""What the pass should do (``SkipConfig``, ``DeepenConfig``) and how to capture the model
-(``TraceOptions``).
+"""What the pass should do (``SkipConfig``, ``DeepenConfig``, ``RewireConfig``) and how to
+capture the model (``TraceOptions``).
 
 All are frozen dataclasses validated on construction. Each field carries its
 own help text in ``metadata["help"]``; the CLI builds its options from these
@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
-from .catalog import JOINS, PATTERNS, join_entry, pattern_entry
+from .catalog import JOINS, PATTERNS, REWIRINGS, join_entry, pattern_entry, rewiring_entry
 from .errors import ConfigError
 
 
@@ -240,6 +240,68 @@ class DeepenConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DeepenConfig":
+        return _from_dict(cls, data)
+
+
+# The rewiring kinds ``rewire`` knows (their modules: ``ressurgeon/rewire/<kind>.py``); listed
+# here, torch-free, so that the config and the CLI can check a kind without importing torch.
+# the rewiring kinds a user can name (``ressurgeon.catalog.REWIRINGS``, built in and registered)
+REWIRE_KINDS = REWIRINGS
+
+
+@dataclass(frozen=True)
+class RewireConfig:
+    """How ``rewire`` enriches the residual stream of a model that already has one.
+
+    Example:
+        >>> RewireConfig(kind="dwa", dilation=4, period=5).kind
+        'dwa'
+        >>> RewireConfig(kind="hyper", n=2, dynamic=True).n
+        2
+    """
+
+    kind: str = field(default="dwa", metadata=_help(
+        "dwa: DenseFormer's depth-weighted average, after block i the stream is a learned "
+        "average of the embedding and every earlier block's output (Pagliardini et al. 2024); "
+        "hyper: hyper-connections, the stream widened to n copies that each sublayer reads and "
+        "writes with learned weights (Zhu et al. 2025).", choices=REWIRE_KINDS))
+    dilation: int = field(default=1, metadata=_help(
+        "dwa: block i averages only the outputs j with (i - j) divisible by this (the "
+        "paper's k; 1 = every earlier output)."))
+    period: int = field(default=1, metadata=_help(
+        "dwa: an average only after every p-th block (the paper's p; 1 = after every block). "
+        "The paper's cheaper setting is dilation 4, period 5 ('4x5-DenseFormer')."))
+    n: int = field(default=4, metadata=_help(
+        "hyper: the expansion rate, how many copies of the stream (the paper uses 2 or 4)."))
+    dynamic: bool = field(default=False, metadata=_help(
+        "hyper: add the input-dependent terms (dynamic hyper-connections), initialised at 0 so "
+        "the model is unchanged at insertion."))
+    mhc: bool = field(default=False, metadata=_help(
+        "hyper: keep the stream-mixing matrix doubly stochastic by a Sinkhorn projection "
+        "(DeepSeek's manifold-constrained mHC). Not exact at insertion: the report gives the "
+        "measured difference."))
+    inplace: bool = field(default=False, metadata=_help(
+        "Rewire the model passed in instead of a copy (no second copy of the weights in "
+        "memory, for large models); the model passed in is changed."))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", rewiring_entry(self.kind).name)
+        _count("dilation", self.dilation, low=1)
+        _count("period", self.period, low=1)
+        _count("n", self.n, low=1)
+        for name in ("dynamic", "mhc", "inplace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.kind != "hyper" and (self.dynamic or self.mhc or self.n != 4):
+            raise ConfigError("n, dynamic and mhc apply to kind='hyper' only")
+        if self.kind != "dwa" and (self.dilation != 1 or self.period != 1):
+            raise ConfigError("dilation and period apply to kind='dwa' only")
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RewireConfig":
         return _from_dict(cls, data)
 
 

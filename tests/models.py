@@ -792,3 +792,66 @@ class BiGRUStack(nn.Module):
         for gru in self.grus:
             x = gru(x)[0]
         return self.head(x)
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block, timm's layout: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention on [B, T, D] (one fused qkv projection)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class PreNormTransformer(nn.Module):
+    """A byte-level pre-norm transformer language model with a ``blocks`` ModuleList (no
+    transformers): embedding + positions, ``depth`` PreNormBlocks, final norm, head."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, depth: int = 4,
+                 positions: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(positions, dim) * 0.02)
+        self.blocks = nn.ModuleList(PreNormBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def tiny_gpt2_lm():
+    """A 4-layer GPT-2 language model (vocab 64, width 32, 4 heads), seed 0.
+
+    Needs transformers: callers ``pytest.importorskip("transformers")`` first.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4,
+                                     n_positions=64)
+    return transformers.AutoModelForCausalLM.from_config(config)
