@@ -76,11 +76,14 @@ class CaptureInfo:
 
     ``dynamic``: for a torch.export capture, the (input, dim) pairs that stayed
     symbolic; every other dim of its inputs is fixed to the captured size.
+    ``ranges``: (input, dim, least, most) of those dims (most None: unbounded),
+    the sizes the capture allowed; a ``.pt2`` written from it keeps them.
     """
 
     method: str
     fx_error: str | None = None
     dynamic: tuple[tuple[int, int], ...] | None = None
+    ranges: tuple[tuple[int, int, int, int | None], ...] = ()
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:

@@ -109,9 +109,10 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         gm, method = _trace_export(work, inputs, fx_error, options), "export"
         remove_inplace(gm)
         propagate_shapes(gm, inputs, fake=options.fake)
-    dynamic = capture_info(gm).dynamic if method in ("export", "graph") else None
+    captured = capture_info(gm) if method in ("export", "graph") else CaptureInfo(method)
     gm.meta[META] = CaptureInfo(method=method, fx_error=None if fx_error is None
-                                else _describe_fx_failure(fx_error), dynamic=dynamic)
+                                else _describe_fx_failure(fx_error), dynamic=captured.dynamic,
+                                ranges=captured.ranges)
     if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
         gm.train(model.training)
     else:  # the copy's submodules keep their own modes (frozen BatchNorm stays frozen)

@@ -110,6 +110,7 @@ def add_skips_cmd(
                                                    static_batch=static_batch,
                                                    check=not no_check))
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "fixed_dims": written.get("fixed_dims", []),
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None},
                  lambda: _render_surgery(result, out, wide))
 
@@ -120,7 +121,7 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
     from ..save import save_code as write_code
 
     if not result.skips:
-        return {"model": None, "onnx": None}
+        return {"model": None, "onnx": None, "fixed_dims": []}
     written = write_results(result.module, result.plan, inputs, out, target=target,
                             plan_out=plan_out, onnx=onnx, onnx_options=onnx_options)
     if plot is not None:
@@ -143,22 +144,43 @@ def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
     failure leaves no other output behind.
     """
     from .._io import atomic_path
-    from ..save import save_model
 
-    written = {"model": None, "onnx": None}
+    written = {"model": None, "onnx": None, "fixed_dims": []}
     if onnx is not None or (target is not None and target.suffix == ".pt2"):
         inputs = real_inputs(module, inputs)  # exporters trace with real examples
     if onnx is not None:
         written["onnx"] = write_onnx(module, inputs, onnx, out, **onnx_options)
     if target is not None:
-        with out.step(f"writing {target}"):
-            written["model"] = save_model(module, target, inputs)
-        out.note(f"wrote {written['model']}")
+        written["model"], written["fixed_dims"] = save_noting(module, target, inputs, out)
     if plan_out:
         with atomic_path(plan_out) as tmp:
             tmp.write_text(plan.to_json())
         out.note(f"wrote plan {plan_out}")
     return written
+
+
+def save_noting(module, target: Path, inputs: tuple, out: Output, **options
+                ) -> tuple[Path, list[dict]]:
+    """``save_model`` for a command: (path written, dims the .pt2 had to fix, for --json).
+
+    A fallback to a fixed size is never silent: it is noted on stderr.
+    """
+    import warnings
+
+    from ..save import FixedDimsWarning, save_model
+
+    with out.step(f"writing {target}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FixedDimsWarning)
+        path = save_model(module, target, inputs, **options)
+    fixed = []
+    for w in caught:
+        if isinstance(w.message, FixedDimsWarning):
+            fixed += [{"input": i, "dim": d, "size": size} for i, d, size in w.message.dims]
+            out.note(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out.note(f"wrote {path}")
+    return path, fixed
 
 
 def _render_surgery(result, out: Output, wide: bool) -> None:
