@@ -19,7 +19,7 @@ from ._io import atomic_path, owned_folder
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
-from .capture.exported import export_attempts
+from .capture.exported import export_attempts, pinned_batch
 
 FORMATS = {".pt2": "pt2", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 
@@ -87,8 +87,9 @@ def export_program(module: nn.Module, example_inputs: tuple, *, dynamic_batch: b
     """
     dims = dynamic if dynamic is not None else model_dynamic_dims(module)
     ranges = capture_info(module).ranges if isinstance(module, fx.GraphModule) else ()
-    attempts = export_attempts(tuple(example_inputs), batch=dynamic_batch, dims=dims,
-                               ranges=ranges)
+    # a capture that fixed its batch computes no other: asking for one would only fall back
+    attempts = export_attempts(tuple(example_inputs), dims=dims, ranges=ranges,
+                               batch=dynamic_batch and not pinned_batch(module))
     first_error = None
     with eval_mode(module):
         for i, (args, shapes) in enumerate(attempts):

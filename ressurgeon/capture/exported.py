@@ -107,7 +107,9 @@ def dynamic_args(inputs: tuple, *, batch: bool = True,
                 t = t.expand(*[2 if i == d else -1 for i in range(t.dim())]).clone()
         grown.append(t)
     # only ranges that bound something: an open one is Dim.DYNAMIC, as without ranges
-    known = {(i, d): (lo, hi) for i, d, lo, hi in ranges if lo > 2 or hi is not None}
+    # (a range of one size is no Dim: export fixes it, as the graph's check does)
+    known = {(i, d): (lo, hi) for i, d, lo, hi in ranges
+             if (lo > 2 or hi is not None) and (hi is None or hi > max(lo, 1))}
     batch_range = next((known[(i, 0)] for i, b in enumerate(batched_dims(inputs) if batch else [])
                         if b and (i, 0) in known), (1, None))
     batch_dim = _dim("batch", *batch_range)
@@ -139,6 +141,7 @@ def export_attempts(inputs: tuple, *, batch: bool = True,
     attempts, seen = [], set()
     for args in (dynamic_args(inputs, batch=batch, dims=dims, ranges=ranges),
                  dynamic_args(inputs, batch=batch, dims=dims),  # ranges left to the guards
+                 dynamic_args(inputs, batch=False, dims=dims, ranges=ranges),
                  dynamic_args(inputs, batch=batch, ranges=ranges),
                  dynamic_args(inputs, batch=batch),
                  (tuple(t.detach() for t in inputs), None)):

@@ -80,6 +80,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     concrete = options.concrete_args
     _check_concrete(model, concrete)
     _check_arity(model, inputs, concrete)
+    _check_dynamic(model, inputs, options.dynamic)
     work = quiet_copy(model)
     without_cache(work)  # Hugging Face models: a KV cache is no tensor (see hf.py)
     fx_error: _FxFailure | ShapeError | None = None
@@ -138,6 +139,36 @@ def _check_arity(model: nn.Module, inputs: tuple, concrete_args: dict | None) ->
         raise ShapeError(f"{type(model).__name__}.forward takes {want} tensor input(s) ({names}); "
                          f"{len(inputs)} example input(s) were given: pass one --input-shape "
                          "per input")
+
+
+def _check_dynamic(model: nn.Module, inputs: tuple,
+                   dynamic: tuple[tuple[int | None, int], ...]) -> None:
+    """Every dim asked dynamic exists, and a graph exported with it fixed is not asked for it.
+
+    Raises:
+        ConfigError: names the flag, the inputs' ranks or the size the graph fixed.
+    """
+    captured = capture_info(model).dynamic if isinstance(model, fx.GraphModule) else None
+    ranks = ", ".join(f"input {i}: {t.dim()}" for i, t in enumerate(inputs))
+    for index, dim in dynamic:
+        flag = f"--dynamic {dim}" if index is None else f"--dynamic {index}:{dim}"
+        if index is not None and not 0 <= index < len(inputs):
+            raise ConfigError(f"{flag}: there is no input {index}; the model takes "
+                              f"{len(inputs)} input(s), numbered from 0")
+        matched = [(i, dim % t.dim()) for i, t in enumerate(inputs)
+                   if (index is None or index == i) and -t.dim() <= dim < t.dim()]
+        if not matched:
+            raise ConfigError(f"{flag}: {'no input has' if index is None else f'input {index} has no'}"
+                              f" dim {dim} (dims per input: {ranks})")
+        if captured is not None:
+            fixed = [(i, d) for i, d in matched if (i, d) not in captured]
+            if fixed and len(fixed) == len(matched):
+                i, d = fixed[0]
+                raise ConfigError(
+                    f"{flag}: this graph was exported by torch.export with input {i} dim {d} "
+                    f"fixed at size {inputs[i].shape[d]}, and ressurgeon cannot make a captured "
+                    "dim dynamic; export the model again with a torch.export.Dim for that dim "
+                    "(dynamic_shapes), or drop --dynamic")
 
 
 def _check_concrete(model: nn.Module, concrete_args: dict | None) -> None:

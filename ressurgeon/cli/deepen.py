@@ -124,7 +124,8 @@ def deepen_cmd(
         written = write_results(result.module, result.plan, inputs, out, target=target,
                                 plan_out=plan_out, onnx=onnx,
                                 onnx_options=dict(opset=opset, fp16=fp16,
-                                                  static_batch=static_batch, check=not no_check))
+                                                  static_batch=static_batch, check=not no_check),
+                                dynamic=trace.dynamic)
 
         def show() -> None:
             out.table(render.deepen_table(result, wide=wide))
@@ -135,6 +136,7 @@ def deepen_cmd(
                 out.note(f"outputs unchanged: {result.parity.describe()}")
 
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "fixed_dims": written["fixed_dims"],
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None}, show)
 
 

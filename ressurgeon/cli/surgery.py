@@ -106,6 +106,7 @@ def add_skips_cmd(
                                trace=trace)
         written = _write_outputs(result, inputs, out, target=target, plan_out=plan_out,
                                  onnx=onnx, save_code=save_code, plot=plot,
+                                 dynamic=trace.dynamic,
                                  onnx_options=dict(opset=opset, fp16=fp16,
                                                    static_batch=static_batch,
                                                    check=not no_check))
@@ -116,14 +117,15 @@ def add_skips_cmd(
 
 
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
-                   onnx_options: dict) -> dict:
+                   onnx_options: dict, dynamic=()) -> dict:
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
     from ..save import save_code as write_code
 
     if not result.skips:
         return {"model": None, "onnx": None, "fixed_dims": []}
     written = write_results(result.module, result.plan, inputs, out, target=target,
-                            plan_out=plan_out, onnx=onnx, onnx_options=onnx_options)
+                            plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
+                            dynamic=dynamic)
     if plot is not None:
         from ..analysis.layers import analyze_graph
         from ..plot import plot_surgery
@@ -137,8 +139,11 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
 
 
 def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
-                  onnx_options: dict) -> dict:
+                  onnx_options: dict, dynamic=()) -> dict:
     """Write the model, its ONNX and its plan, as the flags ask ({"model": path, "onnx": report}).
+
+    ``dynamic``: the dims ``--dynamic`` named; a ``.pt2`` keeps them symbolic with
+    those the capture kept (a fallback to a fixed size is noted, see ``save_noting``).
 
     The ONNX export is the one step that can still fail a check (exit 3): it runs first, so a
     failure leaves no other output behind.
@@ -151,7 +156,11 @@ def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
     if onnx is not None:
         written["onnx"] = write_onnx(module, inputs, onnx, out, **onnx_options)
     if target is not None:
-        written["model"], written["fixed_dims"] = save_noting(module, target, inputs, out)
+        from ..save import model_dynamic_dims
+
+        dims = tuple(dict.fromkeys(model_dynamic_dims(module) + tuple(dynamic or ())))
+        written["model"], written["fixed_dims"] = save_noting(module, target, inputs, out,
+                                                              dynamic=dims)
     if plan_out:
         with atomic_path(plan_out) as tmp:
             tmp.write_text(plan.to_json())
