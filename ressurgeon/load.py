@@ -71,7 +71,10 @@ def load_model(path: str | Path, *, arch: str | None = None,
             ``pytorch_model.bin``.
 
     Returns:
-        The model. For ``.pt2``: a plain, trainable GraphModule. For a
+        The model, in the mode it was saved in: a pickled module keeps its
+        own; a ``.pt2`` (which stores no mode) is in train mode when its graph
+        holds train-mode batch_norm or dropout, else in eval; weights with
+        ``arch`` give eval. For ``.pt2``: a plain, trainable GraphModule. For a
         TorchScript archive (only with ``trust_pickle``): the ScriptModule;
         pass it to ``from_torchscript`` with example inputs to get a
         GraphModule that ressurgeon can trace. For a folder: the transformers
@@ -540,7 +543,7 @@ def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
         raise LoadError(f"the weights in {path} do not fit {arch}: "
                         f"{'; '.join(parts) or brief(exc)}; check that --arch builds the "
                         "architecture these weights were saved from") from exc
-    return model
+    return model.eval()  # weights hold no mode: eval, as a .pt2 without train-mode ops
 
 
 def _first(names: list[str], shown: int = 3) -> str:

@@ -1,0 +1,61 @@
+"""Train-mode behaviour survives: stochastic layers stay stochastic, loaded models keep their mode.
+
+A .pt2 stores no train/eval flag: ``load_model`` infers it from the graph's mode-dependent
+ops (train-mode batch_norm or dropout), else eval. Tracing keeps layers whose forward reads
+``self.training`` (drop-path, stochastic depth, dropout) as modules, so the result's train
+mode draws the same random masks as the original's.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ressurgeon import add_skips, load_model
+
+PARITY = 1e-6  # float32
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+
+def _trained_stats(model):
+    with torch.no_grad():  # running statistics far from the batch's own
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_pt2_loads_in_the_mode_it_was_exported_in(tmp_path, mode):
+    model = _trained_stats(_cnn()).train(mode == "train")
+    x = torch.randn(4, 3, 8, 8)
+    path = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(model, (x,), strict=False), path)
+    loaded = load_model(path)
+    assert loaded.training is (mode == "train")
+    if mode == "eval":  # main returned train mode: batch statistics, off by ~0.5
+        before = loaded.get_buffer("1.running_mean").clone()
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=PARITY)
+        assert torch.equal(loaded.get_buffer("1.running_mean"), before)
+
+
+def test_a_pt2_without_mode_dependent_ops_loads_in_eval(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 4),), strict=False), path)
+    assert load_model(path).training is False
+
+
+def test_weights_with_arch_load_in_eval(tmp_path, monkeypatch):
+    (tmp_path / "archs.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))\n")
+    monkeypatch.chdir(tmp_path)
+    torch.save(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).state_dict(), "w.pt")
+    assert load_model("w.pt", arch="archs:build").training is False
