@@ -59,3 +59,61 @@ def test_weights_with_arch_load_in_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).state_dict(), "w.pt")
     assert load_model("w.pt", arch="archs:build").training is False
+
+
+class DropPath(nn.Module):
+    """Drop-path written as timm writes it: identity in eval, a per-sample mask in train."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1),
+                                             dtype=x.dtype, device=x.device))
+        return x / keep * mask
+
+
+def _stochastic_stack(width=16, depth=5):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU(), nn.Dropout(0.1), DropPath(0.3)]
+    return nn.Sequential(*layers, nn.Linear(width, 4))
+
+
+@pytest.mark.parametrize("captured_in", ["eval", "train"])
+def test_drop_path_and_dropout_train_as_in_the_original(captured_in):
+    model = _stochastic_stack().train(captured_in == "train")
+    x = torch.randn(32, 16)
+    result = add_skips(model, (x,))  # captured in train: main raised "a ressurgeon bug"
+    assert len(result.skips) >= 2 and result.mode_baked == ()
+    assert sum(type(m) is DropPath for m in result.module.modules()) == 5
+    model.train(), result.module.train()
+    torch.manual_seed(1)
+    original = model(x)
+    torch.manual_seed(1)
+    rewritten = result.module(x)
+    assert torch.equal(rewritten, original)  # the same masks, the gates at 0: bitwise
+    assert not torch.equal(result.module(x), rewritten)  # and still random
+    model.eval(), result.module.eval()
+    torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=PARITY)
+
+
+def test_a_torch_export_capture_names_the_layers_it_fixed():
+    class Branchy(nn.Module):  # fx cannot follow the size branch: torch.export captures it
+        def __init__(self):
+            super().__init__()
+            self.body = _stochastic_stack()
+
+        def forward(self, x):
+            y = self.body(x)
+            return y * 2 if x.shape[0] > 64 else y
+
+    result = add_skips(Branchy().eval(), (torch.randn(8, 16),))
+    assert result.method == "export"
+    assert result.mode_baked == tuple(f"body.{i}" for i in (3, 7, 11, 15, 19))
+    assert result.to_dict()["mode_baked"] == list(result.mode_baked)

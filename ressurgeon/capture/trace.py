@@ -17,6 +17,7 @@ the modules and functions it registers as not traceable are added.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 import inspect
 import os
 import re
@@ -37,7 +38,7 @@ from .inplace import remove_inplace
 from .shapes import inputs_message, propagate_shapes, run_error
 from ..shortcuts import is_shortcut
 
-__all__ = ["trace_model", "default_leaf_modules"]
+__all__ = ["trace_model", "default_leaf_modules", "keeps_mode"]
 
 
 def trace_model(model: nn.Module, example_inputs: tuple,
@@ -116,6 +117,8 @@ def trace_model(model: nn.Module, example_inputs: tuple,
                                 ranges=captured.ranges)
     if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
         gm.train(model.training)
+        baked = tuple(name for name, m in model.named_modules() if name and keeps_mode(m))
+        gm.meta[META] = replace(gm.meta[META], mode_baked=baked)
     else:  # the copy's submodules keep their own modes (frozen BatchNorm stays frozen)
         gm.training = model.training
     return gm
@@ -212,6 +215,25 @@ def default_leaf_modules() -> tuple[tuple[type, ...], tuple]:
         return (), ()
 
 
+def keeps_mode(module: nn.Module) -> bool:
+    """True for a weightless module whose forward reads ``self.training``: it stays a leaf.
+
+    Tracing runs ``forward`` once, in the mode the model is in, and bakes that
+    branch: timm's ``DropPath``, torchvision's ``StochasticDepth`` or a hand-written
+    dropout would vanish from the result's train mode (captured in eval) or stay
+    random in its eval mode (captured in train). As leaves they are called as the
+    modules they are, in whatever mode the result is in. Read from the code
+    object's names, nothing is run; modules with weights are traced through (their
+    layers are where shortcuts go), and ``torch.nn``'s are leaves already.
+    """
+    forward = getattr(type(module), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None or "training" not in code.co_names or type(module).__module__.startswith(
+            "torch.nn"):
+        return False
+    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer that also keeps user-named modules and our own shortcuts opaque."""
 
@@ -222,7 +244,7 @@ class _LeafTracer(fx.Tracer):
         self.leaf_classes = leaf_classes
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_shortcut(m) or isinstance(m, self.leaf_classes):
+        if is_shortcut(m) or isinstance(m, self.leaf_classes) or keeps_mode(m):
             return True
         name = type(m).__name__
         if any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(name, p)

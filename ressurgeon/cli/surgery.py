@@ -200,6 +200,12 @@ def _render_surgery(result, out: Output, wide: bool) -> None:
         out.note(f"no shortcut inserted: {why}; no model written")
         return
     out.table(render.skips_table(result.skips, wide=wide))
+    if result.mode_baked:
+        shown = ", ".join(result.mode_baked[:4]) + (" ..." if len(result.mode_baked) > 4 else "")
+        out.note(f"note: torch.export captured the model in {'train' if result.module.training else 'eval'}"
+                 f" mode and fixed the train-mode behaviour of {len(result.mode_baked)} layer(s) "
+                 f"({shown}); see README 'Training-mode layers' (--leaf keeps such a layer a "
+                 "module)")
     for note in (render.rejection_summary(result.spans), render.overrides_note(result.skips)):
         if note:
             out.note(note)
