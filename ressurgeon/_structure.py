@@ -30,8 +30,9 @@ STAGES: tuple[Stage, ...] = (
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
           ("load", "hf", "capture", "capture.bounds", "capture.exported", "capture.inplace",
-           "capture.shapes", "capture.trace"),
-          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `bounds`, `shapes`, `inplace`)"),
+           "capture.modes", "capture.shapes", "capture.trace"),
+          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, "
+          "`inplace`)"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",

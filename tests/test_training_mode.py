@@ -90,8 +90,7 @@ def test_drop_path_and_dropout_train_as_in_the_original(captured_in):
     model = _stochastic_stack().train(captured_in == "train")
     x = torch.randn(32, 16)
     result = add_skips(model, (x,))  # captured in train: main raised "a ressurgeon bug"
-    assert len(result.skips) >= 2 and result.mode_baked == ()
-    assert sum(type(m) is DropPath for m in result.module.modules()) == 5
+    assert len(result.skips) >= 2
     model.train(), result.module.train()
     torch.manual_seed(1)
     original = model(x)
@@ -101,6 +100,8 @@ def test_drop_path_and_dropout_train_as_in_the_original(captured_in):
     assert not torch.equal(result.module(x), rewritten)  # and still random
     model.eval(), result.module.eval()
     torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=PARITY)
+    assert sum(type(m) is DropPath for m in result.module.modules()) == 5  # kept as modules
+    assert result.mode_baked == ()
 
 
 def test_a_torch_export_capture_names_the_layers_it_fixed():
@@ -117,3 +118,54 @@ def test_a_torch_export_capture_names_the_layers_it_fixed():
     assert result.method == "export"
     assert result.mode_baked == tuple(f"body.{i}" for i in (3, 7, 11, 15, 19))
     assert result.to_dict()["mode_baked"] == list(result.mode_baked)
+
+
+class Attention(nn.Module):
+    """Attention as Hugging Face writes its dropout: functional, following self.training."""
+
+    def __init__(self, width=16, p=0.2):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.p = p
+
+    def forward(self, x):
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4, dim=-1)
+        scores = nn.functional.dropout(scores, p=self.p if self.training else 0.0,
+                                       training=self.training)
+        return self.o(scores @ self.v(x))
+
+
+class Noisy(nn.Module):
+    """A layer with weights and a train-only branch that is no dropout."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y + 0.1 * torch.randn_like(y) if self.training else y
+
+
+def test_functional_dropout_in_a_layer_with_weights_follows_the_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), Attention(),
+                          nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8, 16)
+    result = add_skips(model, (x,))
+    assert result.skips and result.mode_baked == ()
+    assert sum(type(m) is nn.Dropout for m in result.module.modules()) == 2
+    model.train(), result.module.train()
+    torch.manual_seed(1)
+    original = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(result.module(x), original)
+    assert not torch.equal(result.module(x), original)
+
+
+def test_a_train_branch_that_cannot_be_kept_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), Noisy(), nn.ReLU(), nn.Linear(16, 16),
+                          nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    result = add_skips(model, (torch.randn(4, 16),))
+    assert result.mode_baked == ("2",)

@@ -35,10 +35,11 @@ from .exported import (as_module, dynamic_args, graph_module_from_export, is_unl
                        plain_graph_module)
 from ..hf import without_cache
 from .inplace import remove_inplace
+from .modes import flipped_mode, keeps_mode, modules_for_mode_calls, reads_mode
 from .shapes import inputs_message, propagate_shapes, run_error
 from ..shortcuts import is_shortcut
 
-__all__ = ["trace_model", "default_leaf_modules", "keeps_mode"]
+__all__ = ["trace_model", "default_leaf_modules"]
 
 
 def trace_model(model: nn.Module, example_inputs: tuple,
@@ -111,10 +112,11 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         gm, method = _trace_export(work, inputs, fx_error, options), "export"
         remove_inplace(gm)
         propagate_shapes(gm, inputs, fake=options.fake)
-    captured = capture_info(gm) if method in ("export", "graph") else CaptureInfo(method)
+    captured = capture_info(gm) if method in ("export", "graph", "fx") else CaptureInfo(method)
     gm.meta[META] = CaptureInfo(method=method, fx_error=None if fx_error is None
-                                else _describe_fx_failure(fx_error), dynamic=captured.dynamic,
-                                ranges=captured.ranges)
+                                else _describe_fx_failure(fx_error),
+                                dynamic=captured.dynamic if method != "fx" else None,
+                                ranges=captured.ranges, mode_baked=captured.mode_baked)
     if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
         gm.train(model.training)
         baked = tuple(name for name, m in model.named_modules() if name and keeps_mode(m))
@@ -215,25 +217,6 @@ def default_leaf_modules() -> tuple[tuple[type, ...], tuple]:
         return (), ()
 
 
-def keeps_mode(module: nn.Module) -> bool:
-    """True for a weightless module whose forward reads ``self.training``: it stays a leaf.
-
-    Tracing runs ``forward`` once, in the mode the model is in, and bakes that
-    branch: timm's ``DropPath``, torchvision's ``StochasticDepth`` or a hand-written
-    dropout would vanish from the result's train mode (captured in eval) or stay
-    random in its eval mode (captured in train). As leaves they are called as the
-    modules they are, in whatever mode the result is in. Read from the code
-    object's names, nothing is run; modules with weights are traced through (their
-    layers are where shortcuts go), and ``torch.nn``'s are leaves already.
-    """
-    forward = getattr(type(module), "forward", None)
-    code = getattr(forward, "__code__", None)
-    if code is None or "training" not in code.co_names or type(module).__module__.startswith(
-            "torch.nn"):
-        return False
-    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
-
-
 class _LeafTracer(fx.Tracer):
     """fx tracer that also keeps user-named modules and our own shortcuts opaque."""
 
@@ -262,6 +245,27 @@ class _FxFailure(Exception):
 
 
 def _trace_fx(model: nn.Module, options: TraceOptions) -> fx.GraphModule:
+    """fx's trace; a model whose own code reads ``self.training`` is traced in both modes.
+
+    The second trace finds the functional dropouts that follow the mode (they
+    become modules) and the modules whose behaviour the capture mode fixed
+    (``CaptureInfo.mode_baked``; see ``modes.py``).
+    """
+    gm = _trace_fx_once(model, options)
+    baked: tuple[str, ...] = ()
+    if reads_mode(model):
+        with flipped_mode(model) as other_training:
+            try:
+                other = _trace_fx_once(model, options)
+            except _FxFailure:  # the other branch cannot be traced: its modules are fixed
+                other = None
+        baked = (("(the model)",) if other is None
+                 else modules_for_mode_calls(gm, other, other_training))
+    gm.meta[META] = CaptureInfo(method="fx", mode_baked=baked)
+    return gm
+
+
+def _trace_fx_once(model: nn.Module, options: TraceOptions) -> fx.GraphModule:
     classes, functions = default_leaf_modules()
     tracer = _LeafTracer(options.leaf_modules, classes, functions)
     try:
