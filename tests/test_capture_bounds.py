@@ -192,3 +192,31 @@ def test_cli_keeps_the_batch_range_of_its_input(tmp_path):
     assert json.loads(result.stdout)["fixed_dims"] == []
     ranges = torch.export.load(out).range_constraints
     assert sorted((int(r.lower), int(r.upper)) for r in ranges.values()) == [(5, 1024)]
+
+
+class ShortRefused(nn.Module):
+    """Refuses sequences shorter than 5 in its own code: fx cannot trace that branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _stack()
+
+    def forward(self, x):
+        if x.shape[1] < 5:
+            raise ValueError("sequence too short")
+        return self.body(x)
+
+
+def test_the_export_fallback_of_add_skips_checks_the_range_it_inferred(tmp_path):
+    model = ShortRefused().eval()
+    x = torch.randn(2, 8, 6)
+    result = add_skips(model, (x,), trace=TraceOptions(dynamic=(1,)))
+    assert result.method == "export" and result.skips
+    with pytest.raises(ShapeError, match="size 3 at dim 1.*lower bound is 5"):
+        result.module(torch.randn(2, 3, 6))  # main returned numbers where the original raises
+    x = torch.randn(3, 11, 6)
+    torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=PARITY)
+    path = tmp_path / "r.pt"  # a pickled GraphModule keeps its checks
+    save_model(result.module, path, (x,))
+    with pytest.raises(ShapeError, match="lower bound is 5"):
+        torch.load(path, weights_only=False)(torch.randn(2, 3, 6))

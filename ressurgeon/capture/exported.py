@@ -275,6 +275,21 @@ def captured_training(graph: fx.Graph) -> bool:
     return False
 
 
+class GuardTracer(fx.Tracer):
+    """The fx tracer that re-traces a guarded graph when it is unpickled (``.pt``, deepcopy).
+
+    ``torch.fx.wrap`` patches ``check_input`` only under its own name in this
+    module; generated code calls it by another, so a plain Tracer would run the
+    check on Proxies, where it does nothing, and the graph would come back
+    without it. Autowrapped by identity, both checks stay calls in the graph.
+    """
+
+    def __init__(self, autowrap_modules=(), autowrap_functions=()):
+        super().__init__(autowrap_modules=tuple(autowrap_modules) or (__import__("math"),),
+                         autowrap_functions=(check_input, check_guards,
+                                             *autowrap_functions))
+
+
 def is_unlifted(gm: fx.GraphModule) -> bool:
     """True for ``ep.module()`` results (pytree calling convention; they refuse ``.train()``)."""
     return isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen)
@@ -341,8 +356,8 @@ def plain_graph_module(unlifted: fx.GraphModule, *, range_constraints: dict | No
     for name in ("shape_env", "_in_spec", "_out_spec"):
         gm.__dict__.pop(name, None)  # the pytree specs only warn on deepcopy once unused
     # Unpickling re-traces the generated code with the graph's tracer class;
-    # export's needs constructor arguments, the plain fx Tracer does not.
-    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = None, {}, None
+    # export's needs constructor arguments, ours none, and keeps the input checks.
+    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = GuardTracer, {}, GuardTracer
     graph = gm.graph
     graph.set_codegen(fx.graph.CodeGen())
     for node in list(graph.nodes):
