@@ -323,4 +323,5 @@ def _readable(text: str) -> str:
                   text.strip())
 
 
-__all__ = ["input_ranges", "placeholder_keys", "shared_size_guards", "guard_texts", "parse_guard", "check_guards"]
+__all__ = ["input_ranges", "placeholder_keys", "shared_size_guards", "guard_texts",
+           "parse_guard", "check_guards"]

@@ -163,8 +163,8 @@ def _check_dynamic(model: nn.Module, inputs: tuple,
         matched = [(i, dim % t.dim()) for i, t in enumerate(inputs)
                    if (index is None or index == i) and -t.dim() <= dim < t.dim()]
         if not matched:
-            raise ConfigError(f"{flag}: {'no input has' if index is None else f'input {index} has no'}"
-                              f" dim {dim} (dims per input: {ranks})")
+            who = "no input has" if index is None else f"input {index} has no"
+            raise ConfigError(f"{flag}: {who} dim {dim} (dims per input: {ranks})")
         if captured is not None:
             fixed = [(i, d) for i, d in matched if (i, d) not in captured]
             if fixed and len(fixed) == len(matched):

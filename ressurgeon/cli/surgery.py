@@ -202,8 +202,9 @@ def _render_surgery(result, out: Output, wide: bool) -> None:
     out.table(render.skips_table(result.skips, wide=wide))
     if result.mode_baked:
         shown = ", ".join(result.mode_baked[:4]) + (" ..." if len(result.mode_baked) > 4 else "")
-        out.note(f"note: torch.export captured the model in {'train' if result.module.training else 'eval'}"
-                 f" mode and fixed the train-mode behaviour of {len(result.mode_baked)} layer(s) "
+        mode = "train" if result.module.training else "eval"
+        out.note(f"note: the capture ran in {mode} mode and fixed the train-mode behaviour "
+                 f"of {len(result.mode_baked)} layer(s) "
                  f"({shown}); see README 'Training-mode layers' (--leaf keeps such a layer a "
                  "module)")
     for note in (render.rejection_summary(result.spans), render.overrides_note(result.skips)):
