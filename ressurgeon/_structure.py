@@ -25,14 +25,17 @@ STAGES: tuple[Stage, ...] = (
           "the verdict on two ends, the join classes",
           ("_structure", "errors", "catalog", "config", "_torch", "_io", "_fx", "registry", "verdicts",
            "plans", "shortcuts", "shortcuts.base", "shortcuts._graph", "shortcuts.add",
-           "shortcuts.highway", "shortcuts.concat", "_refuse_code", "_nn_pickle"),
+           "shortcuts.highway", "shortcuts.concat", "recurrent"),
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
-          ("load", "hf", "capture", "capture.bounds", "capture.exported", "capture.inplace",
-           "capture.modes", "capture.shapes", "capture.trace"),
-          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, "
-          "`inplace`)"),
+          ("load.common", "load.guard", "load.nn_pickle", "load.safetensors", "load.archive",
+           "capture", "capture.bounds", "capture.exported", "capture.inplace", "capture.modes",
+           "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load",
+           "capture.trace", "inputs"),
+          "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
+          "`archive` checks, `guard`), `capture/` (`trace`, `exported`, `bounds`, `modes`, "
+          "`shapes`, `inplace`), `inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
@@ -50,13 +53,14 @@ STAGES: tuple[Stage, ...] = (
           "`save.py`, `onnx_export.py`, `fold/`"),
     Stage("deepen", "grow a network with new residual blocks that start as the identity",
           ("deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",
-           "deepen.hf"),
+           "deepen.hf", "deepen.decide", "deepen.layer_config", "deepen.write", "deepen.folder"),
           "`deepen/`"),
     Stage("diagnostics", "gradient flow, gates, plots, training recipes",
           ("gates", "diagnose", "plot", "training"),
           "`diagnose.py`, `gates.py`, `plot.py`, `training.py`"),
     Stage("compat", "old import paths kept for one release (each is the moved module itself)",
-          ("trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite"),
+          ("trace", "shapes", "inplace", "exported", "surgery", "spans", "plan", "rewrite", "hf",
+           "_nn_pickle", "_refuse_code", "safetensors_io"),
           "`trace.py`, `spans.py`, ... (aliases)"),
 )
 

@@ -175,13 +175,16 @@ class TraceOptions:
     dynamic: tuple[tuple[int | None, int], ...] = field(default=(), metadata=_help(
         "More dims torch.export must keep symbolic (e.g. the sequence dim): (input, dim) "
         "pairs, input None for every input; a bare dim number means (None, dim)."))
+    split_recurrent: bool = field(default=True, metadata=_help(
+        "Split each multi-layer nn.LSTM/GRU/RNN into single-layer modules holding the same "
+        "weights (exact), so that shortcuts can go between its layers."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "leaf_modules", _patterns("leaf_modules", self.leaf_modules))
         if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
             raise ConfigError("concrete_args must be a dict of forward argument values, got "
                               f"{type(self.concrete_args).__name__}")
-        for name in ("fake", "dynamic_batch"):
+        for name in ("fake", "dynamic_batch", "split_recurrent"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "dynamic", _dynamic_pairs(self.dynamic))

@@ -1,7 +1,7 @@
 """One error hierarchy for the whole library.
 
 The library raises these and never prints or exits; the CLI alone turns them
-into one-line messages and exit codes (``cli/common.py``: 3 for a
+into one-line messages and exit codes (``cli/output.py``: 3 for a
 VerificationError, 2 for every other RessurgeonError). Errors about a value
 the caller passed also derive from ValueError.
 """

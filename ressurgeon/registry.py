@@ -54,6 +54,8 @@ class Trait(Enum):
     SCALABLE = "scalable"                        # y = W*x + b: input/output scales fold into W, b
     FUSED_AFTER_ADD = "fused-after-add"          # ONNX Runtime fuses Conv + Add + this op
     LIFTABLE = "liftable"                        # functional conv/linear: can become a module
+    STATES = "states"                            # gathers recurrent layers' final states: no merge
+    STATE_INPUT = "state-input"                  # args after the first are a state (h0), no data path
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,11 @@ def _entries() -> dict[object, OpInfo]:
     put(_layer(1, None, T.SCALABLE), nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     put(_layer(-1, 0, T.SCALABLE), nn.Linear)
     put(_layer(-1), nn.MultiheadAttention)
+    # recurrent layers (torch.fx keeps them whole; torch.export records the aten op on a
+    # flat weight list): features on the last dim, batch_first either way; the sequence
+    # output (getitem 0 of the tuple) is the layer's output, h0/c0 are no data path
+    put(_layer(-1, None, T.STATE_INPUT), nn.LSTM, nn.GRU, nn.RNN, aten.lstm.input,
+        aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
     put(_layer(1, 1, T.LIFTABLE), F.conv1d, aten.conv1d.default)
     put(_layer(1, 2, T.LIFTABLE), F.conv2d, aten.conv2d.default)
     put(_layer(1, 3, T.LIFTABLE), F.conv3d, aten.conv3d.default)

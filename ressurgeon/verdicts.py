@@ -27,9 +27,10 @@ import torch
 from torch import fx
 
 from ._fx import info
+from .registry import is_getitem
 
 __all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "end_reasons", "join_kind",
-           "feeding", "data_input", "OVERRIDABLE"]
+           "feeding", "data_input", "layer_call", "OVERRIDABLE"]
 
 
 class Reason(StrEnum):
@@ -88,8 +89,9 @@ _REASON_TEXT = {
     Reason.NOT_IN_PLAN: "left out of the applied plan",
     Reason.NON_FINITE: ("the shortcut path S(x) is NaN or infinite on the example inputs "
                         "(a zero gate would turn it into NaN and cut the gate's gradient)"),
-    Reason.CONSUMER: ("concat: no single Conv/Linear after the span can be widened to take "
-                      "the features (none, several, grouped, shared or functional)"),
+    Reason.CONSUMER: ("concat: no single Conv/Linear/LSTM/GRU/RNN after the span can be "
+                      "widened to take the features (none, several, grouped, shared, "
+                      "functional or multi-layer)"),
     Reason.NO_RESIDUAL: "the block has no residual connection of its own",
     Reason.CHANGES_SHAPE: "the block changes its input's shape or has a projection shortcut, "
                           "so no copy of it is the identity",
@@ -207,6 +209,12 @@ def end_reasons(a, b, src_axis: int, dst_axis: int) -> list[Reason]:
     if len(a.shape) == len(b.shape) and _layout(src_axis, a.shape) != _layout(dst_axis, b.shape):
         reasons.append(Reason.LAYOUT)
     return reasons
+
+
+def layer_call(anchor: fx.Node) -> fx.Node:
+    """The call of a layer: its anchor, or the module call whose tuple's item 0 it is (LSTM)."""
+    call = anchor.args[0] if is_getitem(anchor, 0) else None
+    return call if isinstance(call, fx.Node) and call.op == "call_module" else anchor
 
 
 def data_input(node: fx.Node | None) -> fx.Node | None:

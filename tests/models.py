@@ -742,3 +742,53 @@ def tiny_llama_lm():
                                       num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64)
     return transformers.AutoModelForCausalLM.from_config(config)
+
+
+class LSTMList(nn.Module):
+    """A ModuleList of equal-width one-layer LSTMs after an input Linear, then a linear head."""
+
+    def __init__(self, depth: int = 5, width: int = 16, features: int = 4, classes: int = 3,
+                 batch_first: bool = True):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.rnns = nn.ModuleList(nn.LSTM(width, width, batch_first=batch_first)
+                                  for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for rnn in self.rnns:
+            x, _ = rnn(x)
+        return self.head(x)
+
+
+class PackedLSTM(nn.Module):
+    """One multi-layer nn.LSTM (sequence-first), read by a head on every step."""
+
+    def __init__(self, layers: int = 4, width: int = 16, features: int = 4, classes: int = 3,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.lstm = nn.LSTM(width, width, num_layers=layers, dropout=dropout)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out)
+
+
+class BiGRUStack(nn.Module):
+    """Bidirectional one-layer GRUs (output 2H), one width change among them, batch first."""
+
+    def __init__(self, hidden: tuple[int, ...] = (8, 8, 12, 12), features: int = 4,
+                 classes: int = 3):
+        super().__init__()
+        widths = [features, *(2 * h for h in hidden)]
+        self.grus = nn.ModuleList(nn.GRU(w, h, batch_first=True, bidirectional=True)
+                                  for w, h in zip(widths, hidden))
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        for gru in self.grus:
+            x = gru(x)[0]
+        return self.head(x)

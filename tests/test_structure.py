@@ -139,9 +139,9 @@ def analyses(monkeypatch):
     calls = []
     real = DominatorTree.__init__
 
-    def counting(self, graph):
+    def counting(self, graph, *args, **kwargs):
         calls.append(graph)
-        real(self, graph)
+        real(self, graph, *args, **kwargs)
 
     monkeypatch.setattr(DominatorTree, "__init__", counting)
     return calls

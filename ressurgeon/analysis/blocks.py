@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import fx
 
-from .._fx import has_data, node_label, node_order, shape_of, stack_path
-from ..registry import Role, Trait, is_getitem, op_info
+from .._fx import node_label, node_order, shape_of, stack_path
+from ..registry import Role, Trait, has_trait, is_getitem, op_info
 from ..shortcuts import is_shortcut
 from .dominators import DominatorTree
 
@@ -93,8 +93,8 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree,
     merge_nodes: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if (node.op not in ("call_function", "call_method", "call_module") or node in unit_at
-                or _is_layer_op(node, modules)):
-            continue
+                or _is_layer_op(node, modules) or has_trait(node, modules, Trait.STATES)):
+            continue  # a stack's h_n reads every layer's state, but joins no activations
         # tensors only: sizes read off a tensor (``x.reshape(b, n, c)``) join no branches
         preds = list(dict.fromkeys(a for a in node.all_input_nodes
                                    if a in dom and shape_of(a) is not None))
@@ -117,7 +117,7 @@ def find_merges(gm: fx.GraphModule, layers, dom: DominatorTree,
             residual = Residual(
                 name="", source=fork.name if fork is not None else "", target=node.name, op=op,
                 kind="identity" if min(branch) == 0 else "projection",
-                layers=tuple(unit_at[n] for n in weighted), shape=shape_of(node))
+                layers=tuple(dict.fromkeys(unit_at[n] for n in weighted)), shape=shape_of(node))
         name = _merge_name(node)
         if residual is not None:
             residual = replace(residual, name=name)
@@ -149,7 +149,7 @@ def _region(merge: fx.Node, fork: fx.Node | None, dom: DominatorTree) -> set[fx.
 
 
 def _data_inputs(node: fx.Node, dom: DominatorTree) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if a in dom and has_data(a)]
+    return dom.data_inputs(node)
 
 
 def _layer_depths(region: set[fx.Node], fork, unit_at, order) -> dict[fx.Node, int]:

@@ -5,6 +5,10 @@ fx graphs are DAGs in topological order, so one pass of Cooper, Harvey and
 Kennedy's "intersect" over the predecessors is exact: every predecessor's
 immediate dominator is final before the node is reached.
 
+A recurrent layer's initial state (h0, c0: ``Trait.STATE_INPUT`` in the
+registry) is no path either: it is a side input, like a bias, so the layers
+of a stack fed the caller's h0 still form a chain.
+
 Edges that carry no tensor (``x.shape``, ``x.size(0)``, an optional input
 left at None; marked by shape propagation) are left out: they pass no
 activation, so ``x.view(x.size(0), -1)`` depends on ``x`` alone and a reshape
@@ -16,6 +20,7 @@ from __future__ import annotations
 from torch import fx
 
 from .._fx import has_data
+from ..registry import Trait, has_trait
 
 _ROOT = None  # virtual entry joined to every placeholder
 
@@ -33,15 +38,20 @@ class DominatorTree:
         True
     """
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, modules: dict | None = None):
         self.index: dict[fx.Node, int] = {}
         self.idom: dict[fx.Node, fx.Node | None] = {}
+        self.preds: dict[fx.Node, list[fx.Node]] = {}  # the edges followed, for regions
         for node in graph.nodes:
             if node.op == "placeholder":
                 self._add(node, _ROOT)
                 continue
-            preds = [a for a in node.all_input_nodes
-                     if a in self.index and has_data(a)]
+            inputs = node.all_input_nodes
+            if modules is not None and node.args and isinstance(node.args[0], fx.Node) \
+                    and has_trait(node, modules, Trait.STATE_INPUT):
+                inputs = [node.args[0]]
+            preds = [a for a in inputs if a in self.index and has_data(a)]
+            self.preds[node] = preds
             if not preds:
                 continue
             dom = preds[0]
@@ -96,6 +106,10 @@ class DominatorTree:
         if u not in self.pre or v not in self.pre:
             return False
         return self.pre[u] <= self.pre[v] and self.post[v] <= self.post[u]
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The inputs of ``node`` that the tree follows (tensors with data, no recurrent state)."""
+        return self.preds.get(node, [])
 
     def parent(self, node: fx.Node) -> fx.Node | None:
         return self.idom.get(node)

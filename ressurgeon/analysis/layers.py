@@ -159,7 +159,7 @@ def analyze_graph(gm: fx.GraphModule) -> GraphAnalysis:
     """
     modules = dict(gm.named_modules())
     layers = find_layers(gm, modules)
-    dom = DominatorTree(gm.graph)
+    dom = DominatorTree(gm.graph, modules)
     nodes = {n.name: n for n in gm.graph.nodes}
     merges = find_merges(gm, layers, dom, modules)
     blocks = []

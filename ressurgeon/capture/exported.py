@@ -46,6 +46,7 @@ from .._fx import META, CaptureInfo, attr, free_name, stack_path, swap_for_modul
 from .bounds import (check_guards, guard_texts, input_ranges, placeholder_keys,
                      shared_size_guards)
 from ..errors import ShapeError
+from ..recurrent import captured_recurrent
 from ..registry import Role, Trait, lookup
 from ..shortcuts import lift_shortcuts
 
@@ -166,6 +167,8 @@ def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
     """(input, dim) pairs a torch.export graph keeps symbolic, read off its placeholders."""
     found = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lstm = captured_recurrent(gm)
+    recurrent = str(lstm.target) if lstm is not None else ""
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         for d, size in enumerate(getattr(val, "shape", ())):
@@ -176,13 +179,14 @@ def captured_dims(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
 
 @torch.fx.wrap
 def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
-                bounds: tuple[tuple[int, int], ...] = ()):
+                bounds: tuple[tuple[int, int], ...] = (), recurrent: str = ""):
     """``x`` itself, when it has the rank and sizes the graph was captured for.
 
     ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, least,
     most) of dynamic dims (most None: unbounded), the range the capture allowed
     (outside it the captured graph may hold the wrong branch); graphs written
-    before 0.x hold (dim, most) pairs, still read.
+    before 0.x hold (dim, most) pairs, still read. ``recurrent``: the aten
+    recurrent op the graph holds, if any (torch.export fixes its sequence length).
 
     Raises:
         ShapeError: naming the input, the dim, the bound and the size given.
@@ -199,6 +203,10 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
                    f"the dim dynamic (when ressurgeon captures the model: "
                    f"TraceOptions(dynamic=(({index}, {dim}),)) or --dynamic {index}:{dim}; "
                    "when you export it: a torch.export.Dim for that dim)")
+            if recurrent:  # no option frees a recurrent layer's time dim in torch.export
+                fix = (f"torch.fx instead (the graph holds {recurrent}, which torch.export "
+                       "captures at one sequence length): add_skips on the nn.Module returns "
+                       "a graph, and a .pt of it, that takes any length")
             raise ShapeError(
                 f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
                 f"captured by torch.export with size {size} there and computes only that size; "
@@ -227,6 +235,8 @@ def _guard_inputs(gm: fx.GraphModule, range_constraints: dict | None = None,
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ranges = input_ranges([n.meta.get("val") for n in placeholders], range_constraints)
     checked = []
+    lstm = captured_recurrent(gm)
+    recurrent = str(lstm.target) if lstm is not None else ""
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -236,8 +246,8 @@ def _guard_inputs(gm: fx.GraphModule, range_constraints: dict | None = None,
                        if not isinstance(s, torch.SymInt))
         users = list(node.users)
         with gm.graph.inserting_after(node):
-            guard = gm.graph.call_function(check_input,
-                                           (node, i, val.dim(), static, ranges[i]))
+            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, ranges[i],
+                                                         recurrent))
         guard.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
         for user in users:
             user.replace_input_with(node, guard)
@@ -299,9 +309,12 @@ def as_module(model) -> nn.Module:
     """``model`` as a module that follows ``.train()``/``.eval()``.
 
     An ExportedProgram, or the ``ep.module()`` of one (which refuses ``.eval()``),
-    becomes a plain GraphModule (a copy; the caller's object is untouched);
-    anything else is returned as it is. Every entry point that takes a model
-    calls this, so users may pass what torch.export gave them.
+    becomes a plain GraphModule: a new module over a copy of the graph that
+    shares the caller's parameters and buffers and never writes them (the
+    caller's object is untouched; every stage that edits weights copies first,
+    so a call deep-copies the model once). Anything else is returned as it is.
+    Every entry point that takes a model calls this, so users may pass what
+    torch.export gave them.
     """
     if isinstance(model, torch.export.ExportedProgram):
         return graph_module_from_export(model)
@@ -311,7 +324,12 @@ def as_module(model) -> nn.Module:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn on deepcopy
-            return plain_graph_module(copy.deepcopy(model))
+            graph = copy.deepcopy(model.graph)  # nodes only: tensors stay shared
+        shell = fx.GraphModule(model, graph)
+        for name in ("_in_spec", "_out_spec"):
+            if name in model.__dict__:
+                shell.__dict__[name] = model.__dict__[name]
+        return plain_graph_module(shell)
     return model
 
 

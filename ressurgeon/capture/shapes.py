@@ -54,9 +54,10 @@ def _absmax(t: torch.Tensor) -> float | None:
     """max |t| for a real floating-point tensor (nan if any is nan); None otherwise."""
     if not t.is_floating_point() or not t.numel() or t.device.type == "meta":
         return None
-    if bool(torch.isnan(t).any()):
-        return float("nan")
-    return float(t.detach().abs().max())
+    # One pass over the tensor (this runs on every node of every capture): aminmax
+    # propagates NaN, and max(-min, max) is max |t| with NaN and infinity kept.
+    low, high = torch.aminmax(t.detach())
+    return float(torch.maximum(-low, high))
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = False) -> None:

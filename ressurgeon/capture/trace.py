@@ -33,9 +33,10 @@ from ..config import TraceOptions
 from ..errors import ConfigError, ShapeError, TraceError, brief
 from .exported import (as_module, dynamic_args, graph_module_from_export, is_unlifted,
                        plain_graph_module)
-from ..hf import without_cache
+from ..load.hf import without_cache
 from .inplace import remove_inplace
 from .modes import flipped_mode, keeps_mode, modules_for_mode_calls, reads_mode
+from ..recurrent import packed_call, refuse_packed, split_recurrent
 from .shapes import inputs_message, propagate_shapes, run_error
 from ..shortcuts import is_shortcut
 
@@ -85,6 +86,8 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     _check_dynamic(model, inputs, options.dynamic)
     work = quiet_copy(model)
     without_cache(work)  # Hugging Face models: a KV cache is no tensor (see hf.py)
+    if options.split_recurrent and not isinstance(work, fx.GraphModule):
+        work = split_recurrent(work)  # exact; lets shortcuts go between an LSTM's layers
     fx_error: _FxFailure | ShapeError | None = None
     if isinstance(work, fx.GraphModule):
         # Already a graph (a loaded .pt2, an earlier trace): keep its nodes and
@@ -94,6 +97,9 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         try:
             gm, method = _trace_fx(work, options), "fx"
         except _FxFailure as exc:  # fx raises many kinds of errors for untraceable code
+            packing = packed_call(exc.error)
+            if packing is not None:  # torch.export fails there too, less clearly
+                raise refuse_packed(model, packing, _user_frame(exc.error)) from exc
             gm, method, fx_error = None, None, exc
     if gm is not None:
         remove_inplace(gm)

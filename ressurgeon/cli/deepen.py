@@ -11,11 +11,12 @@ import typer
 from ..config import DeepenConfig, How
 from ..errors import ConfigError
 from . import render
-from .common import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
-                     Fp16Opt, InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt,
-                     Output, PlanOutOpt, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
-                     check_paths, default_output, load_with_inputs, parse_input, session,
-                     trace_from_flags)
+from .common import load_with_inputs
+from .options import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt, Fp16Opt,
+                      InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt, PlanOutOpt,
+                      QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt)
+from .output import Output, session
+from .parsing import check_paths, default_output, parse_input, trace_from_flags
 from .surgery import write_results
 
 _HELP = {f.name: f.metadata["help"] for f in fields(DeepenConfig)}
@@ -142,34 +143,19 @@ def deepen_cmd(
 
 def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Output, *,
                    dry_run: bool, verify: bool, shapes, vocab) -> None:
-    """A checkpoint folder: ``expand_checkpoint`` on disk, then (transformers) a parity check."""
-    import fnmatch
+    """A checkpoint folder: ``deepen_folder`` on disk, then (transformers) ``check_expanded``."""
+    from ..deepen.folder import check_expanded, deepen_folder
 
-    from ..deepen.stream import checkpoint_stack, expand_checkpoint, spread
-
-    if config.how is How.NEW:
-        raise ConfigError("a checkpoint folder grows by copies of its layers (--how copy or "
-                          "auto); new residual layers need a model file")
     dst = output or src.with_name(f"{src.name}-deeper")
-    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run}
-    if config.where:
-        prefix, n = checkpoint_stack(src)
-        matched = [i for i in range(n) if any(fnmatch.fnmatchcase(f"{prefix}.{i}", w)
-                                                or w == str(i) for w in config.where)]
-        if not matched:
-            raise ConfigError(f"--where {' '.join(config.where)} matches none of {prefix}.0 .. "
-                              f"{prefix}.{n - 1}")
-        count = config.blocks or len(matched)
-        if count > len(matched):
-            raise ConfigError(f"--blocks {count} but --where matches {len(matched)} layer(s)")
-        options["insert_after"] = [matched[i] for i in spread(len(matched), count)]
-    else:
-        options["blocks"] = config.blocks
     with out.step(f"expanding {src}" if not dry_run else f"planning {src}"):
-        report = expand_checkpoint(src, dst, **options)
+        report = deepen_folder(src, dst, config, dry_run=dry_run)
     parity = None
     if verify and not dry_run:
-        parity = _check_folders(src, dst, shapes, vocab, out)
+        shape = parse_input(shapes[0])[0] if shapes else (1, 8)
+        with out.step("checking the expanded checkpoint with transformers"):
+            parity = check_expanded(src, dst, shape=shape, vocab=vocab)
+        if parity is None:
+            out.note("not verified: transformers is not installed (pip install transformers)")
     if not dry_run:
         out.note(f"wrote {dst}/ ({report.bytes_written / 1e6:.1f} MB)")
 
@@ -181,40 +167,3 @@ def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Ou
     out.emit({"checkpoint": report.to_dict(), "dry_run": dry_run,
               "parity": parity.to_dict() if parity else None,
               "output": None if dry_run else str(dst)}, show)
-
-
-def _check_folders(src: Path, dst: Path, shapes, vocab, out: Output):
-    """Load both checkpoints with transformers' AutoModel and compare their outputs (exit 3 when
-    they differ); None, with a note, where transformers is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is None:
-        out.note("not verified: transformers is not installed (pip install transformers)")
-        return None
-    import torch
-    import transformers
-
-    from ..errors import LoadError, VerificationError
-    from ..verify import compare_outputs
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with out.step("checking the expanded checkpoint with transformers"):
-        try:
-            before = transformers.AutoModel.from_pretrained(src).eval()
-            after = transformers.AutoModel.from_pretrained(dst).eval()
-        except Exception as exc:   # any failure inside transformers: report it in one line
-            raise LoadError(f"transformers could not load the checkpoints to check them "
-                            f"({type(exc).__name__}: {str(exc)[:120]}); pass --no-verify to "
-                            "skip the check") from exc
-        shape = parse_input(shapes[0])[0] if shapes else (1, 8)
-        top = vocab or getattr(before.config, "vocab_size", None) or 2
-        ids = torch.randint(0, top, shape, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            want, got = before(ids), after(ids)
-    parity = compare_outputs([want.last_hidden_state], [got.last_hidden_state], check="rewrite")
-    if not parity.ok:
-        raise VerificationError(f"the expanded checkpoint's outputs differ from the original's "
-                                f"({parity.describe()}); this is a ressurgeon bug, please "
-                                "report it")
-    return parity

@@ -8,10 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from . import render
-from .common import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
-                     LeafOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, Output, QuietOpt,
-                     StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, check_paths,
-                     default_output, load_with_inputs, session, trace_from_flags)
+from .common import load_with_inputs
+from .options import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
+                      LeafOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, QuietOpt, StaticBatchOpt,
+                      TrustOpt, VocabOpt, WideOpt)
+from .output import Output, session
+from .parsing import check_paths, default_output, trace_from_flags
 from .surgery import save_noting, write_onnx
 
 

@@ -10,12 +10,13 @@ import typer
 from ..config import Init
 from ..errors import ConfigError
 from . import render
-from .common import (DEFAULTS, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
-                     InputShapeOpt, JoinOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
-                     PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, VocabOpt, WideOpt,
-                     cfg_help,
-                     check_paths, check_plot_extra, config_from_flags, console, example_inputs,
-                     load_with_inputs, session, trace_from_flags)
+from .common import example_inputs, load_with_inputs
+from .options import (ArchOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
+                      InputShapeOpt, JoinOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
+                      PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, VocabOpt, WideOpt,
+                      cfg_help, config_from_flags)
+from .output import console, session
+from .parsing import check_paths, check_plot_extra, trace_from_flags
 
 
 def diagnose_cmd(

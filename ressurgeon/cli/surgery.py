@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from . import render
-from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
-                     ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
-                     JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
-                     OpsetOpt, Output, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
-                     StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
-                     check_paths, check_plot_extra, config_from_flags,
-                     default_output, load_with_inputs, real_inputs, session,
-                     trace_from_flags)
+from .common import load_with_inputs, real_inputs
+from .options import (ArchOpt, ConcreteOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+                      ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
+                      JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
+                      OpsetOpt, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
+                      StaticBatchOpt, TrustOpt, VocabOpt, WideOpt, config_from_flags)
+from .output import Output, session
+from .parsing import check_paths, check_plot_extra, default_output, trace_from_flags
 
 
 def add_skips_cmd(

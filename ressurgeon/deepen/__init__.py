@@ -34,7 +34,7 @@ from .._torch import normalize_inputs, quiet_copy
 from ..analysis.layers import analyze_graph
 from ..errors import ConfigError, VerificationError
 from ..capture.exported import as_module
-from ..hf import is_pretrained
+from ..load.hf import is_pretrained
 from ..capture.trace import trace_model
 from ..verify import ParityReport, check_parity
 from . import hf

@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..hf import is_pretrained
+from ..load.hf import is_pretrained
 from ..config import DeepenConfig, How
+from .decide import StackPlan, find_layer_stack, plan_stack
 from .insert import NewBlock
+from .layer_config import config_for
 from .positions import Position
-from .stream import StackPlan, config_for, find_layer_stack, plan_stack
 
 # safetensors dtype names, as the zero rules check them (zero bytes are the number 0)
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",

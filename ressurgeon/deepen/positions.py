@@ -32,7 +32,7 @@ from ..verdicts import Reason
 from ..registry import Role, Trait, op_info
 from ..shortcuts import Shortcut, find_shortcuts, is_shortcut
 from ..config import DeepenConfig, How
-from .stream import spread
+from .decide import spread
 
 
 # Reasons a position may still be chosen by an explicit plan (they are choices, not faults).

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from .. import recurrent
 from .._fx import info, plain_instance, set_info, shape_or_val
 from ..config import Init
 from ..errors import ConfigError, PlanError
 from ..registry import Trait, lookup
-from ..verdicts import PairVerdict, Reason, Span, data_input, end_reasons, feeding
+from ..verdicts import PairVerdict, Reason, Span, data_input, end_reasons, feeding, layer_call
 from ._graph import ShortcutSite, group_ends
 from .base import JoinModule
 
@@ -81,12 +82,16 @@ class ConcatJoin(JoinModule):
     def widen(consumer: nn.Module, extra: int, init: Init) -> nn.Module:
         """A copy of ``consumer`` that also reads ``extra`` appended input channels.
 
+        A single-layer LSTM/GRU/RNN widens its input weights (``recurrent.widen``).
+
         preserve: their weights are zero (the output is exactly the consumer's);
         standard: PyTorch's default init for a layer of the new width.
 
         Raises:
             ConfigError: the consumer cannot be widened (see ``can_widen``).
         """
+        if isinstance(consumer, recurrent.RECURRENT):  # weight_ih_l0 (both directions) widens
+            return recurrent.widen(consumer, extra, init)
         why = ConcatJoin.cannot_widen(consumer)
         if why:
             raise ConfigError(f"cannot widen {type(consumer).__name__}: {why}")
@@ -111,6 +116,8 @@ class ConcatJoin(JoinModule):
     @staticmethod
     def cannot_widen(consumer: nn.Module) -> str | None:
         """Why ``consumer`` cannot take appended input channels (None: it can)."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return recurrent.cannot_widen(consumer)
         if not plain_instance(consumer, WIDENABLE):
             return (f"a {type(consumer).__name__} is not a plain Conv1d/2d/3d or Linear (its "
                     "forward is its own)")
@@ -122,8 +129,17 @@ class ConcatJoin(JoinModule):
         return None
 
     @staticmethod
+    def input_width(consumer: nn.Module) -> int:
+        """How many input channels (features) the consumer reads."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return consumer.input_size
+        return consumer.weight.shape[1]
+
+    @staticmethod
     def narrow(consumer: nn.Module, width: int) -> nn.Module | None:
         """``consumer`` without its appended input channels, if their weights are all zero."""
+        if isinstance(consumer, recurrent.RECURRENT):
+            return recurrent.narrow(consumer, width)
         if not plain_instance(consumer, WIDENABLE) or consumer.weight.shape[1] <= width:
             return None
         if bool(consumer.weight.detach()[:, width:].ne(0).any()):
@@ -145,8 +161,12 @@ class ConcatJoin(JoinModule):
         if len(users) != 1:
             return None
         user = users[0]
-        if user.op == "call_module" and hasattr(modules.get(user.target), "weight"):
-            weight = modules[user.target].weight
+        layer = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(layer, recurrent.RECURRENT):  # both directions' input weights
+            weight = torch.cat([getattr(layer, n) for n in layer._flat_weights_names
+                                if n.startswith("weight_ih")])
+        elif layer is not None and hasattr(layer, "weight"):
+            weight = layer.weight
         elif user.op == "call_function" and len(user.args) > 1 and \
                 getattr(user.args[1], "op", None) == "get_attr":
             owner, _, leaf = str(user.args[1].target).rpartition(".")
@@ -168,7 +188,7 @@ class ConcatJoin(JoinModule):
             users[0].op == "call_module" else None
         shape = shape_or_val(site.x)
         extra = int(shape[self.channel_axis]) if shape else None
-        width = consumer.weight.shape[1] - extra if consumer is not None and extra else None
+        width = ConcatJoin.input_width(consumer) - extra if consumer is not None and extra else None
         narrow = ConcatJoin.narrow(consumer, width) if width else None
         if narrow is None:
             return "the widened layer's new weights are trained: the concatenation stays"
@@ -218,7 +238,7 @@ class ConcatJoin(JoinModule):
         sources = [n for n in (feed, nodes[src.out]) if n is not None]
         after = chooser.children.get(unit.name, [])
         consumer = after[0] if len(after) == 1 and after[0].kind == "layer" else None
-        anchor = nodes[consumer.anchor] if consumer is not None else None
+        anchor = layer_call(nodes[consumer.anchor]) if consumer is not None else None
         c_in = data_input(anchor)
         module = analysis.modules.get(anchor.target) if anchor is not None and \
             anchor.op == "call_module" else None
@@ -290,7 +310,8 @@ class ConcatJoin(JoinModule):
         wide = cls.widen(layer, extra, init)
         gm.add_submodule(str(consumer.target), wide)
         # the consumer reads the concatenation; later shortcuts still read c_in itself
-        return c_in, c_in, wide.weight.numel() - layer.weight.numel()
+        added = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in layer.parameters())
+        return c_in, c_in, added
 
     @classmethod
     def from_inlined(cls, gm: fx.GraphModule, path: str,

@@ -20,7 +20,7 @@ from ..analysis.layers import GraphAnalysis, Layer, analyze_graph
 from ..config import Init, SkipConfig, TraceOptions
 from ..errors import VerificationError
 from ..capture.exported import as_module
-from ..hf import forward_kwargs
+from ..load.hf import forward_kwargs
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
 from .select import Reason, Span, mark_planned, select_spans
