@@ -79,11 +79,19 @@ class CaptureInfo:
 
     ``dynamic``: for a torch.export capture, the (input, dim) pairs that stayed
     symbolic; every other dim of its inputs is fixed to the captured size.
+    ``ranges``: (input, dim, least, most) of those dims (most None: unbounded),
+    the sizes the capture allowed; a ``.pt2`` written from it keeps them.
+    ``mode_baked``: the original's modules (paths) whose train-mode behaviour
+    the capture fixed in the mode it ran in.
     """
 
     method: str
     fx_error: str | None = None
     dynamic: tuple[tuple[int, int], ...] | None = None
+    ranges: tuple[tuple[int, int, int, int | None], ...] = ()
+    # modules whose train-mode behaviour the capture baked in the capture's mode
+    # (torch.export inlines drop-path and the like; fx keeps them as leaves)
+    mode_baked: tuple[str, ...] = ()
 
 
 def capture_info(gm: fx.GraphModule) -> CaptureInfo:

@@ -19,7 +19,7 @@ from ._io import atomic_path, owned_folder
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
-from .capture.exported import export_attempts
+from .capture.exported import export_attempts, pinned_batch
 
 FORMATS = {".pt2": "pt2", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}
 
@@ -78,20 +78,53 @@ def check_format(path: str | Path) -> str:
 def export_program(module: nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True,
                    dynamic: tuple[tuple[int | None, int], ...] | None = None
                    ) -> torch.export.ExportedProgram:
-    """torch.export the module in eval mode, with its dynamic dims symbolic when possible."""
+    """torch.export the module in eval mode, with its dynamic dims symbolic when possible.
+
+    A torch.export capture's dims keep the ranges it recorded
+    (``capture_info(module).ranges``). When export cannot keep a dim dynamic,
+    the archive fixes it at the example's size, and a UserWarning says which
+    dims and why (the CLI turns it into a note and a ``fixed_dims`` JSON field).
+    """
     dims = dynamic if dynamic is not None else model_dynamic_dims(module)
-    attempts = export_attempts(tuple(example_inputs), batch=dynamic_batch, dims=dims)
+    ranges = capture_info(module).ranges if isinstance(module, fx.GraphModule) else ()
+    # a capture that fixed its batch computes no other: asking for one would only fall back
+    attempts = export_attempts(tuple(example_inputs), dims=dims, ranges=ranges,
+                               batch=dynamic_batch and not pinned_batch(module))
+    first_error = None
     with eval_mode(module):
         for i, (args, shapes) in enumerate(attempts):
             try:
                 # export prints a partial graph to stderr on some failures: we say it in one line
                 with quiet_torch(stderr=True):
-                    return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+                    ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
             except Exception as exc:
+                first_error = first_error or exc
                 if i == len(attempts) - 1:
                     raise ExportError(f"torch.export could not capture the model for a .pt2 "
                                       f"({brief(exc)}); write it as .pt (a pickled GraphModule) "
                                       "or .safetensors (the weights) instead") from exc
+                continue
+            fixed = tuple((i, d, int(args[i].shape[d])) for i, d in
+                          sorted(_symbolic(attempts[0][1]) - _symbolic(shapes)))
+            if fixed:
+                sizes = ", ".join(f"input {i} dim {d} at {size}" for i, d, size in fixed)
+                warnings.warn(FixedDimsWarning(
+                    f"the .pt2 accepts only the example's size for {sizes}: torch.export could "
+                    f"not keep {'it' if len(fixed) == 1 else 'them'} dynamic "
+                    f"({brief(first_error)})", fixed), stacklevel=2)
+            return ep
+
+
+class FixedDimsWarning(UserWarning):
+    """A written .pt2 fixes dims that were dynamic; ``dims``: (input, dim, size) of each."""
+
+    def __init__(self, message: str, dims: tuple[tuple[int, int, int], ...]):
+        super().__init__(message)
+        self.dims = dims
+
+
+def _symbolic(shapes: tuple | None) -> set[tuple[int, int]]:
+    return {(i, d) for i, spec in enumerate(shapes or ()) for d in (spec or {})}
 
 
 def model_dynamic_dims(module: nn.Module) -> tuple[tuple[int, int], ...]:

@@ -21,9 +21,16 @@ size 1 is captured at size 2 (export specialises size 1); where the model pins
 its batch, the capture is static.
 
 A graph torch.export captured computes only the sizes it was captured with
-for its static dims. ``graph_module_from_export`` therefore puts a guard on
-each input (``check_input``) that raises a ShapeError naming the dim and the
-size instead of returning a wrong result for another size.
+for its static dims, and for its dynamic dims only the range the capture
+allowed (``Dim(min=, max=)`` and what the model's code implied) and the sizes
+that pass its guards (``bounds.py`` reads both as data).
+``graph_module_from_export`` therefore puts a guard on each input
+(``check_input``) and one on the guards (``check_guards``) that raise a
+ShapeError naming the dim, the bound and the size instead of returning a wrong
+result for another size.
+
+A ``.pt2`` holds no train/eval flag: the graph's mode-dependent ops say in which
+mode it was captured (``captured_training``), and the GraphModule starts in it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .._fx import META, CaptureInfo, attr, free_name, stack_path, swap_for_module
+from .bounds import (check_guards, guard_texts, input_ranges, placeholder_keys,
+                     shared_size_guards)
 from ..errors import ShapeError
 from ..recurrent import captured_recurrent
 from ..registry import Role, Trait, lookup
@@ -71,7 +80,9 @@ def dynamic_dims(inputs: tuple, *, batch: bool = True,
 
 
 def dynamic_args(inputs: tuple, *, batch: bool = True,
-                 dims: tuple[tuple[int | None, int], ...] = ()) -> tuple[tuple, tuple | None]:
+                 dims: tuple[tuple[int | None, int], ...] = (),
+                 ranges: tuple[tuple[int, int, int, int | None], ...] = ()
+                 ) -> tuple[tuple, tuple | None]:
     """(inputs, dynamic_shapes) for torch.export / torch.onnx under the one policy.
 
     The batch is one named ``Dim("batch")`` shared by the batched inputs; the
@@ -80,6 +91,10 @@ def dynamic_args(inputs: tuple, *, batch: bool = True,
     is traced at size 2 instead (the model must treat its rows or positions
     alike, as any batched or sequence model does). ``dynamic_shapes`` is None
     when nothing is dynamic.
+
+    ``ranges``: (input, dim, least, most) a capture recorded (``CaptureInfo.ranges``);
+    such a dim is exported as ``Dim(min=least, max=most)`` (one Dim per range,
+    shared by the batched inputs for the batch), so a written archive keeps them.
     """
     wanted = dynamic_dims(inputs, batch=batch, dims=dims)
     if not any(wanted):
@@ -92,23 +107,44 @@ def dynamic_args(inputs: tuple, *, batch: bool = True,
             if t.shape[d] == 1:
                 t = t.expand(*[2 if i == d else -1 for i in range(t.dim())]).clone()
         grown.append(t)
-    batch_dim = torch.export.Dim("batch", min=1)
+    # only ranges that bound something: an open one is Dim.DYNAMIC, as without ranges
+    # (a range of one size is no Dim: export fixes it, as the graph's check does)
+    known = {(i, d): (lo, hi) for i, d, lo, hi in ranges
+             if (lo > 2 or hi is not None) and (hi is None or hi > max(lo, 1))}
+    batch_range = next((known[(i, 0)] for i, b in enumerate(batched_dims(inputs) if batch else [])
+                        if b and (i, 0) in known), (1, None))
+    batch_dim = _dim("batch", *batch_range)
     batched = dynamic_dims(inputs, batch=batch)
-    shapes = tuple({d: (batch_dim if d in b else torch.export.Dim.DYNAMIC) for d in sorted(f)}
-                   or None for f, b in zip(wanted, batched))
+    shapes = tuple({d: (batch_dim if d in b else _dim(f"d{i}_{d}", *known[(i, d)])
+                        if (i, d) in known else torch.export.Dim.DYNAMIC) for d in sorted(f)}
+                   or None for i, (f, b) in enumerate(zip(wanted, batched)))
     return tuple(grown), shapes
 
 
+def _dim(name: str, least: int, most: int | None):
+    # export refuses min=0/1 for a Dim it must keep symbolic: it specialises sizes 0 and 1
+    least = max(least, 1)
+    return (torch.export.Dim(name, min=least) if most is None
+            else torch.export.Dim(name, min=least, max=max(most, least)))
+
+
 def export_attempts(inputs: tuple, *, batch: bool = True,
-                    dims: tuple[tuple[int | None, int], ...] = ()
+                    dims: tuple[tuple[int | None, int], ...] = (),
+                    ranges: tuple[tuple[int, int, int, int | None], ...] = ()
                     ) -> list[tuple[tuple, tuple | None]]:
     """(inputs, dynamic_shapes) to try in turn when saving: all dims, the batch only, static.
 
     For writing a model that is already captured: what stays dynamic is a
-    convenience there, so a dim export cannot keep symbolic falls back to fixed.
+    convenience there, so a dim export cannot keep symbolic falls back to fixed
+    (``save.export_program`` reports every such fallback). With ``ranges``
+    (a capture's), the dims keep those ranges.
     """
     attempts, seen = [], set()
-    for args in (dynamic_args(inputs, batch=batch, dims=dims), dynamic_args(inputs, batch=batch),
+    for args in (dynamic_args(inputs, batch=batch, dims=dims, ranges=ranges),
+                 dynamic_args(inputs, batch=batch, dims=dims),  # ranges left to the guards
+                 dynamic_args(inputs, batch=False, dims=dims, ranges=ranges),
+                 dynamic_args(inputs, batch=batch, ranges=ranges),
+                 dynamic_args(inputs, batch=batch),
                  (tuple(t.detach() for t in inputs), None)):
         key = repr(args[1])
         if key not in seen:
@@ -146,13 +182,14 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
                 bounds: tuple[tuple[int, int], ...] = (), recurrent: str = ""):
     """``x`` itself, when it has the rank and sizes the graph was captured for.
 
-    ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, largest
-    size) of dynamic dims whose range the model's code limited (past it the
-    captured graph may hold the wrong branch); ``recurrent``: the aten recurrent
-    op the graph holds, if any (torch.export fixes its sequence length).
+    ``static``: (dim, size) pairs fixed at capture; ``bounds``: (dim, least,
+    most) of dynamic dims (most None: unbounded), the range the capture allowed
+    (outside it the captured graph may hold the wrong branch); graphs written
+    before 0.x hold (dim, most) pairs, still read. ``recurrent``: the aten
+    recurrent op the graph holds, if any (torch.export fixes its sequence length).
 
     Raises:
-        ShapeError: naming the input, the dim and the captured size.
+        ShapeError: naming the input, the dim, the bound and the size given.
     """
     if not isinstance(x, torch.Tensor):
         return x
@@ -163,8 +200,9 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
         if x.shape[dim] != size:
             fix = ("a dynamic batch (TraceOptions(dynamic_batch=True), the default, unless the "
                    "model's code pins it)" if dim == 0 else
-                   f"the dim dynamic: TraceOptions(dynamic=(({index}, {dim}),)) or "
-                   f"--dynamic {index}:{dim}")
+                   f"the dim dynamic (when ressurgeon captures the model: "
+                   f"TraceOptions(dynamic=(({index}, {dim}),)) or --dynamic {index}:{dim}; "
+                   "when you export it: a torch.export.Dim for that dim)")
             if recurrent:  # no option frees a recurrent layer's time dim in torch.export
                 fix = (f"torch.fx instead (the graph holds {recurrent}, which torch.export "
                        "captures at one sequence length): add_skips on the nn.Module returns "
@@ -173,44 +211,93 @@ def check_input(x, index: int, rank: int, static: tuple[tuple[int, int], ...],
                 f"input {index} has size {x.shape[dim]} at dim {dim}, but this graph was "
                 f"captured by torch.export with size {size} there and computes only that size; "
                 f"give that size, or capture the model with {fix}")
-    for dim, most in bounds:
-        if x.shape[dim] > most:
-            raise ShapeError(f"input {index} has size {x.shape[dim]} at dim {dim}, but the "
-                             f"model's code limits that dim to {most} (torch.export captured "
-                             "it for sizes up to that only)")
+    for bound in bounds:
+        dim, least, most = bound if len(bound) == 3 else (bound[0], 0, bound[1])
+        size = x.shape[dim]
+        if size < least or (most is not None and size > most):
+            allowed = f"{least} to {most}" if most is not None else f"{least} or more"
+            raise ShapeError(f"input {index} has size {size} at dim {dim}, but this graph was "
+                             f"captured by torch.export for sizes {allowed} there (the "
+                             f"{'lower' if size < least else 'upper'} bound is "
+                             f"{least if size < least else most}; outside the range the "
+                             "captured graph may compute something else); give a size in "
+                             "that range, or capture the model again with a wider range")
     return x
 
 
-def _upper_bound(size) -> int | None:
-    """The largest value torch.export allows a symbolic size (None: unbounded or unknown)."""
-    try:
-        ranges = size.node.shape_env.var_to_range[size.node.expr]
-        upper = ranges.upper
-        return int(upper) if upper.is_finite else None
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
+def _guard_inputs(gm: fx.GraphModule, range_constraints: dict | None = None,
+                  guards: tuple[str, ...] = (), keys: list[tuple] | None = None) -> None:
+    """A check_input after every placeholder whose shape torch.export recorded, then the guards.
 
-
-def _guard_inputs(gm: fx.GraphModule) -> None:
-    """A check_input after every placeholder whose shape torch.export recorded."""
+    ``range_constraints``: the ExportedProgram's (None: the sizes' own ShapeEnv);
+    ``guards``: its guard strings, checked by ``check_guards`` on every call.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ranges = input_ranges([n.meta.get("val") for n in placeholders], range_constraints)
+    checked = []
     lstm = captured_recurrent(gm)
     recurrent = str(lstm.target) if lstm is not None else ""
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
+            checked.append(node)
             continue
         static = tuple((d, int(s)) for d, s in enumerate(val.shape)
                        if not isinstance(s, torch.SymInt))
-        bounds = tuple((d, b) for d, s in enumerate(val.shape)
-                       if isinstance(s, torch.SymInt) and (b := _upper_bound(s)) is not None)
         users = list(node.users)
         with gm.graph.inserting_after(node):
-            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, bounds,
+            guard = gm.graph.call_function(check_input, (node, i, val.dim(), static, ranges[i],
                                                          recurrent))
         guard.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
         for user in users:
             user.replace_input_with(node, guard)
+        checked.append(guard)
+    keys = keys or placeholder_keys(gm)
+    guards = tuple(shared_size_guards([n.meta.get("val") for n in placeholders], keys)) + guards
+    if guards and placeholders:
+        texts = guard_texts(list(dict.fromkeys(guards)), keys)
+        with gm.graph.inserting_after(checked[-1]):
+            gm.graph.call_function(check_guards, (tuple(checked), tuple(keys), texts))
+
+
+def captured_ranges(gm: fx.GraphModule) -> tuple[tuple[int, int, int, int | None], ...]:
+    """(input, dim, least, most) of each dynamic dim the graph's input guards allow."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is check_input:
+            index, bounds = node.args[1], node.args[4] if len(node.args) > 4 else ()
+            for bound in bounds:
+                dim, least, most = bound if len(bound) == 3 else (bound[0], 0, bound[1])
+                found.append((index, dim, least, most))
+    return tuple(found)
+
+
+def captured_training(graph: fx.Graph) -> bool:
+    """True when the graph's mode-dependent ops ran in train mode at capture (False: none)."""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.batch_norm.default, aten._native_batch_norm_legit.default,
+                           aten._native_batch_norm_legit_functional.default):
+            return bool(node.args[5]) if len(node.args) > 5 else False
+        if node.target in (aten.dropout.default, aten.feature_dropout.default):
+            return bool(node.args[2]) if len(node.args) > 2 else False
+    return False
+
+
+class GuardTracer(fx.Tracer):
+    """The fx tracer that re-traces a guarded graph when it is unpickled (``.pt``, deepcopy).
+
+    ``torch.fx.wrap`` patches ``check_input`` only under its own name in this
+    module; generated code calls it by another, so a plain Tracer would run the
+    check on Proxies, where it does nothing, and the graph would come back
+    without it. Autowrapped by identity, both checks stay calls in the graph.
+    """
+
+    def __init__(self, autowrap_modules=(), autowrap_functions=()):
+        super().__init__(autowrap_modules=tuple(autowrap_modules) or (__import__("math"),),
+                         autowrap_functions=(check_input, check_guards,
+                                             *autowrap_functions))
 
 
 def is_unlifted(gm: fx.GraphModule) -> bool:
@@ -254,27 +341,41 @@ def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule
 
     Returns:
         A GraphModule that follows ``.train()``/``.eval()``, with BatchNorm,
-        Dropout and our shortcuts as modules owning the program's tensors, and a
-        guard on each input that refuses sizes the capture did not cover.
-        ``capture_info(gm)`` says "export" and which dims stayed dynamic.
+        Dropout and our shortcuts as modules owning the program's tensors, and
+        guards that refuse sizes the capture did not cover (static sizes, each
+        dynamic dim's range from ``ep.range_constraints``, ``ep``'s recorded
+        guards). It starts in the mode it was captured in (``captured_training``).
+        ``capture_info(gm)`` says "export", which dims stayed dynamic and their ranges.
+
+    Raises:
+        ShapeError: ``ep`` records a guard ressurgeon cannot check.
     """
-    return plain_graph_module(ep.module())
+    unlifted = ep.module()
+    return plain_graph_module(unlifted, range_constraints=dict(ep.range_constraints),
+                              guards=tuple(getattr(ep, "_guards_code", None) or ()),
+                              keys=placeholder_keys(unlifted, ep.example_inputs))
 
 
-def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
+def plain_graph_module(unlifted: fx.GraphModule, *, range_constraints: dict | None = None,
+                       guards: tuple[str, ...] = (), keys: list[tuple] | None = None
+                       ) -> fx.GraphModule:
     """The conversion behind ``graph_module_from_export``, for an ``ep.module()`` result.
 
-    The graph object is taken over, not copied: pass a module you own.
+    The graph object is taken over, not copied: pass a module you own. Without
+    ``range_constraints`` the ranges are read from the sizes' own ShapeEnv;
+    ``guards``/``keys``: the program's guard strings and each input's path.
     """
     out_spec = getattr(unlifted, "_out_spec", None)
+    if keys is None:
+        keys = placeholder_keys(unlifted)  # while its forward still has the user's arg names
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name="ExportedModel")
     # A dynamic-shape export leaves its ShapeEnv behind: unpicklable, and not
     # needed once the graph runs on real tensors (it lives on in node.meta["val"]).
     for name in ("shape_env", "_in_spec", "_out_spec"):
         gm.__dict__.pop(name, None)  # the pytree specs only warn on deepcopy once unused
     # Unpickling re-traces the generated code with the graph's tracer class;
-    # export's needs constructor arguments, the plain fx Tracer does not.
-    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = None, {}, None
+    # export's needs constructor arguments, ours none, and keeps the input checks.
+    gm._tracer_cls, gm._tracer_extras, gm.graph._tracer_cls = GuardTracer, {}, GuardTracer
     graph = gm.graph
     graph.set_codegen(fx.graph.CodeGen())
     for node in list(graph.nodes):
@@ -286,16 +387,20 @@ def plain_graph_module(unlifted: fx.GraphModule) -> fx.GraphModule:
     flat = output.args[0]
     if out_spec is not None and isinstance(flat, (tuple, list)):
         output.args = (pytree.tree_unflatten(list(flat), out_spec),)
+    training = captured_training(graph)
     _modules_from_mode_ops(gm)
     lift_shortcuts(gm)
     lift_weighted_ops(gm)  # Conv/Linear modules again: editable, widenable, readable
     if not any(n.target is check_input for n in graph.nodes):
-        _guard_inputs(gm)
+        _guard_inputs(gm, range_constraints, guards, keys)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    gm.meta[META] = CaptureInfo(method="export", dynamic=captured_dims(gm))
+    gm.train(training)
+    gm.meta[META] = CaptureInfo(method="export", dynamic=captured_dims(gm),
+                                ranges=captured_ranges(gm))
     return gm
+
 
 
 def _modules_from_mode_ops(gm: fx.GraphModule) -> None:
@@ -418,5 +523,5 @@ def _module_path(gm: fx.GraphModule, weight_target: str) -> str:
 
 __all__ = ["graph_module_from_export", "plain_graph_module", "lift_weighted_ops",
            "dynamic_args", "dynamic_dims", "export_attempts", "batched_dims", "captured_dims",
-           "check_input", "as_module", "pinned_batch",
+           "check_input", "as_module", "pinned_batch", "captured_ranges", "captured_training",
            "is_unlifted"]

@@ -17,6 +17,7 @@ the modules and functions it registers as not traceable are added.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 import inspect
 import os
 import re
@@ -34,6 +35,7 @@ from .exported import (as_module, dynamic_args, graph_module_from_export, is_unl
                        plain_graph_module)
 from ..load.hf import without_cache
 from .inplace import remove_inplace
+from .modes import flipped_mode, keeps_mode, modules_for_mode_calls, reads_mode
 from ..recurrent import packed_call, refuse_packed, split_recurrent
 from .shapes import inputs_message, propagate_shapes, run_error
 from ..shortcuts import is_shortcut
@@ -81,6 +83,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     concrete = options.concrete_args
     _check_concrete(model, concrete)
     _check_arity(model, inputs, concrete)
+    _check_dynamic(model, inputs, options.dynamic)
     work = quiet_copy(model)
     without_cache(work)  # Hugging Face models: a KV cache is no tensor (see hf.py)
     if options.split_recurrent and not isinstance(work, fx.GraphModule):
@@ -115,11 +118,15 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         gm, method = _trace_export(work, inputs, fx_error, options), "export"
         remove_inplace(gm)
         propagate_shapes(gm, inputs, fake=options.fake)
-    dynamic = capture_info(gm).dynamic if method in ("export", "graph") else None
+    captured = capture_info(gm) if method in ("export", "graph", "fx") else CaptureInfo(method)
     gm.meta[META] = CaptureInfo(method=method, fx_error=None if fx_error is None
-                                else _describe_fx_failure(fx_error), dynamic=dynamic)
+                                else _describe_fx_failure(fx_error),
+                                dynamic=captured.dynamic if method != "fx" else None,
+                                ranges=captured.ranges, mode_baked=captured.mode_baked)
     if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
         gm.train(model.training)
+        baked = tuple(name for name, m in model.named_modules() if name and keeps_mode(m))
+        gm.meta[META] = replace(gm.meta[META], mode_baked=baked)
     else:  # the copy's submodules keep their own modes (frozen BatchNorm stays frozen)
         gm.training = model.training
     return gm
@@ -143,6 +150,36 @@ def _check_arity(model: nn.Module, inputs: tuple, concrete_args: dict | None) ->
         raise ShapeError(f"{type(model).__name__}.forward takes {want} tensor input(s) ({names}); "
                          f"{len(inputs)} example input(s) were given: pass one --input-shape "
                          "per input")
+
+
+def _check_dynamic(model: nn.Module, inputs: tuple,
+                   dynamic: tuple[tuple[int | None, int], ...]) -> None:
+    """Every dim asked dynamic exists, and a graph exported with it fixed is not asked for it.
+
+    Raises:
+        ConfigError: names the flag, the inputs' ranks or the size the graph fixed.
+    """
+    captured = capture_info(model).dynamic if isinstance(model, fx.GraphModule) else None
+    ranks = ", ".join(f"input {i}: {t.dim()}" for i, t in enumerate(inputs))
+    for index, dim in dynamic:
+        flag = f"--dynamic {dim}" if index is None else f"--dynamic {index}:{dim}"
+        if index is not None and not 0 <= index < len(inputs):
+            raise ConfigError(f"{flag}: there is no input {index}; the model takes "
+                              f"{len(inputs)} input(s), numbered from 0")
+        matched = [(i, dim % t.dim()) for i, t in enumerate(inputs)
+                   if (index is None or index == i) and -t.dim() <= dim < t.dim()]
+        if not matched:
+            who = "no input has" if index is None else f"input {index} has no"
+            raise ConfigError(f"{flag}: {who} dim {dim} (dims per input: {ranks})")
+        if captured is not None:
+            fixed = [(i, d) for i, d in matched if (i, d) not in captured]
+            if fixed and len(fixed) == len(matched):
+                i, d = fixed[0]
+                raise ConfigError(
+                    f"{flag}: this graph was exported by torch.export with input {i} dim {d} "
+                    f"fixed at size {inputs[i].shape[d]}, and ressurgeon cannot make a captured "
+                    "dim dynamic; export the model again with a torch.export.Dim for that dim "
+                    "(dynamic_shapes), or drop --dynamic")
 
 
 def _check_concrete(model: nn.Module, concrete_args: dict | None) -> None:
@@ -196,7 +233,7 @@ class _LeafTracer(fx.Tracer):
         self.leaf_classes = leaf_classes
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_shortcut(m) or isinstance(m, self.leaf_classes):
+        if is_shortcut(m) or isinstance(m, self.leaf_classes) or keeps_mode(m):
             return True
         name = type(m).__name__
         if any(fnmatch.fnmatchcase(qualname, p) or fnmatch.fnmatchcase(name, p)
@@ -214,6 +251,27 @@ class _FxFailure(Exception):
 
 
 def _trace_fx(model: nn.Module, options: TraceOptions) -> fx.GraphModule:
+    """fx's trace; a model whose own code reads ``self.training`` is traced in both modes.
+
+    The second trace finds the functional dropouts that follow the mode (they
+    become modules) and the modules whose behaviour the capture mode fixed
+    (``CaptureInfo.mode_baked``; see ``modes.py``).
+    """
+    gm = _trace_fx_once(model, options)
+    baked: tuple[str, ...] = ()
+    if reads_mode(model):
+        with flipped_mode(model) as other_training:
+            try:
+                other = _trace_fx_once(model, options)
+            except _FxFailure:  # the other branch cannot be traced: its modules are fixed
+                other = None
+        baked = (("(the model)",) if other is None
+                 else modules_for_mode_calls(gm, other, other_training))
+    gm.meta[META] = CaptureInfo(method="fx", mode_baked=baked)
+    return gm
+
+
+def _trace_fx_once(model: nn.Module, options: TraceOptions) -> fx.GraphModule:
     classes, functions = default_leaf_modules()
     tracer = _LeafTracer(options.leaf_modules, classes, functions)
     try:

@@ -125,7 +125,8 @@ def deepen_cmd(
         written = write_results(result.module, result.plan, inputs, out, target=target,
                                 plan_out=plan_out, onnx=onnx,
                                 onnx_options=dict(opset=opset, fp16=fp16,
-                                                  static_batch=static_batch, check=not no_check))
+                                                  static_batch=static_batch, check=not no_check),
+                                dynamic=trace.dynamic)
 
         def show() -> None:
             out.table(render.deepen_table(result, wide=wide))
@@ -136,6 +137,7 @@ def deepen_cmd(
                 out.note(f"outputs unchanged: {result.parity.describe()}")
 
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "fixed_dims": written["fixed_dims"],
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None}, show)
 
 

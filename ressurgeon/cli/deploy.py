@@ -14,7 +14,7 @@ from .options import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShap
                       TrustOpt, VocabOpt, WideOpt)
 from .output import Output, session
 from .parsing import check_paths, default_output, trace_from_flags
-from .surgery import write_onnx
+from .surgery import save_noting, write_onnx
 
 
 def export_cmd(
@@ -106,7 +106,7 @@ def fold_cmd(
       ressurgeon fold finetuned.pt --trust-pickle -i 8,3,32,32 -o deploy.pt2 --onnx deploy.onnx
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..save import check_format, save_model
+        from ..save import check_format
 
         target = output if output is not None or onnx is not None else \
             default_output(model, "folded")
@@ -121,12 +121,10 @@ def fold_cmd(
         if onnx is not None:  # first: the one step that can still fail a check (exit 3)
             report = write_onnx(result.module, inputs, onnx, out, opset=opset, fp16=fp16,
                                 static_batch=static_batch, check=not no_check)
-        written = None
+        written, fixed_dims = None, []
         if target is not None:
-            with out.step(f"writing {target}"):
-                written = save_model(result.module, target, inputs,
-                                     dynamic_batch=not static_batch)
-            out.note(f"wrote {written}")
+            written, fixed_dims = save_noting(result.module, target, inputs, out,
+                                              dynamic_batch=not static_batch)
 
         def show() -> None:
             if result.skips:
@@ -139,7 +137,7 @@ def fold_cmd(
             out.note(render.fold_summary(result))
 
         out.emit({**result.to_dict(), "output": str(written) if written else None,
-                  "onnx": report.to_dict() if report else None}, show)
+                  "fixed_dims": fixed_dims, "onnx": report.to_dict() if report else None}, show)
 
 
 def _fold(net, inputs: tuple, out: Output, **options):

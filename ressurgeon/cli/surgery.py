@@ -106,23 +106,26 @@ def add_skips_cmd(
                                trace=trace)
         written = _write_outputs(result, inputs, out, target=target, plan_out=plan_out,
                                  onnx=onnx, save_code=save_code, plot=plot,
+                                 dynamic=trace.dynamic,
                                  onnx_options=dict(opset=opset, fp16=fp16,
                                                    static_batch=static_batch,
                                                    check=not no_check))
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
+                  "fixed_dims": written.get("fixed_dims", []),
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None},
                  lambda: _render_surgery(result, out, wide))
 
 
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
-                   onnx_options: dict) -> dict:
+                   onnx_options: dict, dynamic=()) -> dict:
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
     from ..save import save_code as write_code
 
     if not result.skips:
-        return {"model": None, "onnx": None}
+        return {"model": None, "onnx": None, "fixed_dims": []}
     written = write_results(result.module, result.plan, inputs, out, target=target,
-                            plan_out=plan_out, onnx=onnx, onnx_options=onnx_options)
+                            plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
+                            dynamic=dynamic)
     if plot is not None:
         from ..analysis.layers import analyze_graph
         from ..plot import plot_surgery
@@ -136,29 +139,57 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
 
 
 def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
-                  onnx_options: dict) -> dict:
+                  onnx_options: dict, dynamic=()) -> dict:
     """Write the model, its ONNX and its plan, as the flags ask ({"model": path, "onnx": report}).
+
+    ``dynamic``: the dims ``--dynamic`` named; a ``.pt2`` keeps them symbolic with
+    those the capture kept (a fallback to a fixed size is noted, see ``save_noting``).
 
     The ONNX export is the one step that can still fail a check (exit 3): it runs first, so a
     failure leaves no other output behind.
     """
     from .._io import atomic_path
-    from ..save import save_model
 
-    written = {"model": None, "onnx": None}
+    written = {"model": None, "onnx": None, "fixed_dims": []}
     if onnx is not None or (target is not None and target.suffix == ".pt2"):
         inputs = real_inputs(module, inputs)  # exporters trace with real examples
     if onnx is not None:
         written["onnx"] = write_onnx(module, inputs, onnx, out, **onnx_options)
     if target is not None:
-        with out.step(f"writing {target}"):
-            written["model"] = save_model(module, target, inputs)
-        out.note(f"wrote {written['model']}")
+        from ..save import model_dynamic_dims
+
+        dims = tuple(dict.fromkeys(model_dynamic_dims(module) + tuple(dynamic or ())))
+        written["model"], written["fixed_dims"] = save_noting(module, target, inputs, out,
+                                                              dynamic=dims)
     if plan_out:
         with atomic_path(plan_out) as tmp:
             tmp.write_text(plan.to_json())
         out.note(f"wrote plan {plan_out}")
     return written
+
+
+def save_noting(module, target: Path, inputs: tuple, out: Output, **options
+                ) -> tuple[Path, list[dict]]:
+    """``save_model`` for a command: (path written, dims the .pt2 had to fix, for --json).
+
+    A fallback to a fixed size is never silent: it is noted on stderr.
+    """
+    import warnings
+
+    from ..save import FixedDimsWarning, save_model
+
+    with out.step(f"writing {target}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FixedDimsWarning)
+        path = save_model(module, target, inputs, **options)
+    fixed = []
+    for w in caught:
+        if isinstance(w.message, FixedDimsWarning):
+            fixed += [{"input": i, "dim": d, "size": size} for i, d, size in w.message.dims]
+            out.note(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out.note(f"wrote {path}")
+    return path, fixed
 
 
 def _render_surgery(result, out: Output, wide: bool) -> None:
@@ -169,6 +200,13 @@ def _render_surgery(result, out: Output, wide: bool) -> None:
         out.note(f"no shortcut inserted: {why}; no model written")
         return
     out.table(render.skips_table(result.skips, wide=wide))
+    if result.mode_baked:
+        shown = ", ".join(result.mode_baked[:4]) + (" ..." if len(result.mode_baked) > 4 else "")
+        mode = "train" if result.module.training else "eval"
+        out.note(f"note: the capture ran in {mode} mode and fixed the train-mode behaviour "
+                 f"of {len(result.mode_baked)} layer(s) "
+                 f"({shown}); see README 'Training-mode layers' (--leaf keeps such a layer a "
+                 "module)")
     for note in (render.rejection_summary(result.spans), render.overrides_note(result.skips)):
         if note:
             out.note(note)

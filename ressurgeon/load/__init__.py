@@ -68,7 +68,10 @@ def load_model(path: str | Path, *, arch: str | None = None,
             ``pytorch_model.bin``.
 
     Returns:
-        The model. For ``.pt2``: a plain, trainable GraphModule. For a
+        The model, in the mode it was saved in: a pickled module keeps its
+        own; a ``.pt2`` (which stores no mode) is in train mode when its graph
+        holds train-mode batch_norm or dropout, else in eval; weights with
+        ``arch`` give eval. For ``.pt2``: a plain, trainable GraphModule. For a
         TorchScript archive (only with ``trust_pickle``): the ScriptModule;
         pass it to ``from_torchscript`` with example inputs to get a
         GraphModule that ressurgeon can trace. For a folder: the transformers

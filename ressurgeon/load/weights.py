@@ -153,7 +153,7 @@ def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
         raise LoadError(f"the weights in {path} do not fit {arch}: "
                         f"{'; '.join(parts) or brief(exc)}; check that --arch builds the "
                         "architecture these weights were saved from") from exc
-    return model
+    return model.eval()  # weights hold no mode: eval, as a .pt2 without train-mode ops
 
 
 def build_arch(arch: str) -> nn.Module:

@@ -37,7 +37,10 @@ class SurgeryResult:
     plan that was applied; ``parity`` the measured output difference against
     the original (None when verify=False); ``method`` "fx", "export" or
     "graph"; ``residuals`` the residual connections the model already had (no
-    shortcut is added inside or parallel to them).
+    shortcut is added inside or parallel to them); ``mode_baked`` the
+    original's layers whose train-mode behaviour (drop-path, stochastic depth)
+    the capture could not keep: the result computes them as in the mode the
+    model was captured in (torch.export capture only; fx keeps them as modules).
     """
 
     module: fx.GraphModule
@@ -47,6 +50,7 @@ class SurgeryResult:
     parity: ParityReport | None
     method: str
     residuals: list[Residual] = field(default_factory=list)
+    mode_baked: tuple[str, ...] = ()
 
     @property
     def params_added(self) -> int:
@@ -58,6 +62,7 @@ class SurgeryResult:
                 "params_added": self.params_added,
                 "parity": self.parity.to_dict() if self.parity else None,
                 "existing_residuals": [r.to_dict() for r in self.residuals],
+                "mode_baked": list(self.mode_baked),
                 "rejected": [s.to_dict() for s in self.spans if not s.chosen]}
 
 
@@ -201,8 +206,10 @@ def rewrite_traced(gm: fx.GraphModule, inputs: tuple, config: SkipConfig | None 
     else:  # report what the plan does, not what automatic selection would have done
         spans = mark_planned(spans, {(s.source, s.target) for s in plan.skips})
     module, skips = apply_plan(gm, plan, analysis=analysis, inplace=True)
+    info = capture_info(gm)
     return SurgeryResult(module=module, skips=skips, spans=spans, plan=plan, parity=None,
-                         method=capture_info(gm).method, residuals=analysis.residuals)
+                         method=info.method, residuals=analysis.residuals,
+                         mode_baked=info.mode_baked)
 
 
 def _drop_nonfinite(result: SurgeryResult, inputs: tuple) -> list[torch.Tensor] | None:
