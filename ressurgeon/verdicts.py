@@ -231,7 +231,10 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
     Identity needs equal shapes. A projection may change the channel axis
     (dim 1 for channels-first tensors of rank >= 3, the last dim otherwise) and,
     for channels-first tensors, shrink every spatial dim by one integer stride,
-    as a strided 1x1 convolution does: ``out = (in - 1) // stride + 1``.
+    as a strided 1x1 convolution does: ``out = (in - 1) // stride + 1``. The stride is
+    the span's (the ratio of the sizes, rounded): where the span gives one position
+    less (``MaxPool2d(2)`` at odd sizes: floor(H/2)), the join crops the projection's
+    last one (``shortcuts.base.fit_spatial``), at every input size.
     """
     if src_shape == dst_shape:
         return "identity", 1
@@ -242,6 +245,10 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
         if any(d > s or d < 1 for s, d in spatial):
             return None
         s0, d0 = spatial[0]
+        if s0 != d0:  # the span's own stride: floor(H/s) (pools) or ceil(H/s) or a border less
+            stride = max(2, round(s0 / d0))
+            if all(d <= -(-s // stride) <= d + 1 for s, d in spatial):
+                return "projection", stride   # ceil(H/s), cropped to the span's size at run time
         stride = 1 if s0 == d0 else -(-s0 // d0)  # the smallest stride that fits dim 0
         if all((s - 1) // stride + 1 == d for s, d in spatial):
             return "projection", stride
