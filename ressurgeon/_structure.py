@@ -29,9 +29,9 @@ STAGES: tuple[Stage, ...] = (
           "`catalog.py`, `config.py`, `verdicts.py`, `shortcuts/` (one join a file), `_fx.py`, "
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
-          ("load", "hf", "capture", "capture.exported", "capture.inplace", "capture.shapes",
+          ("load", "checkpoint", "hf", "capture", "capture.exported", "capture.inplace", "capture.shapes",
            "capture.trace"),
-          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `shapes`, `inplace`)"),
+          "`load.py`, `checkpoint.py`, `hf.py`, `capture/` (`trace`, `exported`, `shapes`, `inplace`)"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ._nn_pickle import nn_global_names, nn_safe_globals
+from . import checkpoint
 from ._refuse_code import foreign_callables, refuse_code_execution, unpickling_refusal
 from ._torch import logged_exceptions, quiet_torch
 from .errors import LoadError, UnsafeFileError, brief
@@ -55,7 +56,7 @@ RATIO_FREE_TOTAL = 64 << 20
 
 
 def load_model(path: str | Path, *, arch: str | None = None,
-               trust_pickle: bool = False) -> nn.Module:
+               trust_pickle: bool = False, key: str | None = None) -> nn.Module:
     """Load a model file.
 
     Args:
@@ -69,6 +70,11 @@ def load_model(path: str | Path, *, arch: str | None = None,
             classes other than torch.nn's, a ``.pt2`` that holds pickles,
             TorchScript archives, and a folder whose weights are only
             ``pytorch_model.bin``.
+        key: for a training checkpoint (a dict holding the state_dict), the entry
+            to load; by default its one tensor dict or the usual key
+            (``ressurgeon.checkpoint``). A prefix shared by every key (``model.``,
+            ``module.``) is stripped when the rest matches ``arch`` exactly; which
+            key and prefix were used is said by a ``CheckpointNote`` warning.
 
     Returns:
         The model. For ``.pt2``: a plain, trainable GraphModule. For a
@@ -105,7 +111,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix == ".safetensors":
-        return _with_arch(read_safetensors(path), arch, path)
+        return _with_arch(read_safetensors(path), arch, path, None)
     _check_zip(path)
     if _is_torch_export(path):
         return _load_pt2(path, trust_pickle)
@@ -116,7 +122,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         return _load_torchscript(path, trust_pickle)
     if not head:
         raise LoadError(f"{path} is empty")
-    return _load_torch_save(path, arch, trust_pickle)
+    return _load_torch_save(path, arch, trust_pickle, key)
 
 
 def _load_folder(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
@@ -411,9 +417,11 @@ def read_safetensors(path: Path) -> dict:
         raise LoadError(f"{path} is not a readable safetensors file ({brief(exc)})") from exc
 
 
-def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
+def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool,
+                     key: str | None = None) -> nn.Module:
     try:
-        with quiet_torch(), nn_safe_globals():
+        with quiet_torch(), nn_safe_globals(), \
+                torch.serialization.safe_globals(checkpoint.inert_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         blocked = _blocked_globals(path)
@@ -428,11 +436,11 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
                 f"{path} needs full unpickling, which runs code from the file ({why}); "
                 f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module) and key is None:
         return obj
-    state = as_state_dict(obj)
-    if state is not None:
-        return _with_arch(state, arch, path)
+    found = checkpoint.find_state_dict(obj, key, path=path)
+    if found is not None:
+        return _with_arch(found.state, arch, path, found)
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
                     f"{SAFE_ROUTES}")
 
@@ -466,7 +474,7 @@ def _blocked_globals(path: Path) -> list[str] | None:
         names = _pickle_imports(path)
         if names is None:
             return None
-    allowed = nn_global_names() | _default_safe_globals()
+    allowed = nn_global_names() | _default_safe_globals() | checkpoint.inert_names()
     return sorted({n for n in names if n not in allowed})
 
 
@@ -522,11 +530,15 @@ def _pickle_imports(path: Path) -> list[str] | None:
     return found or None
 
 
-def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
+def _with_arch(state: dict, arch: str | None, path: Path,
+               found: checkpoint.Found | None) -> nn.Module:
     if arch is None:
-        raise LoadError(f"{path} holds weights only; pass --arch module:callable that builds "
-                        "the architecture (e.g. --arch mynets:build_vgg)")
+        where = f" (under key {found.key!r})" if found is not None and found.key else ""
+        raise LoadError(f"{path} holds weights only{where}; pass --arch module:callable that "
+                        "builds the architecture (e.g. --arch mynets:build_vgg)")
     model = build_arch(arch)
+    state, prefix = checkpoint.match_prefix(state, set(model.state_dict()))
+    checkpoint.note(found, prefix, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

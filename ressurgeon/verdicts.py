@@ -50,6 +50,7 @@ class Reason(StrEnum):
     NOT_IN_PLAN = "not-in-plan"
     NON_FINITE = "non-finite"
     CONSUMER = "no-consumer"
+    LARGE_PROJECTION = "large-projection"
     # deepen's: why a position gets no new block
     NO_RESIDUAL = "no-residual"
     CHANGES_SHAPE = "changes-shape"
@@ -90,6 +91,9 @@ _REASON_TEXT = {
                         "(a zero gate would turn it into NaN and cut the gate's gradient)"),
     Reason.CONSUMER: ("concat: no single Conv/Linear after the span can be widened to take "
                       "the features (none, several, grouped, shared or functional)"),
+    Reason.LARGE_PROJECTION: ("the projection would add 1M+ parameters, more than "
+                              "max_projection_share of the model's (allow it: --max-projection-share 1, or a "
+                              "larger share; SkipConfig(max_projection_share=None))"),
     Reason.NO_RESIDUAL: "the block has no residual connection of its own",
     Reason.CHANGES_SHAPE: "the block changes its input's shape or has a projection shortcut, "
                           "so no copy of it is the identity",

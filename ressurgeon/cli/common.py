@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -63,6 +64,10 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", metavar="PATTERN", help=cfg_help("exclude"), show_default=False)]
 MaxSkipsOpt = Annotated[Optional[int], typer.Option(
     "--max-skips", help=cfg_help("max_skips"), show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help=cfg_help("seed"), show_default=False)]
+MaxShareOpt = Annotated[float, typer.Option(
+    "--max-projection-share", metavar="SHARE", help=cfg_help("max_projection_share"))]
 
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
@@ -85,6 +90,12 @@ VocabOpt = Annotated[Optional[int], typer.Option(
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
+KeyOpt = Annotated[Optional[str], typer.Option(
+    "--key", help="For a training checkpoint (a dict that holds the state_dict): the entry to "
+    "load with --arch, e.g. state_dict_ema. Default: its one dict of tensors, else the first of "
+    "model_state_dict, state_dict, model, module, net, network, state_dict_ema, model_ema. A "
+    "prefix every key shares (model., module.) is stripped when the rest fits --arch exactly.",
+    show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading that runs code from the file: a pickle of classes "
     "other than torch.nn's, a .pt2 that holds pickles, a TorchScript file. Only for files you "
@@ -143,6 +154,12 @@ class Output:
     def __init__(self, *, as_json: bool, quiet: bool):
         self.as_json = as_json
         self.quiet = quiet or as_json
+        self.silent = quiet   # --quiet; --json alone still lets warnings through
+
+    def warn(self, text: str) -> None:
+        """One line on stderr that a result needs (with --json too; not with --quiet)."""
+        if not self.silent:
+            err.print(text, markup=False, highlight=False)
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
@@ -215,11 +232,15 @@ def _one_line(exc: BaseException) -> str:
 def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
                       join=DEFAULTS.join, placement=DEFAULTS.placement,
                       include: list[str] | None = None, exclude: list[str] | None = None,
-                      max_skips: int | None = None) -> SkipConfig:
+                      max_skips: int | None = None,
+                      max_projection_share: float | None = DEFAULTS.max_projection_share,
+                      seed: int | None = DEFAULTS.seed) -> SkipConfig:
     """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
+    share = max_projection_share if max_projection_share is None or max_projection_share > 0 \
+        else None   # the CLI's "no limit"
     return SkipConfig(span=span, kind=kind, init=init, join=join, placement=placement,
                       include=tuple(include or ()), exclude=tuple(exclude or ()),
-                      max_skips=max_skips)
+                      max_skips=max_skips, max_projection_share=share, seed=seed)
 
 
 def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | None = None,
@@ -402,7 +423,8 @@ def check_plot_extra(plot: Path | None) -> None:
 
 def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
                      dtype: str, device: str, out: Output, plan_shapes=(), *,
-                     shapes_only: bool = False, vocab: int | None = None):
+                     shapes_only: bool = False, vocab: int | None = None,
+                     key: str | None = None):
     """Load the model and build seeded example inputs on the requested dtype and device.
 
     A TorchScript archive (only with --trust-pickle) becomes a graph here, once
@@ -415,8 +437,17 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
     from ..load import from_torchscript, load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
-    with out.step(f"loading {model_path}"):
-        model = load_model(model_path, arch=arch, trust_pickle=trust)
+    from ..checkpoint import CheckpointNote
+
+    with out.step(f"loading {model_path}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointNote)
+        model = load_model(model_path, arch=arch, trust_pickle=trust, key=key)
+    for warning in caught:  # which entry of a training checkpoint, which prefix
+        if isinstance(warning.message, CheckpointNote):
+            out.note(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
     if isinstance(model, torch.jit.ScriptModule):  # needs inputs before it can become a graph
         script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes,
                                        vocab=vocab)

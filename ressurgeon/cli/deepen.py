@@ -11,7 +11,7 @@ import typer
 from ..config import DeepenConfig, How
 from ..errors import ConfigError
 from . import render
-from .common import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+from .common import (KeyOpt, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      Fp16Opt, InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt,
                      Output, PlanOutOpt, QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
                      check_paths, default_output, load_with_inputs, parse_input, session,
@@ -55,6 +55,7 @@ def deepen_cmd(
     static_batch: StaticBatchOpt = False,
     no_check: NoCheckOpt = False,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -115,7 +116,7 @@ def deepen_cmd(
             check_format(target)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        loaded_plan.input_shapes if loaded_plan else (),
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         with out.step("tracing and inserting new blocks"):
             from ..deepen import deepen
 
