@@ -10,6 +10,7 @@ CLI's ``--help`` stays fast.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
@@ -236,9 +237,18 @@ class DeepenConfig:
         "Hugging Face models and checkpoint folders only: the modules to zero in each copy, "
         "relative to a block (e.g. 'self_attn.o_proj'); default: the family's rule in "
         "ressurgeon.deepen.ZERO_RULES."))
+    prefix: str | None = field(default=None, metadata=_help(
+        "Hugging Face models and checkpoint folders only: the layer list to grow, e.g. "
+        "'encoder.block' or 'decoder.layers' for encoder-decoders (T5, BART, Whisper, CLIP) "
+        "whose lists are nested; default: the one layer stack found."))
 
     def __post_init__(self) -> None:
         _count("blocks", self.blocks, low=1, optional=True)
+        if self.prefix is not None and not (
+                isinstance(self.prefix, str)
+                and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*", self.prefix.rstrip("."))):
+            raise ConfigError(f"prefix must be a dotted module path such as 'encoder.block', "
+                              f"got {self.prefix!r}")
         object.__setattr__(self, "how", _enum(How, "how", self.how))
         for name in ("where", "zero"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))

@@ -39,6 +39,8 @@ def deepen_cmd(
         "--how", metavar="|".join(h.value for h in How), help=_HELP["how"])] = How.AUTO.value,
     zero: Annotated[Optional[list[str]], typer.Option(
         "--zero", metavar="NAME", help=_HELP["zero"], show_default=False)] = None,
+    prefix: Annotated[Optional[str], typer.Option(
+        "--prefix", metavar="PATH", help=_HELP["prefix"], show_default=False)] = None,
     input_shape: InputShapeOpt = None,
     vocab: VocabOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
@@ -97,7 +99,8 @@ def deepen_cmd(
 
         loaded_plan = DeepenPlan.load(plan) if plan else None
         config = loaded_plan.config if loaded_plan else DeepenConfig(
-            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()))
+            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()),
+            prefix=prefix)
         if model.is_dir():
             if plan or plan_out or onnx:
                 raise ConfigError("--plan, --plan-out and --onnx apply to model files; for a "
@@ -150,9 +153,10 @@ def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Ou
         raise ConfigError("a checkpoint folder grows by copies of its layers (--how copy or "
                           "auto); new residual layers need a model file")
     dst = output or src.with_name(f"{src.name}-deeper")
-    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run}
+    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run,
+                     "prefix": config.prefix}
     if config.where:
-        prefix, n = checkpoint_stack(src)
+        prefix, n = checkpoint_stack(src, config.prefix)
         matched = [i for i in range(n) if any(fnmatch.fnmatchcase(f"{prefix}.{i}", w)
                                                 or w == str(i) for w in config.where)]
         if not matched:
