@@ -105,3 +105,47 @@ def test_seed_makes_the_projection_weights_reproducible(tmp_path):
     one, two = (load_model(tmp_path / n / "out.pt2").state_dict() for n in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     # (not byte-identical: torch.export writes a random serialization_id and object ids)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Every CLI option named after a config field defaults to that field's default."""
+    import dataclasses
+
+    import typer
+
+    from ressurgeon.config import DeepenConfig, SkipConfig, TraceOptions
+
+    defaults: dict[str, list] = {}
+    for cls in (SkipConfig, TraceOptions, DeepenConfig):
+        for f in dataclasses.fields(cls):
+            value = getattr(f.default, "value", f.default)
+            defaults.setdefault(f.name, []).append(None if value == () else value)
+    aliases = {"leaf": "leaf_modules", "concrete": "concrete_args"}
+    # diagnose measures gradient flow, which a closed (preserve) gate would not change
+    intended = {("diagnose", "init"), ("diagnose", "seed")}
+    differ, checked = [], 0
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            field = aliases.get(param.name, param.name)
+            if field not in defaults or (name, param.name) in intended:
+                continue
+            checked += 1
+            default = None if param.default in ((), []) else param.default
+            if all(str(default) != str(d) for d in defaults[field]):
+                differ.append((name, param.name, param.default, defaults[field]))
+    assert checked >= 20 and differ == []
+
+
+def test_python_and_cli_insert_the_same_skips_on_one_archive(tmp_path):
+    from ressurgeon import add_skips
+    from tests.models import plain_cnn
+
+    torch.manual_seed(0)
+    model, x = plain_cnn().eval(), torch.randn(1, 3, 32, 32)
+    path = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    python = add_skips(load_model(path), (x,))
+    cli = json.loads(run("add-skips", path, "--json", "-o", tmp_path / "o.pt2").stdout)
+    assert cli["config"] == python.plan.config.to_dict()
+    assert [(s["source_layer"], s["target_layer"], s["kind"]) for s in cli["skips"]] == \
+        [(s.source_layer, s.target_layer, s.kind) for s in python.skips]
