@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ._nn_pickle import _RebuildOnly   # calling a stand-in (pickle's REDUCE) is refused
 from .errors import LoadError
 
 #: where checkpoints keep the model's weights, most specific first; the EMA copy
@@ -49,12 +50,6 @@ class InertObject:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"InertObject({fields})"
-
-
-class _RebuildOnly(type):
-    def __call__(cls, *args, **kwargs):
-        raise pickle.UnpicklingError(f"{cls.__qualname__} in a checkpoint may be rebuilt from "
-                                     "its state, not called")
 
 
 def _stand_in(name: str, make) -> type:
