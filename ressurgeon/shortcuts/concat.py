@@ -314,7 +314,8 @@ class ConcatJoin(JoinModule):
         val = c.meta.get("val")
         rank = val.dim() if val is not None else 0
         axis = 1 if rank > 2 and dim % max(rank, 1) == 1 else -1
-        pooled = [n for n in nodes if n is not cat and n.op == "call_function"]
+        pooled = [n for n in nodes if n is not cat and n.op == "call_function"   # not the guard
+                  and "pool" in getattr(n.target, "__name__", str(n.target))]
         stride = 1
         if pooled and pooled[0].args and len(pooled[0].args) > 1:
             kernel = pooled[0].args[1]
