@@ -30,12 +30,12 @@ STAGES: tuple[Stage, ...] = (
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
           ("load.common", "load.allowlist", "load.expressions", "load.program", "load.validate",
-           "load.guard", "load.nn_pickle", "load.safetensors", "load.archive",
+           "load.guard", "load.nn_pickle", "load.checkpoint", "load.safetensors", "load.archive",
            "capture", "capture.bounds", "capture.exported", "capture.inplace", "capture.modes",
            "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load",
            "capture.trace", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
-          "`archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), "
+          "`checkpoint` (training checkpoints), `archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), "
           "`capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, `inplace`), `inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",

@@ -10,6 +10,7 @@ CLI's ``--help`` stays fast.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
@@ -123,6 +124,15 @@ class SkipConfig:
         "Glob patterns on layer names; a shortcut with either end matching one is skipped."))
     max_skips: int | None = field(default=None, metadata=_help(
         "Insert at most this many shortcuts (the earliest in the graph win)."))
+    max_projection_share: float | None = field(default=0.25, metadata=_help(
+        "Skip a projection of 1M+ parameters that alone would add more than this share of "
+        "the model's parameters (0.25: 25%; reason large-projection); None (CLI: 0 or less) "
+        "for no limit. "
+        "A classifier-sized projection (vgg11_bn: +102.9M, +77%) is rarely wanted; a plain "
+        "ResNet-50's last stage projection (as ResNet has it) is about 10%."))
+    seed: int | None = field(default=None, metadata=_help(
+        "Seed for the new random weights (projections, highway transforms, concat's standard "
+        "columns): two runs with one seed write the same weights. None: torch's global RNG."))
 
     def __post_init__(self) -> None:
         _count("span", self.span, low=1)
@@ -137,6 +147,11 @@ class SkipConfig:
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
         _count("max_skips", self.max_skips, low=0, optional=True)
+        _count("seed", self.seed, low=0, optional=True)
+        share = self.max_projection_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not share > 0):
+            raise ConfigError(f"max_projection_share must be a number > 0 or None, got {share!r}")
 
     def allows(self, layer_name: str) -> bool:
         """True when the include/exclude patterns let a shortcut touch this layer."""
@@ -225,9 +240,18 @@ class DeepenConfig:
         "Hugging Face models and checkpoint folders only: the modules to zero in each copy, "
         "relative to a block (e.g. 'self_attn.o_proj'); default: the family's rule in "
         "ressurgeon.deepen.ZERO_RULES."))
+    prefix: str | None = field(default=None, metadata=_help(
+        "Hugging Face models and checkpoint folders only: the layer list to grow, e.g. "
+        "'encoder.block' or 'decoder.layers' for encoder-decoders (T5, BART, Whisper, CLIP) "
+        "whose lists are nested; default: the one layer stack found."))
 
     def __post_init__(self) -> None:
         _count("blocks", self.blocks, low=1, optional=True)
+        if self.prefix is not None and not (
+                isinstance(self.prefix, str)
+                and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*", self.prefix.rstrip("."))):
+            raise ConfigError(f"prefix must be a dotted module path such as 'encoder.block', "
+                              f"got {self.prefix!r}")
         object.__setattr__(self, "how", _enum(How, "how", self.how))
         for name in ("where", "zero"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))

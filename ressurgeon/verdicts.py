@@ -51,6 +51,7 @@ class Reason(StrEnum):
     NOT_IN_PLAN = "not-in-plan"
     NON_FINITE = "non-finite"
     CONSUMER = "no-consumer"
+    LARGE_PROJECTION = "large-projection"
     # deepen's: why a position gets no new block
     NO_RESIDUAL = "no-residual"
     CHANGES_SHAPE = "changes-shape"
@@ -92,6 +93,9 @@ _REASON_TEXT = {
     Reason.CONSUMER: ("concat: no single Conv/Linear/LSTM/GRU/RNN after the span can be "
                       "widened to take the features (none, several, grouped, shared, "
                       "functional or multi-layer)"),
+    Reason.LARGE_PROJECTION: ("the projection would add 1M+ parameters, more than "
+                              "max_projection_share of the model's (allow it: --max-projection-share 1, or a "
+                              "larger share; SkipConfig(max_projection_share=None))"),
     Reason.NO_RESIDUAL: "the block has no residual connection of its own",
     Reason.CHANGES_SHAPE: "the block changes its input's shape or has a projection shortcut, "
                           "so no copy of it is the identity",
@@ -239,7 +243,10 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
     Identity needs equal shapes. A projection may change the channel axis
     (dim 1 for channels-first tensors of rank >= 3, the last dim otherwise) and,
     for channels-first tensors, shrink every spatial dim by one integer stride,
-    as a strided 1x1 convolution does: ``out = (in - 1) // stride + 1``.
+    as a strided 1x1 convolution does: ``out = (in - 1) // stride + 1``. The stride is
+    the span's (the ratio of the sizes, rounded): where the span gives one position
+    less (``MaxPool2d(2)`` at odd sizes: floor(H/2)), the join crops the projection's
+    last one (``shortcuts.base.fit_spatial``), at every input size.
     """
     if src_shape == dst_shape:
         return "identity", 1
@@ -250,6 +257,10 @@ def join_kind(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
         if any(d > s or d < 1 for s, d in spatial):
             return None
         s0, d0 = spatial[0]
+        if s0 != d0:  # the span's own stride: floor(H/s) (pools) or ceil(H/s) or a border less
+            stride = max(2, round(s0 / d0))
+            if all(d <= -(-s // stride) <= d + 1 for s, d in spatial):
+                return "projection", stride   # ceil(H/s), cropped to the span's size at run time
         stride = 1 if s0 == d0 else -(-s0 // d0)  # the smallest stride that fits dim 0
         if all((s - 1) // stride + 1 == d for s, d in spatial):
             return "projection", stride

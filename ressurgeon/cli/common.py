@@ -13,6 +13,7 @@ Nothing here imports torch at module level: ``ressurgeon --help`` stays fast.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from . import options, output, parsing
@@ -28,7 +29,8 @@ __all__ = [*options.__all__, *output.__all__, *parsing.__all__, "example_inputs"
 
 def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | None, trust: bool,
                      dtype: str, device: str, out: Output, plan_shapes=(), *,
-                     shapes_only: bool = False, vocab: int | None = None):
+                     shapes_only: bool = False, vocab: int | None = None,
+                     key: str | None = None):
     """Load the model and build seeded example inputs on the requested dtype and device.
 
     A TorchScript archive (only with --trust-pickle) becomes a graph here, once
@@ -41,8 +43,17 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
     from ..load import from_torchscript, load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
-    with out.step(f"loading {model_path}"):
-        model = load_model(model_path, arch=arch, trust_pickle=trust)
+    from ..load.checkpoint import CheckpointNote
+
+    with out.step(f"loading {model_path}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointNote)
+        model = load_model(model_path, arch=arch, trust_pickle=trust, key=key)
+    for warning in caught:  # which entry of a training checkpoint, which prefix
+        if isinstance(warning.message, CheckpointNote):
+            out.note(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
     if isinstance(model, torch.jit.ScriptModule):  # needs inputs before it can become a graph
         script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes,
                                        vocab=vocab)

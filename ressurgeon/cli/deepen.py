@@ -12,7 +12,7 @@ from ..config import DeepenConfig, How
 from ..errors import ConfigError
 from . import render
 from .common import load_with_inputs
-from .options import (ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt, Fp16Opt,
+from .options import (KeyOpt, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt, Fp16Opt,
                       InputShapeOpt, JsonOpt, LeafOpt, NoCheckOpt, OnnxOpt, OpsetOpt, PlanOutOpt,
                       QuietOpt, StaticBatchOpt, TrustOpt, VocabOpt, WideOpt)
 from .output import Output, session
@@ -40,6 +40,8 @@ def deepen_cmd(
         "--how", metavar="|".join(h.value for h in How), help=_HELP["how"])] = How.AUTO.value,
     zero: Annotated[Optional[list[str]], typer.Option(
         "--zero", metavar="NAME", help=_HELP["zero"], show_default=False)] = None,
+    prefix: Annotated[Optional[str], typer.Option(
+        "--prefix", metavar="PATH", help=_HELP["prefix"], show_default=False)] = None,
     input_shape: InputShapeOpt = None,
     vocab: VocabOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
@@ -56,6 +58,7 @@ def deepen_cmd(
     static_batch: StaticBatchOpt = False,
     no_check: NoCheckOpt = False,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -97,7 +100,8 @@ def deepen_cmd(
 
         loaded_plan = DeepenPlan.load(plan) if plan else None
         config = loaded_plan.config if loaded_plan else DeepenConfig(
-            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()))
+            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()),
+            prefix=prefix)
         if model.is_dir():
             if plan or plan_out or onnx:
                 raise ConfigError("--plan, --plan-out and --onnx apply to model files; for a "
@@ -116,7 +120,7 @@ def deepen_cmd(
             check_format(target)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        loaded_plan.input_shapes if loaded_plan else (),
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         with out.step("tracing and inserting new blocks"):
             from ..deepen import deepen
 

@@ -9,7 +9,7 @@ import typer
 
 from . import render
 from .common import load_with_inputs
-from .options import (ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
+from .options import (KeyOpt, ArchOpt, DebugOpt, DeviceOpt, DtypeOpt, Fp16Opt, InputShapeOpt, JsonOpt,
                       LeafOpt, ModelArg, NoCheckOpt, OnnxOpt, OpsetOpt, QuietOpt, StaticBatchOpt,
                       TrustOpt, VocabOpt, WideOpt)
 from .output import Output, session
@@ -31,6 +31,7 @@ def export_cmd(
         "(see 'ressurgeon fold').")] = False,
     no_check: NoCheckOpt = False,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -52,7 +53,7 @@ def export_cmd(
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         check_paths([model], {"--onnx": onnx})
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         folded = None
         if fold_first:
             folded = _fold(net, inputs, out, trace=trace_from_flags(leaf=leaf))
@@ -80,6 +81,7 @@ def fold_cmd(
         "--keep-batchnorm", help="Do not fold BatchNorm into the conv/linear before it "
         "(then fewer shortcuts can be merged or have their gates absorbed).")] = False,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -114,7 +116,7 @@ def fold_cmd(
         if target is not None:
             check_format(target)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         result = _fold(net, inputs, out, fold_batchnorm=not keep_batchnorm,
                        trace=trace_from_flags(leaf=leaf))
         report = None

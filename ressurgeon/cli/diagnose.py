@@ -11,7 +11,7 @@ from ..config import Init
 from ..errors import ConfigError
 from . import render
 from .common import example_inputs, load_with_inputs
-from .options import (ArchOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
+from .options import (KeyOpt, ArchOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt,
                       InputShapeOpt, JoinOpt, JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg,
                       PlacementOpt, PlotOpt, QuietOpt, SpanOpt, TrustOpt, VocabOpt, WideOpt,
                       cfg_help, config_from_flags)
@@ -45,6 +45,7 @@ def diagnose_cmd(
                                       "regression target and dropout.")] = 0,
     plot: PlotOpt = None,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -80,7 +81,7 @@ def diagnose_cmd(
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         other = None
         if rewritten is not None:
             with out.step(f"loading {rewritten}"):

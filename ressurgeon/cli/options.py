@@ -17,7 +17,8 @@ from ..catalog import JOINS
 from ..config import Init, Kind, Placement, SkipConfig
 
 __all__ = ["DEFAULTS", "FIELDS", "cfg_help", "config_from_flags", "SpanOpt", "KindOpt", "InitOpt",
-           "JoinOpt", "PlacementOpt", "IncludeOpt", "ExcludeOpt", "MaxSkipsOpt", "ModelArg",
+           "JoinOpt", "PlacementOpt", "IncludeOpt", "ExcludeOpt", "MaxSkipsOpt", "SeedOpt",
+           "MaxShareOpt", "KeyOpt", "ModelArg",
            "InputShapeOpt", "VocabOpt", "ArchOpt", "TrustOpt", "DtypeOpt", "DeviceOpt", "LeafOpt",
            "FakeOpt", "ConcreteOpt", "DynamicOpt", "PlanOutOpt", "PlotOpt", "WideOpt", "JsonOpt",
            "QuietOpt", "DebugOpt", "OnnxOpt", "OpsetOpt", "Fp16Opt", "StaticBatchOpt",
@@ -54,6 +55,10 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", metavar="PATTERN", help=cfg_help("exclude"), show_default=False)]
 MaxSkipsOpt = Annotated[Optional[int], typer.Option(
     "--max-skips", help=cfg_help("max_skips"), show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help=cfg_help("seed"), show_default=False)]
+MaxShareOpt = Annotated[float, typer.Option(
+    "--max-projection-share", metavar="SHARE", help=cfg_help("max_projection_share"))]
 
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
@@ -76,6 +81,12 @@ VocabOpt = Annotated[Optional[int], typer.Option(
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", help="module:callable that builds the architecture for a weights file "
     "(imported from the current folder or PYTHONPATH).", show_default=False)]
+KeyOpt = Annotated[Optional[str], typer.Option(
+    "--key", help="For a training checkpoint (a dict that holds the state_dict): the entry to "
+    "load with --arch, e.g. state_dict_ema. Default: its one dict of tensors, else the first of "
+    "model_state_dict, state_dict, model, module, net, network, state_dict_ema, model_ema. A "
+    "prefix every key shares (model., module.) is stripped when the rest fits --arch exactly.",
+    show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading that runs code from the file: a pickle of classes "
     "other than torch.nn's, a .pt2 that holds pickles, a TorchScript file. Only for files you "
@@ -131,10 +142,14 @@ NoCheckOpt = Annotated[bool, typer.Option(
 def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
                       join=DEFAULTS.join, placement=DEFAULTS.placement,
                       include: list[str] | None = None, exclude: list[str] | None = None,
-                      max_skips: int | None = None) -> SkipConfig:
+                      max_skips: int | None = None,
+                      max_projection_share: float | None = DEFAULTS.max_projection_share,
+                      seed: int | None = DEFAULTS.seed) -> SkipConfig:
     """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
+    share = max_projection_share if max_projection_share is None or max_projection_share > 0 \
+        else None   # the CLI's "no limit"
     return SkipConfig(span=span, kind=kind, init=init, join=join, placement=placement,
                       include=tuple(include or ()), exclude=tuple(exclude or ()),
-                      max_skips=max_skips)
+                      max_skips=max_skips, max_projection_share=share, seed=seed)
 
 

@@ -32,6 +32,12 @@ class Output:
     def __init__(self, *, as_json: bool, quiet: bool):
         self.as_json = as_json
         self.quiet = quiet or as_json
+        self.silent = quiet   # --quiet; --json alone still lets warnings through
+
+    def warn(self, text: str) -> None:
+        """One line on stderr that a result needs (with --json too; not with --quiet)."""
+        if not self.silent:
+            err.print(text, markup=False, highlight=False)
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:

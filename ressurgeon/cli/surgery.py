@@ -9,7 +9,7 @@ import typer
 
 from . import render
 from .common import load_with_inputs, real_inputs
-from .options import (ArchOpt, ConcreteOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+from .options import (KeyOpt, MaxShareOpt, SeedOpt, ArchOpt, ConcreteOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                       ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
                       JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
                       OpsetOpt, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
@@ -33,6 +33,8 @@ def add_skips_cmd(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
+    max_projection_share: MaxShareOpt = DEFAULTS.max_projection_share,
+    seed: SeedOpt = DEFAULTS.seed,
     plan: Annotated[Optional[Path], typer.Option(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
         "choosing spans; its settings win over the span/kind/init flags.",
@@ -50,6 +52,7 @@ def add_skips_cmd(
         "--save-code", help="Also write the rewritten model as readable Python source plus "
         "weights into this folder.", show_default=False)] = None,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -85,7 +88,8 @@ def add_skips_cmd(
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
                                    placement=placement, include=include, exclude=exclude,
-                                   max_skips=max_skips)
+                                   max_skips=max_skips,
+                                   max_projection_share=max_projection_share, seed=seed)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
@@ -98,7 +102,7 @@ def add_skips_cmd(
         loaded_plan = SurgeryPlan.load(plan) if plan else None
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        loaded_plan.input_shapes if loaded_plan else (),
-                                       shapes_only=fake and no_verify, vocab=vocab)
+                                       shapes_only=fake and no_verify, vocab=vocab, key=key)
         with out.step("tracing and inserting shortcuts"):
             from ..skips.surgery import add_skips
 
@@ -110,6 +114,8 @@ def add_skips_cmd(
                                  onnx_options=dict(opset=opset, fp16=fp16,
                                                    static_batch=static_batch,
                                                    check=not no_check))
+        if not result.skips:
+            out.warn(nothing_inserted(result))
         out.emit({**result.to_dict(), "output": str(written["model"]) if written["model"] else None,
                   "fixed_dims": written.get("fixed_dims", []),
                   "onnx": written["onnx"].to_dict() if written["onnx"] else None},
@@ -121,12 +127,10 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
     from ..save import save_code as write_code
 
-    if not result.skips:
-        return {"model": None, "onnx": None, "fixed_dims": []}
     written = write_results(result.module, result.plan, inputs, out, target=target,
                             plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
                             dynamic=dynamic)
-    if plot is not None:
+    if plot is not None and result.skips:
         from ..analysis.layers import analyze_graph
         from ..plot import plot_surgery
 
@@ -192,13 +196,21 @@ def save_noting(module, target: Path, inputs: tuple, out: Output, **options
     return path, fixed
 
 
+def nothing_inserted(result) -> str:
+    """Why a run inserted no shortcut, in one line, with what to use instead."""
+    if result.residuals:
+        n = len(result.residuals)
+        return (f"no shortcut inserted: the model already has {n} residual connection"
+                f"{'s' * (n != 1)} and add-skips adds none inside or beside them; to grow a "
+                "residual network use `ressurgeon deepen`; the model was written unchanged")
+    why = render.rejection_summary(result.spans) or (
+        f"no layer has {result.plan.config.span} layers above it to span; try a smaller --span")
+    return f"no shortcut inserted: {why}; the model was written unchanged"
+
+
 def _render_surgery(result, out: Output, wide: bool) -> None:
     if not result.skips:
-        why = render.rejection_summary(result.spans) or (
-            f"no layer has {result.plan.config.span} layers above it to span; "
-            "try a smaller --span")
-        out.note(f"no shortcut inserted: {why}; no model written")
-        return
+        return  # said on stderr by add_skips_command, --json or not
     out.table(render.skips_table(result.skips, wide=wide))
     if result.mode_baked:
         shown = ", ".join(result.mode_baked[:4]) + (" ..." if len(result.mode_baked) > 4 else "")
@@ -254,7 +266,9 @@ def inspect_cmd(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
+    max_projection_share: MaxShareOpt = DEFAULTS.max_projection_share,
     arch: ArchOpt = None,
+    key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -282,12 +296,13 @@ def inspect_cmd(
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         config = config_from_flags(span=span, kind=kind, join=join, placement=placement,
-                                   include=include, exclude=exclude, max_skips=max_skips)
+                                   include=include, exclude=exclude, max_skips=max_skips,
+                                   max_projection_share=max_projection_share)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
-                                       vocab=vocab)
+                                       vocab=vocab, key=key)
         with out.step("tracing"):
             from ..skips.surgery import inspect_model
 

@@ -130,7 +130,8 @@ def deepen(model: nn.Module, example_inputs: tuple, config: DeepenConfig | None 
     """Grow ``model`` with new residual blocks that start as exactly the identity.
 
     The deeper model computes exactly what ``model`` did (zero parameters contribute exactly
-    0 in IEEE arithmetic), and the zeroed parameters receive a gradient on the first step.
+    0; a layer with zeroed tensors reads inf/NaN as 0, since 0 * inf is NaN in IEEE
+    arithmetic), and the zeroed parameters receive a gradient on the first step.
 
     Args:
         model: the network: any nn.Module, an ExportedProgram or its ``.module()``, a

@@ -51,9 +51,10 @@ def deepen_folder(src: str | Path, dst: str | Path, config: DeepenConfig, *,
     if config.how is How.NEW:
         raise ConfigError("a checkpoint folder grows by copies of its layers (--how copy or "
                           "auto); new residual layers need a model file")
-    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run}
+    options: dict = {"zero": list(config.zero) or "auto", "dry_run": dry_run,
+                     "prefix": config.prefix}
     if config.where:
-        prefix, n = checkpoint_stack(src)
+        prefix, n = checkpoint_stack(src, config.prefix)
         matched = [i for i in range(n) if any(fnmatch.fnmatchcase(f"{prefix}.{i}", w)
                                                 or w == str(i) for w in config.where)]
         if not matched:

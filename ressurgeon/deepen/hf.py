@@ -48,7 +48,7 @@ def stack_positions(model: nn.Module, config: DeepenConfig) -> list[Position]:
     if config.how is How.NEW:
         raise ConfigError("a transformers model grows by copies of its layers (how='copy' or "
                           "'auto'); new residual layers need a traced model")
-    prefix, n = find_layer_stack(_dtypes(model), model.config.to_dict())
+    prefix, n = find_layer_stack(_dtypes(model), model.config.to_dict(), config.prefix)
     return [Position(name=f"{prefix}.{i}", how=How.COPY, module=f"{prefix}.{i}")
             for i in range(n)]
 

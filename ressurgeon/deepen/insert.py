@@ -28,7 +28,10 @@ from .._fx import META, attr, free_name, info, op_name
 from ..analysis.layers import GraphAnalysis
 from ..skips.rewrite import name_part
 from ..shortcuts import is_shortcut
+from ..shortcuts.base import finite_or_zero
 from .positions import Position
+
+torch.fx.wrap("finite_or_zero")  # one node in the block's trace, like the copies' guard
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
@@ -41,7 +44,8 @@ class ResidualLayer(nn.Module):
 
     ``layer`` and ``out`` have the width (and, for convolutions, the kernel) found where the
     block goes; ``out`` starts at zero, so the block is exactly the identity while ``out``'s
-    weights still receive a gradient (``act(norm(layer(x)))`` is not zero).
+    weights still receive a gradient (``act(norm(layer(x)))`` is not zero). ``out`` reads
+    non-finite values as 0 (``finite_or_zero``), so the identity is exact for inf inputs too.
 
     Example:
         >>> block = ResidualLayer(nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU())
@@ -60,7 +64,8 @@ class ResidualLayer(nn.Module):
         h = self.layer(x)
         if self.norm is not None:
             h = self.norm(h)
-        return x + self.out(self.act(h))
+        # out reads inf/NaN as 0: out is zero at insertion, and 0 * inf would be NaN
+        return x + self.out(finite_or_zero(self.act(h)))
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ def _insert_copy(gm: fx.GraphModule, analysis: GraphAnalysis, pos: Position, nam
     with torch.no_grad():
         for tensor in zeroed:
             attr(gm, tensor).zero_()
+    _guard_zeroed_inputs(gm, made, set(zeroed))
     return NewBlock(name=name, how="copy", after=pos.name, zeroed=zeroed,
                     params=sum(p.numel() for p in gm.get_submodule(name).parameters()),
                     shape=pos.shape, input=y.name, output=out.name)
@@ -217,6 +223,26 @@ def _stack(node: fx.Node, name: str, cls: type, module: str, as_text: bool) -> d
             new = f"{name}.{path[len(module) + 1:]}"
             stack[new] = entry(new, kind)
     return stack
+
+def _guard_zeroed_inputs(gm: fx.GraphModule, made: list[fx.Node], zeroed: set[str]) -> None:
+    """Each layer owning a zeroed tensor reads its input through ``finite_or_zero``.
+
+    A zeroed weight times an inf (or NaN) input is NaN, not 0: without the guard a copy
+    would turn an input the original mapped to a finite output into NaN. The guard
+    replaces non-finite entries by 0, so the layer outputs exactly 0 at insertion.
+    """
+    owners = {t.rpartition(".")[0] for t in zeroed}
+    for node in made:
+        reads_zero = (node.op == "call_module" and str(node.target) in owners) or (
+            node.op == "call_function" and any(
+                isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in zeroed
+                for a in node.args[1:]))
+        if not reads_zero or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        with gm.graph.inserting_before(node):
+            guard = gm.graph.call_function(finite_or_zero, (node.args[0],))
+        guard.meta = dict(node.args[0].meta)
+        node.update_arg(0, guard)
 
 
 # -- new residual layers --------------------------------------------------------------------------

@@ -25,8 +25,10 @@ this order:
    report says where.
 
 Only eval-mode inference makes sense for the result (BatchNorm is gone); it
-is returned in eval mode. The result is exact up to float rounding; a NaN or
-Inf that a zero gate used to multiply away is not reproduced.
+is returned in eval mode. The result is exact up to float rounding. The joins'
+non-finite guard (``shortcuts.base.gated``: a zero gate contributes 0 even where
+its term is inf) goes with the terms: a dropped term needs none, and a kept gate
+becomes a plain Mul, which is what the guard computes for any gate but 0.
 """
 
 

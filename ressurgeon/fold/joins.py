@@ -17,6 +17,7 @@ from torch import fx
 
 from .._fx import META, free_name
 from ..shortcuts import ShortcutSite, find_shortcuts, is_shortcut
+from ..shortcuts.base import fit_spatial, strided
 
 
 class Outcome(StrEnum):
@@ -159,11 +160,19 @@ def emit_sums(gm: fx.GraphModule, joins: list[Join]) -> None:
         if join.record.outcome is Outcome.MERGED or join.terms is None:
             continue
         values = []
+        h = next((t.node for t in join.terms if t.operand == "h"), None)
         with gm.graph.inserting_before(join.node):
             for term in join.terms:
                 value = term.node
                 if term.proj is not None:
-                    value = gm.graph.call_module(_own_proj(gm, join, term.proj), (value,))
+                    path = _own_proj(gm, join, term.proj)
+                    value = gm.graph.call_module(path, (value,))
+                    if strided(gm.get_submodule(path)) and h is not None:  # odd sizes
+                        value = gm.graph.call_function(fit_spatial, (value, h))
+                    elif strided(gm.get_submodule(path)):  # the span is gone, its size too
+                        join.record.reason = ("span removed: at input sizes where the span gave "
+                                              "fewer positions than ceil(H/stride), the result "
+                                              "now gives ceil(H/stride)")
                 if term.coef != 1.0:
                     mul = gm.graph.call_function(operator.mul, (value, term.coef))
                     join.gates[mul] = term.coef

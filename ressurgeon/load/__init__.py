@@ -52,7 +52,7 @@ from .weights import (  # noqa: F401
 
 
 def load_model(path: str | Path, *, arch: str | None = None,
-               trust_pickle: bool = False) -> nn.Module:
+               trust_pickle: bool = False, key: str | None = None) -> nn.Module:
     """Load a model file.
 
     Args:
@@ -66,6 +66,11 @@ def load_model(path: str | Path, *, arch: str | None = None,
             classes other than torch.nn's, a ``.pt2`` that holds pickles,
             TorchScript archives, and a folder whose weights are only
             ``pytorch_model.bin``.
+        key: for a training checkpoint (a dict holding the state_dict), the entry
+            to load; by default its one tensor dict or the usual key
+            (``ressurgeon.load.checkpoint``). A prefix shared by every key (``model.``,
+            ``module.``) is stripped when the rest matches ``arch`` exactly; which
+            key and prefix were used is said by a ``CheckpointNote`` warning.
 
     Returns:
         The model, in the mode it was saved in: a pickled module keeps its
@@ -105,7 +110,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix == ".safetensors":
-        return _with_arch(read_safetensors(path), arch, path)
+        return _with_arch(read_safetensors(path), arch, path, None)
     _check_zip(path)
     if _is_torch_export(path):
         return _load_pt2(path, trust_pickle)
@@ -116,7 +121,7 @@ def load_model(path: str | Path, *, arch: str | None = None,
         return _load_torchscript(path, trust_pickle)
     if not head:
         raise LoadError(f"{path} is empty")
-    return _load_torch_save(path, arch, trust_pickle)
+    return _load_torch_save(path, arch, trust_pickle, key)
 
 
 def _load_folder(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:

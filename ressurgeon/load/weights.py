@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import checkpoint
 from .nn_pickle import check_module_tree, nn_global_names, nn_safe_globals
 from .guard import unpickling_refusal
 from .._torch import quiet_torch
@@ -22,9 +23,11 @@ from ..errors import LoadError, UnsafeFileError, brief
 from .common import SAFE_ROUTES, TRUST_ONLY_YOURS, _first
 
 
-def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
+def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool,
+                     key: str | None = None) -> nn.Module:
     try:
-        with quiet_torch(), nn_safe_globals():
+        with quiet_torch(), nn_safe_globals(), \
+                torch.serialization.safe_globals(checkpoint.inert_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         blocked = _blocked_globals(path)
@@ -39,13 +42,13 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> nn.Mod
                 f"{path} needs full unpickling, which runs code from the file ({why}); "
                 f"{SAFE_ROUTES}; {TRUST_ONLY_YOURS}") from exc
         obj = _load_trusted(path)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module) and key is None:
         if not trust_pickle:  # names become fx source when traced; views may claim gigabytes
             check_module_tree(obj, path)
         return obj
-    state = as_state_dict(obj)
-    if state is not None:
-        return _with_arch(state, arch, path)
+    found = checkpoint.find_state_dict(obj, key, path=path)
+    if found is not None:
+        return _with_arch(found.state, arch, path, found)
     raise LoadError(f"{path} holds a {type(obj).__name__}, not a model or a state_dict; "
                     f"{SAFE_ROUTES}")
 
@@ -79,7 +82,7 @@ def _blocked_globals(path: Path) -> list[str] | None:
         names = _pickle_imports(path)
         if names is None:
             return None
-    allowed = nn_global_names() | _default_safe_globals()
+    allowed = nn_global_names() | _default_safe_globals() | checkpoint.inert_names()
     return sorted({n for n in names if n not in allowed})
 
 
@@ -135,11 +138,15 @@ def _pickle_imports(path: Path) -> list[str] | None:
     return found or None
 
 
-def _with_arch(state: dict, arch: str | None, path: Path) -> nn.Module:
+def _with_arch(state: dict, arch: str | None, path: Path,
+               found: checkpoint.Found | None) -> nn.Module:
     if arch is None:
-        raise LoadError(f"{path} holds weights only; pass --arch module:callable that builds "
-                        "the architecture (e.g. --arch mynets:build_vgg)")
+        where = f" (under key {found.key!r})" if found is not None and found.key else ""
+        raise LoadError(f"{path} holds weights only{where}; pass --arch module:callable that "
+                        "builds the architecture (e.g. --arch mynets:build_vgg)")
     model = build_arch(arch)
+    state, prefix = checkpoint.match_prefix(state, set(model.state_dict()))
+    checkpoint.note(found, prefix, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -13,7 +13,7 @@ from ..config import Init
 from ..errors import ConfigError
 from ..registry import Trait, lookup
 from ._graph import ShortcutSite, _projection_from_graph, group_ends
-from .base import JoinModule
+from .base import JoinModule, fit_spatial, gated, strided
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,10 @@ class Shortcut(JoinModule):
             value = operands[term.operand]
             if term.projected:
                 value = self.proj(value)
-            if term.coef is not None:
-                value = self.coefficient(term.coef) * value
+                if strided(self.proj):  # odd sizes: ceil(H/s) cropped to the span's size
+                    value = fit_spatial(value, h)
+            if term.coef is not None:  # a zero coefficient drops its term, inf included
+                value = gated(self.coefficient(term.coef), value)
             total = value if total is None else total + value
         return total
 
@@ -132,8 +134,8 @@ class Shortcut(JoinModule):
                 proj, x = node, node.args[0]
         order = node_order(gm.graph)
         if x is None and ramp is not None:  # morph: x is what the ramp multiplies
-            scaled = [a for u in ramp.users if u in inside for a in u.args
-                      if isinstance(a, fx.Node) and a in externals]
+            scaled = [_unguarded(a) for u in ramp.users if u in inside for a in u.args
+                      if isinstance(a, fx.Node) and _unguarded(a) in externals]
             x = scaled[0] if len(scaled) == 1 else None
         if x is None:
             x = min(externals, key=order.__getitem__)
@@ -145,10 +147,11 @@ class Shortcut(JoinModule):
         elif gate is None:
             init = Init.STANDARD
         else:
-            mul = next(iter(gate.users)) if len(gate.users) == 1 else None
+            muls = [u for u in gate.users if "mul" in getattr(u.target, "__name__", "")]
+            mul = muls[0] if len(muls) == 1 else None
             if mul is None or mul not in inside:
                 return None
-            scaled = [a for a in mul.args if isinstance(a, fx.Node) and a is not gate]
+            scaled = [_unguarded(a) for a in mul.args if isinstance(a, fx.Node) and a is not gate]
             if len(scaled) != 1:
                 return None
             init = Init.PRESERVE if scaled[0] in (x, proj) else Init.REZERO
@@ -158,3 +161,17 @@ class Shortcut(JoinModule):
         if ramp is not None:
             module.ramp = attr(gm, ramp.target)
         return ShortcutSite(path=path, module=module, node=out, h=h, x=x, inlined=tuple(nodes))
+
+
+def _unguarded(node: fx.Node) -> fx.Node:
+    """The value a ``gated`` guard reads (``where(isfinite(v) | (g != 0), v, 0)`` -> v), through
+    the crops ``fit_spatial`` adds after a strided projection (``slice``/``narrow``)."""
+    while node.op == "call_function" and len(node.args) > 1:
+        name = getattr(node.target, "__name__", "")
+        if name.startswith("where") and isinstance(node.args[1], fx.Node):
+            node = node.args[1]
+        elif name.split(".")[0] in ("slice", "narrow") and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+    return node

@@ -29,14 +29,81 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 from torch import fx
 
 from .._fx import info, set_info
 from ..catalog import JOINS
 from ..config import Init
+from ..registry import OpInfo, Trait, register_op
 from ..verdicts import PairVerdict, pair_verdict
 from ._graph import ShortcutSite, build_projection
+
+
+def gated(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``coef * value``, where a coefficient of exactly 0 contributes exactly 0, inf/NaN included.
+
+    IEEE gives ``0 * inf = NaN``: a closed gate would turn an infinite shortcut
+    value into a NaN output although the original output was finite. Here the
+    non-finite entries of ``value`` are replaced by 0 only where ``coef`` is 0,
+    so the product is IEEE's ``coef * value`` for every other coefficient (fold
+    can emit a plain Mul), and d/d(coef) is the sum over the finite entries:
+    a closed gate still gets its gradient on the first step (a ``where`` on
+    ``coef == 0`` around the product would cut it). Cost: an ``isfinite``, an
+    ``or`` and a ``where`` on ``value`` (README, "What the guard costs").
+
+    Example:
+        >>> gate = torch.zeros((), requires_grad=True)
+        >>> value = torch.tensor([2.0, float("inf")])
+        >>> out = gated(gate, value)
+        >>> out.tolist(), torch.autograd.grad(out.sum(), gate)[0].item()
+        ([0.0, 0.0], 2.0)
+    """
+    keep = torch.isfinite(value) | (coef != 0)
+    return coef * torch.where(keep, value, 0)
+
+
+def finite_or_zero(value: torch.Tensor) -> torch.Tensor:
+    """``value`` with inf/NaN entries replaced by 0: what a layer whose weights start at zero reads.
+
+    A zero weight times inf is NaN; a layer that is exactly 0 at insertion (concat's new
+    columns, deepen's zeroed output layer) reads its input through this, so it outputs exactly
+    0 for every input. Its gradient is ``value``'s on the finite entries.
+    """
+    return torch.where(torch.isfinite(value), value, 0)
+
+
+def strided(proj: nn.Module | None) -> bool:
+    """True for a strided ConvNd projection: its output size is ceil(H / s) for every H."""
+    return isinstance(proj, nn.modules.conv._ConvNd) and any(s > 1 for s in proj.stride)
+
+
+def fit_spatial(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` cropped to ``like``'s spatial size (dims 2 and up): what a strided shortcut joins.
+
+    A 1x1 stride-s projection gives ceil(H/s) positions; the span it bypasses may give
+    floor(H/s) (``MaxPool2d(2)``, ``MaxPool2d(3, 2, ceil_mode=True)``) at odd sizes. Its
+    position i reads the span input's position s*i, as the span's does, so the extra last
+    position is cropped. A span that gives *more* positions than the projection cannot be
+    served: ShapeError, naming both sizes.
+    """
+    if not torch.compiler.is_compiling():
+        short = [d for d in range(2, value.dim()) if value.shape[d] < like.shape[d]]
+        if short:
+            from ..errors import ShapeError
+            raise ShapeError(
+                f"the strided shortcut gives spatial size {tuple(value.shape[2:])} where the "
+                f"span gives {tuple(like.shape[2:])}: this input size is one the projection "
+                "(1x1, stride s: ceil(H/s)) cannot serve; use an input size where the span "
+                "gives at most ceil(H/s), or exclude this span")
+    for d in range(2, value.dim()):
+        value = value.narrow(d, 0, like.shape[d])
+    return value
+
+
+# a crop carries any scale (fold's rescaling passes it like a reshape); it reads ``like``'s size only
+register_op(fit_spatial, OpInfo(traits={Trait.LINEAR_IN_INPUT}))
 
 
 class JoinModule(nn.Module):

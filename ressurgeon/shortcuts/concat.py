@@ -7,7 +7,8 @@ that differ by an integer factor are brought to the consumer's size by average
 pooling, as DenseNet's transition layers do.
 
 - ``preserve``: the widened weights for the new channels start at zero, so the
-  output is exactly unchanged (no gate, no approximation), while those weights
+  output is exactly unchanged (no gate, no approximation; x's non-finite values
+  enter as 0, since 0 * inf is NaN), while those weights
   get a non-zero gradient on the first step (their input is not zero);
 - ``standard``: PyTorch's default init for them (training from scratch).
 
@@ -32,7 +33,7 @@ from ..errors import ConfigError, PlanError
 from ..registry import Trait, lookup
 from ..verdicts import PairVerdict, Reason, Span, data_input, end_reasons, feeding, layer_call
 from ._graph import ShortcutSite, group_ends
-from .base import JoinModule
+from .base import JoinModule, finite_or_zero
 
 _POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 WIDENABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -72,7 +73,9 @@ class ConcatJoin(JoinModule):
         self.register_parameter("gate", None)
 
     def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([c, self.pool(x)], dim=self.channel_axis)
+        # x's inf/NaN features enter as 0: the new weight columns start at 0, and 0 * inf
+        # would make the consumer's output NaN where the original's was finite
+        return torch.cat([c, finite_or_zero(self.pool(x))], dim=self.channel_axis)
 
     def extra_repr(self) -> str:
         init = self.init.value if self.init else "unknown"
@@ -332,7 +335,8 @@ class ConcatJoin(JoinModule):
         val = c.meta.get("val")
         rank = val.dim() if val is not None else 0
         axis = 1 if rank > 2 and dim % max(rank, 1) == 1 else -1
-        pooled = [n for n in nodes if n is not cat and n.op == "call_function"]
+        pooled = [n for n in nodes if n is not cat and n.op == "call_function"   # not the guard
+                  and "pool" in getattr(n.target, "__name__", str(n.target))]
         stride = 1
         if pooled and pooled[0].args and len(pooled[0].args) > 1:
             kernel = pooled[0].args[1]

@@ -30,7 +30,7 @@ from ..config import Init
 from ..errors import ConfigError
 from ..registry import Trait, lookup
 from ._graph import ShortcutSite, _projection_from_graph, group_ends
-from .base import JoinModule
+from .base import JoinModule, fit_spatial, gated, strided
 
 CARRY_BIAS = -2.0
 
@@ -91,12 +91,14 @@ class HighwayShortcut(JoinModule):
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s = self.proj(x)
         t = torch.sigmoid(self.transform(x))
+        if strided(self.transform):  # odd sizes: ceil(H/s) cropped to the span's size
+            s, t = fit_spatial(s, h), fit_spatial(t, h)
         if self.init is Init.STANDARD:
             return t * h + (1 - t) * s
         g = self._per_channel(self.gate, h)
-        if self.init is Init.PRESERVE:
-            return h + g * (1 - t) * (s - h)
-        return s + g * t * (h - s)
+        if self.init is Init.PRESERVE:  # g = 0: exactly h, even where s is inf (0 * inf)
+            return h + gated(g, (1 - t) * (s - h))
+        return s + gated(g, t * (h - s))
 
     def extra_repr(self) -> str:
         return f"init={self.init.value!r}, channel_axis={self.channel_axis}"

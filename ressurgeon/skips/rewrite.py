@@ -11,9 +11,11 @@ real submodules (``Shortcut``) named after the layers they join.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict, dataclass, replace
 
+import torch
 from torch import fx
 
 from .._fx import free_name, info, node_order
@@ -91,26 +93,44 @@ def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *, analysis: GraphAnalysis
     skips = []
     config = plan.config
     join = join_class(config.join)
-    for item in checked:
-        planned = item.planned
-        src, dst = nodes[planned.source], nodes[planned.target]
-        src_info, dst_info = info(src), info(dst)
-        name = free_name(gm, _module_name(item.source_layer, item.target_layer))
-        consumer = nodes.get(planned.consumer) if planned.consumer else None
-        replaced, replacing, params = join.insert(gm, name, planned, config.init,
-                                                  current.get(src, src), dst, consumer)
-        if replacing is not replaced:
-            current[replaced] = replacing
-        skips.append(Skip(name=name, source=src.name, target=dst.name,
-                          source_layer=item.source_layer, target_layer=item.target_layer,
-                          kind=planned.kind, init=config.init.value, src_shape=src_info.shape,
-                          dst_shape=dst_info.shape, stride=planned.stride, params=params,
-                          overrides=item.overrides, join=config.join,
-                          channel_axis=planned.channel_axis,
-                          consumer_layer=item.consumer_layer))
+    with _seeded(config.seed):  # the new weights from the config's seed (None: torch's RNG)
+        for item in checked:
+            skips.append(_insert(gm, join, config, item, nodes, current))
     gm.graph.lint()
     gm.recompile()
     return gm, skips
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from a generator seeded with ``seed``, leaving torch's global RNG as it was."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _insert(gm: fx.GraphModule, join, config, item: "_Checked", nodes: dict,
+            current: dict) -> Skip:
+    """Insert one checked planned skip; ``current`` maps replaced nodes to their sums."""
+    planned = item.planned
+    src, dst = nodes[planned.source], nodes[planned.target]
+    src_info, dst_info = info(src), info(dst)
+    name = free_name(gm, _module_name(item.source_layer, item.target_layer))
+    consumer = nodes.get(planned.consumer) if planned.consumer else None
+    replaced, replacing, params = join.insert(gm, name, planned, config.init,
+                                              current.get(src, src), dst, consumer)
+    if replacing is not replaced:
+        current[replaced] = replacing
+    return Skip(name=name, source=src.name, target=dst.name,
+                source_layer=item.source_layer, target_layer=item.target_layer,
+                kind=planned.kind, init=config.init.value, src_shape=src_info.shape,
+                dst_shape=dst_info.shape, stride=planned.stride, params=params,
+                overrides=item.overrides, join=config.join,
+                channel_axis=planned.channel_axis,
+                consumer_layer=item.consumer_layer)
 
 
 def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:

@@ -91,6 +91,8 @@ def chain_spans(analysis: GraphAnalysis, config: SkipConfig) -> list[Span]:
     # Tiling enumerates `span` offsets: a span longer than the tree is deep finds no
     # candidate anyway, so the work stays bounded by the number of units.
     span_len = min(config.span, len(analysis.units) + 1)
+    total = sum(p.numel() for p in analysis.gm.parameters()) + sum(
+        b.numel() for b in analysis.gm.buffers() if b.is_floating_point())
     depth: dict[str, int] = {}
     candidates = []
     for unit in analysis.units:
@@ -113,6 +115,8 @@ def chain_spans(analysis: GraphAnalysis, config: SkipConfig) -> list[Span]:
             span = replace(span, reason=Reason.HEAD)
         elif met is not None:
             span = replace(span, reason=Reason.EXISTING, residual=met)
+        elif span.reason is None and _too_large(span, config, total):
+            span = replace(span, reason=Reason.LARGE_PROJECTION)
         candidates.append((depth[unit.name], span, covered))
     offsets = range(min(config.span, max(depth.values(), default=0) + 1))
     # Tiling can start at any of `span` depths; keep the one that places the most
@@ -180,6 +184,18 @@ def _cost(span: Span) -> tuple[int, int, int]:
         return (0, 0, 0)
     axis = span.channel_axis
     return (1, int(span.stride > 1), span.src_shape[axis] * span.dst_shape[axis])
+
+
+#: projections smaller than this are never skipped for their share (a toy model's 16x24)
+LARGE_PROJECTION_FLOOR = 2 ** 20
+
+
+def _too_large(span: Span, config: SkipConfig, total: int) -> bool:
+    """A projection of 1M+ parameters over ``config.max_projection_share`` of the model's."""
+    if span.kind != "projection" or config.max_projection_share is None or not total:
+        return False
+    params = _cost(span)[2]
+    return params >= LARGE_PROJECTION_FLOOR and params > config.max_projection_share * total
 
 
 def _candidate(analysis: GraphAnalysis, join, src: fx.Node, dst: fx.Node, src_layer: Layer,

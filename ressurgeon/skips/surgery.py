@@ -58,7 +58,7 @@ class SurgeryResult:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "config": self.plan.config.to_dict(),
-                "skips": [s.to_dict() for s in self.skips],
+                "inserted": len(self.skips), "skips": [s.to_dict() for s in self.skips],
                 "params_added": self.params_added,
                 "parity": self.parity.to_dict() if self.parity else None,
                 "existing_residuals": [r.to_dict() for r in self.residuals],
