@@ -54,7 +54,13 @@ _EXPORTS = {
     "PlanError": "errors", "ExportError": "errors", "VerificationError": "errors",
     # extension points
     "register_op": "registry", "OpInfo": "registry", "Role": "registry", "Trait": "registry",
-    "default_leaf_modules": "capture.trace", "register_rewiring": "catalog", "Rewiring": "rewire",
+    "default_leaf_modules": "capture.trace",
+    # for the command line and tools built on it: inputs, files, checks
+    "example_inputs": "inputs", "real_inputs": "inputs", "read_weights": "load",
+    "CheckpointNote": "load.checkpoint", "check_format": "save", "model_dynamic_dims": "save",
+    "FixedDimsWarning": "save", "atomic_path": "_io", "check_writable": "_io",
+    "check_code_folder": "_io", "deepen_folder": "deepen.folder",
+    "check_expanded": "deepen.folder", "describe_blocks": "rewire", "ADAPTER_FILES": "rewire", "register_rewiring": "catalog", "Rewiring": "rewire",
     "register_join": "catalog", "register_pattern": "catalog",
 }
 

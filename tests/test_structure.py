@@ -114,6 +114,25 @@ def test_imports_have_no_cycle_inside_functions_either():
             visit(module, [module])
 
 
+def test_the_cli_imports_only_the_public_api():
+    """The command line parses, calls the public API and renders: it reaches no internals."""
+    import ressurgeon
+
+    public = set(ressurgeon._EXPORTS) | {"__version__"}
+    wrong = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level >= 2):
+                continue
+            module = node.module or ""
+            if module.split(".")[0] in ("config", "errors", "catalog"):
+                continue  # the torch-free configs, errors and the family names the flags read
+            for alias in node.names:
+                if module or alias.name not in public:
+                    wrong.append(f"{path.name}:{node.lineno} from ..{module} import {alias.name}")
+    assert not wrong, wrong
+
+
 def test_readme_shows_the_layout_from_the_one_description():
     readme = (PACKAGE.parent / "README.md").read_text()
     assert structure.readme_table() in readme, (

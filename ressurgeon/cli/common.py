@@ -40,10 +40,10 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
     """
     import torch
 
-    from ..load import from_torchscript, load_model
+    from .. import from_torchscript, load_model
 
     dt, dev = parse_dtype(dtype), parse_device(device)
-    from ..load.checkpoint import CheckpointNote
+    from .. import CheckpointNote
 
     with out.step(f"loading {model_path}"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointNote)
@@ -67,16 +67,16 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
 def example_inputs(model, shapes: list[str] | None, model_path: Path, dtype=None, device=None,
                    plan_shapes=(), *, vocab: int | None = None) -> tuple:
     """``ressurgeon.inputs.example_inputs`` for --input-shape strings, else a plan's shapes."""
-    from .. import inputs
+    from .. import example_inputs as build_inputs
 
     specs = ([parse_input(s) for s in shapes] if shapes
              else [(tuple(s), None) for s in plan_shapes])
-    return inputs.example_inputs(model, specs, dtype=dtype, device=device, vocab=vocab,
+    return build_inputs(model, specs, dtype=dtype, device=device, vocab=vocab,
                                  what=str(model_path))
 
 
 def real_inputs(model, inputs: tuple) -> tuple:
     """``ressurgeon.inputs.real_inputs`` (imported when called: this module stays torch-free)."""
-    from .. import inputs as library
+    from .. import real_inputs as build_real
 
-    return library.real_inputs(model, inputs)
+    return build_real(model, inputs)

@@ -96,7 +96,7 @@ def deepen_cmd(
       ressurgeon deepen resnet.pt2 -n 2 -o deeper.pt2 --onnx deeper.onnx
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..deepen.plan import DeepenPlan
+        from .. import DeepenPlan
 
         loaded_plan = DeepenPlan.load(plan) if plan else None
         config = loaded_plan.config if loaded_plan else DeepenConfig(
@@ -109,7 +109,7 @@ def deepen_cmd(
             _deepen_folder(model, output, config, out, dry_run=dry_run, verify=not no_verify,
                            shapes=input_shape, vocab=vocab)
             return
-        from ..save import check_format
+        from .. import check_format
 
         trace = trace_from_flags(leaf=leaf, concrete=concrete, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "deeper"))
@@ -122,7 +122,7 @@ def deepen_cmd(
                                        loaded_plan.input_shapes if loaded_plan else (),
                                        vocab=vocab, key=key)
         with out.step("tracing and inserting new blocks"):
-            from ..deepen import deepen
+            from .. import deepen
 
             result = deepen(net, inputs, config, plan=loaded_plan, verify=not no_verify,
                             trace=trace)
@@ -148,7 +148,7 @@ def deepen_cmd(
 def _deepen_folder(src: Path, output: Path | None, config: DeepenConfig, out: Output, *,
                    dry_run: bool, verify: bool, shapes, vocab) -> None:
     """A checkpoint folder: ``deepen_folder`` on disk, then (transformers) ``check_expanded``."""
-    from ..deepen.folder import check_expanded, deepen_folder
+    from .. import check_expanded, deepen_folder
 
     dst = output or src.with_name(f"{src.name}-deeper")
     with out.step(f"expanding {src}" if not dry_run else f"planning {src}"):

@@ -108,7 +108,7 @@ def fold_cmd(
       ressurgeon fold finetuned.pt --trust-pickle -i 8,3,32,32 -o deploy.pt2 --onnx deploy.onnx
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..save import check_format
+        from .. import check_format
 
         target = output if output is not None or onnx is not None else \
             default_output(model, "folded")
@@ -143,7 +143,7 @@ def fold_cmd(
 
 
 def _fold(net, inputs: tuple, out: Output, **options):
-    from ..fold import fold
+    from .. import fold
 
     with out.step("folding"):
         return fold(net, inputs, **options)

@@ -72,8 +72,8 @@ def diagnose_cmd(
       ressurgeon diagnose vgg.pt2 --rewritten vgg.tuned.pt2 --json
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..diagnose import gradient_flow
-        from ..load import from_torchscript, load_model
+        from .. import gradient_flow
+        from .. import from_torchscript, load_model
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
                                    placement=placement, include=include, exclude=exclude,
@@ -92,7 +92,7 @@ def diagnose_cmd(
             report = gradient_flow(net, inputs, config, rewritten=other, train=not eval_mode,
                                    seed=seed, trace=trace_from_flags(leaf=leaf))
         if plot is not None:
-            from ..plot import plot_gradient_flow
+            from .. import plot_gradient_flow
 
             plot_gradient_flow(report, plot)
             out.note(f"wrote {plot}")
@@ -147,7 +147,7 @@ def gates_cmd(
       ressurgeon gates vgg.tuned.pt2 --plot gates.png
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..gates import gate_report
+        from .. import gate_report
 
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
@@ -174,7 +174,7 @@ def gates_cmd(
 
 def _load_rewritten(path: Path, arch: str | None, trust: bool):
     """A module, or a state_dict when the file holds weights only and no --arch is given."""
-    from ..load import load_model, read_weights
+    from .. import load_model, read_weights
 
     if arch is None and path.is_file() and path.suffix in (".pt", ".pth", ".safetensors"):
         state = read_weights(path)
@@ -186,8 +186,8 @@ def _load_rewritten(path: Path, arch: str | None, trust: bool):
 def _plot_gates(loaded, report, model: Path, shapes, leaf, plot: Path, out) -> None:
     import torch
 
-    from ..analysis.layers import find_layers
-    from ..capture.trace import trace_model
+    from .. import find_layers
+    from .. import trace_model
 
     if not isinstance(loaded, torch.nn.Module):
         raise ConfigError(f"--plot needs the model's graph, but {model} holds weights only; "
@@ -200,7 +200,7 @@ def _plot_gates(loaded, report, model: Path, shapes, leaf, plot: Path, out) -> N
                           "pass --input-shape, e.g. --input-shape 1,3,224,224") from None
     with out.step("tracing"):
         gm = trace_model(loaded, inputs, trace_from_flags(leaf=leaf))
-    from ..plot import plot_surgery
+    from .. import plot_surgery
 
     plot_surgery(find_layers(gm), report.gates, plot, gates=report)
     out.note(f"wrote {plot}")

@@ -134,7 +134,7 @@ def check_paths(inputs: list[Path | None], outputs: dict[str, Path | None],
     --save-code folder is new or one ressurgeon wrote, and holds no other input
     or output of the run (its old files may be replaced).
     """
-    from .._io import check_code_folder, check_writable
+    from .. import check_code_folder, check_writable
 
     sources = {_resolved(p, "input"): p for p in inputs if p is not None}
     seen: dict[Path, str] = {}

@@ -75,13 +75,13 @@ def rewire_cmd(
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device,
                                        out, vocab=vocab)
         if list_blocks:
-            from ..rewire import describe_blocks
+            from .. import describe_blocks
 
             rows = describe_blocks(net)
             out.emit({"blocks": rows}, lambda: _show_blocks(out, rows))
             return
         with out.step(f"rewiring ({kind}) and checking the outputs"):
-            from ..rewire import rewire
+            from .. import rewire
 
             result = rewire(net, inputs, config)
         with out.step(f"writing {target}"):
@@ -99,7 +99,7 @@ def rewire_cmd(
 
 def _check_output(model: Path, target: Path) -> None:
     """The adapter folder is not the input nor inside it, and holds no one else's files."""
-    from ..rewire.adapter import CONFIG_FILE, WEIGHTS_FILE
+    from .. import ADAPTER_FILES
 
     src, dst = model.resolve(), target.resolve()
     if dst == src or src in dst.parents or (src.is_file() and dst == src.parent):
@@ -108,8 +108,7 @@ def _check_output(model: Path, target: Path) -> None:
     if target.exists():
         if not target.is_dir():
             raise ConfigError(f"-o {target} is a file; give a folder for the adapter")
-        others = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_FILE,
-                                                                          WEIGHTS_FILE))
+        others = sorted(p.name for p in target.iterdir() if p.name not in ADAPTER_FILES)
         if others:
             raise ConfigError(f"-o {target} holds other files ({', '.join(others[:3])}); give a "
                               "new folder or an adapter folder ressurgeon wrote")

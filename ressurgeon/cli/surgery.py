@@ -83,8 +83,8 @@ def add_skips_cmd(
       ressurgeon add-skips vgg.pt2 -o vgg_skips.pt2 --onnx vgg_skips.onnx
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        from ..skips.plan import SurgeryPlan
-        from ..save import check_format
+        from .. import SurgeryPlan
+        from .. import check_format
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
                                    placement=placement, include=include, exclude=exclude,
@@ -104,7 +104,7 @@ def add_skips_cmd(
                                        loaded_plan.input_shapes if loaded_plan else (),
                                        shapes_only=fake and no_verify, vocab=vocab, key=key)
         with out.step("tracing and inserting shortcuts"):
-            from ..skips.surgery import add_skips
+            from .. import add_skips
 
             result = add_skips(net, inputs, config, plan=loaded_plan, verify=not no_verify,
                                trace=trace)
@@ -125,14 +125,14 @@ def add_skips_cmd(
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
                    onnx_options: dict, dynamic=()) -> dict:
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
-    from ..save import save_code as write_code
+    from .. import save_code as write_code
 
     written = write_results(result.module, result.plan, inputs, out, target=target,
                             plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
                             dynamic=dynamic)
     if plot is not None and result.skips:
-        from ..analysis.layers import analyze_graph
-        from ..plot import plot_surgery
+        from .. import analyze_graph
+        from .. import plot_surgery
 
         plot_surgery(analyze_graph(result.module).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
@@ -152,7 +152,7 @@ def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
     The ONNX export is the one step that can still fail a check (exit 3): it runs first, so a
     failure leaves no other output behind.
     """
-    from .._io import atomic_path
+    from .. import atomic_path
 
     written = {"model": None, "onnx": None, "fixed_dims": []}
     if onnx is not None or (target is not None and target.suffix == ".pt2"):
@@ -160,7 +160,7 @@ def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
     if onnx is not None:
         written["onnx"] = write_onnx(module, inputs, onnx, out, **onnx_options)
     if target is not None:
-        from ..save import model_dynamic_dims
+        from .. import model_dynamic_dims
 
         dims = tuple(dict.fromkeys(model_dynamic_dims(module) + tuple(dynamic or ())))
         written["model"], written["fixed_dims"] = save_noting(module, target, inputs, out,
@@ -180,7 +180,7 @@ def save_noting(module, target: Path, inputs: tuple, out: Output, **options
     """
     import warnings
 
-    from ..save import FixedDimsWarning, save_model
+    from .. import FixedDimsWarning, save_model
 
     with out.step(f"writing {target}"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FixedDimsWarning)
@@ -242,7 +242,7 @@ def write_onnx(module, inputs: tuple, path: Path, out: Output, *, opset: int | N
     """
     import warnings
 
-    from ..onnx_export import export_onnx
+    from .. import export_onnx
 
     with out.step(f"exporting {path}"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -304,11 +304,11 @@ def inspect_cmd(
         net, inputs = load_with_inputs(model, input_shape, arch, trust_pickle, dtype, device, out,
                                        vocab=vocab, key=key)
         with out.step("tracing"):
-            from ..skips.surgery import inspect_model
+            from .. import inspect_model
 
             found = inspect_model(net, inputs, config, trace=trace)
         if plot is not None:
-            from ..plot import plot_surgery
+            from .. import plot_surgery
 
             plot_surgery(found.units, found.spans, plot, show_rejected=True)
             out.note(f"wrote diagram {plot}")

@@ -42,13 +42,15 @@ from ..errors import ConfigError, VerificationError
 from ..catalog import register_rewiring
 from ..load.hf import forward_kwargs, is_pretrained
 from ..verify import ParityReport, compare_outputs, eval_outputs
-from .adapter import load_into, read_adapter, write_adapter
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, load_into, read_adapter, write_adapter
+
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an adapter folder holds
 from .base import KINDS, RewiredBlock, Rewiring, StreamState
 from .blocks import FORMS, BlockStack, PreNormForm, describe_blocks, find_blocks, form_of
 
 __all__ = ["rewire", "RewireResult", "RewireConfig", "load_adapter", "unwrap", "find_blocks",
            "KINDS", "Rewiring", "RewiredBlock", "register_rewiring", "FORMS", "PreNormForm",
-           "MHC_BOUND", "describe_blocks"]
+           "MHC_BOUND", "describe_blocks", "ADAPTER_FILES"]
 
 # mHC's insertion error bound (relative to the output's scale, float32 and bfloat16 alike: a
 # few roundings of the Sinkhorn column sums per sublayer); tests check it on the tiny models.
