@@ -35,8 +35,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
-           "analysis.zeros", "skips.select", "skips.patterns"),
-          "`analysis/`, `skips/select.py`, `skips/patterns.py`"),
+           "analysis.zeros", "skips.select", "skips.patterns", "skips.mirror"),
+          "`analysis/`, `skips/select.py`, `skips/patterns.py` (chain), `skips/mirror.py`"),
     Stage("plan", "the chosen spans as an editable JSON plan", ("skips.plan",),
           "`skips/plan.py`"),
     Stage("rewrite", "insert the planned joins", ("skips.rewrite",), "`skips/rewrite.py`"),

@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..catalog import JOINS
+from ..catalog import JOINS, PATTERNS
 from ..config import Init, Kind, Placement, SkipConfig, TraceOptions
 from ..errors import ConfigError, RessurgeonError, VerificationError, brief
 
@@ -56,6 +56,7 @@ SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
 KindOpt = Annotated[str, _choice("--kind", Kind)]
 InitOpt = Annotated[str, _choice("--init", Init)]
 JoinOpt = Annotated[str, _choice("--join", JOINS)]
+PatternOpt = Annotated[str, _choice("--pattern", PATTERNS)]
 PlacementOpt = Annotated[str, _choice("--placement", Placement)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]
@@ -213,13 +214,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
-                      join=DEFAULTS.join, placement=DEFAULTS.placement,
+                      join=DEFAULTS.join, pattern=DEFAULTS.pattern,
+                      placement=DEFAULTS.placement,
                       include: list[str] | None = None, exclude: list[str] | None = None,
                       max_skips: int | None = None) -> SkipConfig:
     """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
-    return SkipConfig(span=span, kind=kind, init=init, join=join, placement=placement,
-                      include=tuple(include or ()), exclude=tuple(exclude or ()),
-                      max_skips=max_skips)
+    return SkipConfig(span=span, kind=kind, init=init, join=join, pattern=pattern,
+                      placement=placement, include=tuple(include or ()),
+                      exclude=tuple(exclude or ()), max_skips=max_skips)
 
 
 def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | None = None,

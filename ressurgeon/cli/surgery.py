@@ -11,7 +11,8 @@ from . import render
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
                      JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
-                     OpsetOpt, Output, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
+                     OpsetOpt, Output, PatternOpt, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt,
+                     SpanOpt,
                      StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
                      check_paths, check_plot_extra, config_from_flags,
                      default_output, load_with_inputs, real_inputs, session,
@@ -29,6 +30,7 @@ def add_skips_cmd(
     kind: KindOpt = DEFAULTS.kind,
     init: InitOpt = DEFAULTS.init,
     join: JoinOpt = DEFAULTS.join,
+    pattern: PatternOpt = DEFAULTS.pattern,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -84,8 +86,8 @@ def add_skips_cmd(
         from ..save import check_format
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
-                                   placement=placement, include=include, exclude=exclude,
-                                   max_skips=max_skips)
+                                   pattern=pattern, placement=placement, include=include,
+                                   exclude=exclude, max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
@@ -212,6 +214,7 @@ def inspect_cmd(
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     join: JoinOpt = DEFAULTS.join,
+    pattern: PatternOpt = DEFAULTS.pattern,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -243,7 +246,8 @@ def inspect_cmd(
       ressurgeon inspect vgg.pt2 --plot surgery.png
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
-        config = config_from_flags(span=span, kind=kind, join=join, placement=placement,
+        config = config_from_flags(span=span, kind=kind, join=join, pattern=pattern,
+                                   placement=placement,
                                    include=include, exclude=exclude, max_skips=max_skips)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
@@ -271,6 +275,6 @@ def inspect_cmd(
                 out.line(line)
             chosen = sum(s.chosen for s in found.spans)
             out.line(f"{chosen} of {len(found.spans)} candidate spans would be chosen with "
-                     f"span={span}")
+                     + (f"span={span}" if pattern == "chain" else f"--pattern {pattern}"))
 
         out.emit(found.to_dict(), show)
