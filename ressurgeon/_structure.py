@@ -30,8 +30,9 @@ STAGES: tuple[Stage, ...] = (
           "`registry.py`"),
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
           ("load", "hf", "capture", "capture.exported", "capture.inplace", "capture.shapes",
-           "capture.trace"),
-          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `shapes`, `inplace`)"),
+           "capture.trace", "capture.submodule"),
+          "`load.py`, `hf.py`, `capture/` (`trace`, `exported`, `shapes`, `inplace`, "
+          "`submodule`)"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",

@@ -805,3 +805,34 @@ class EncoderDecoder(nn.Module):
 def encoder_decoder(**kwargs) -> EncoderDecoder:
     """An EncoderDecoder with random BatchNorm statistics, in eval mode."""
     return randomize_bn(EncoderDecoder(**kwargs)).eval()
+
+
+class Detector(nn.Module):
+    """A plain CNN backbone inside a forward that neither fx nor torch.export can capture.
+
+    The forward branches on a tensor's value and returns a dict with a list
+    whose length depends on the data, as detection models' post-processing does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = plain_vgg(widths=(8, 8, "M", 16, 16, 16), classes=1)[0]
+        self.head = nn.Conv2d(16, 5, 1)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def forward(self, x):
+        scores = self.head(self.backbone(x))
+        if scores.mean() > self.threshold:  # data-dependent Python: no capture
+            scores = scores - scores.mean()
+        peaks = [s for s in scores.amax(dim=(2, 3)).flatten() if s > 0]
+        return {"scores": scores, "peaks": torch.stack(peaks) if peaks else scores.new_zeros(0)}
+
+    def decode(self, out: dict) -> int:
+        """A method of the user's class (must survive the splice)."""
+        return int(out["peaks"].numel())
+
+
+def detector() -> Detector:
+    """A Detector with random BatchNorm statistics, in eval mode (``--arch models:detector``)."""
+    torch.manual_seed(0)
+    return randomize_bn(Detector()).eval()

@@ -64,6 +64,8 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", metavar="PATTERN", help=cfg_help("exclude"), show_default=False)]
 MaxSkipsOpt = Annotated[Optional[int], typer.Option(
     "--max-skips", help=cfg_help("max_skips"), show_default=False)]
+ModuleOpt = Annotated[Optional[str], typer.Option(
+    "--module", metavar="NAME", help=cfg_help("module"), show_default=False)]
 
 # Options shared by several commands (typer builds flags from these annotations).
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2 archive, .pt/.pth state_dict "
@@ -217,11 +219,11 @@ def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEF
                       join=DEFAULTS.join, pattern=DEFAULTS.pattern,
                       placement=DEFAULTS.placement,
                       include: list[str] | None = None, exclude: list[str] | None = None,
-                      max_skips: int | None = None) -> SkipConfig:
+                      max_skips: int | None = None, module: str | None = None) -> SkipConfig:
     """The SkipConfig the shared flags describe (validated: ConfigError names the flag's field)."""
     return SkipConfig(span=span, kind=kind, init=init, join=join, pattern=pattern,
                       placement=placement, include=tuple(include or ()),
-                      exclude=tuple(exclude or ()), max_skips=max_skips)
+                      exclude=tuple(exclude or ()), max_skips=max_skips, module=module)
 
 
 def trace_from_flags(*, leaf: list[str] | None = None, concrete: list[str] | None = None,

@@ -39,6 +39,8 @@ def deepen_cmd(
         "--how", metavar="|".join(h.value for h in How), help=_HELP["how"])] = How.AUTO.value,
     zero: Annotated[Optional[list[str]], typer.Option(
         "--zero", metavar="NAME", help=_HELP["zero"], show_default=False)] = None,
+    module: Annotated[Optional[str], typer.Option(
+        "--module", metavar="NAME", help=_HELP["module"], show_default=False)] = None,
     input_shape: InputShapeOpt = None,
     vocab: VocabOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
@@ -96,7 +98,8 @@ def deepen_cmd(
 
         loaded_plan = DeepenPlan.load(plan) if plan else None
         config = loaded_plan.config if loaded_plan else DeepenConfig(
-            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()))
+            blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()),
+            module=module)
         if model.is_dir():
             if plan or plan_out or onnx:
                 raise ConfigError("--plan, --plan-out and --onnx apply to model files; for a "

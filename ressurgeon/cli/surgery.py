@@ -10,7 +10,8 @@ import typer
 from . import render
 from .common import (DEFAULTS, ArchOpt, ConcreteOpt, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                      ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
-                     JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
+                     JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, ModuleOpt, NoCheckOpt,
+                     OnnxOpt,
                      OpsetOpt, Output, PatternOpt, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt,
                      SpanOpt,
                      StaticBatchOpt, TrustOpt, VocabOpt, WideOpt,
@@ -35,6 +36,7 @@ def add_skips_cmd(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
+    module: ModuleOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
         "choosing spans; its settings win over the span/kind/init flags.",
@@ -87,7 +89,7 @@ def add_skips_cmd(
 
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
                                    pattern=pattern, placement=placement, include=include,
-                                   exclude=exclude, max_skips=max_skips)
+                                   exclude=exclude, max_skips=max_skips, module=module)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
@@ -129,12 +131,18 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
         from ..analysis.layers import analyze_graph
         from ..plot import plot_surgery
 
-        plot_surgery(analyze_graph(result.module).units, result.skips, plot)
+        plot_surgery(analyze_graph(_rewritten(result)).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
     if save_code is not None:
-        write_code(result.module, save_code)
+        write_code(_rewritten(result), save_code)
         out.note(f"wrote source to {save_code}/")
     return written
+
+
+def _rewritten(result):
+    """The rewritten GraphModule: the model, or with --module the submodule spliced into it."""
+    path = result.plan.config.module
+    return result.module.get_submodule(path) if path else result.module
 
 
 def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
@@ -219,6 +227,7 @@ def inspect_cmd(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
+    module: ModuleOpt = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     dtype: DtypeOpt = "float32",
@@ -247,8 +256,8 @@ def inspect_cmd(
     """
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         config = config_from_flags(span=span, kind=kind, join=join, pattern=pattern,
-                                   placement=placement,
-                                   include=include, exclude=exclude, max_skips=max_skips)
+                                   placement=placement, include=include, exclude=exclude,
+                                   max_skips=max_skips, module=module)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
