@@ -59,6 +59,7 @@ def test_the_plan_remembers_the_module():
     result = add_skips(model, (x,), SkipConfig(module="backbone", span=3))
     plan = SurgeryPlan.from_json(result.plan.to_json())
     assert plan.config.module == "backbone"
+    assert plan.input_shapes == ((1, 3, 16, 16),)  # the whole model's inputs, for --plan
     again = add_skips(model, (x,), plan=plan)
     assert [s.name for s in again.skips] == [s.name for s in result.skips]
     assert _same(again.module(x), model(x))

@@ -219,7 +219,8 @@ def _deepen_in(path: str, model: nn.Module, inputs: tuple, config: DeepenConfig,
     blocks = [replace(b, name=f"{path}.{b.name}", zeroed=tuple(f"{path}.{t}" for t in b.zeroed))
               for b in inner.blocks]
     result = DeepenResult(module=whole, blocks=blocks, positions=inner.positions,
-                          plan=replace(inner.plan, config=replace(inner.plan.config, module=path)),
+                          plan=replace(inner.plan, config=replace(inner.plan.config, module=path),
+                                       input_shapes=tuple(tuple(t.shape) for t in inputs)),
                           parity=None, how=inner.how, method=inner.method,
                           config_keys=inner.config_keys, _inside=(path, inner))
     if verify:

@@ -216,7 +216,8 @@ def _add_skips_in(path: str, model: nn.Module, inputs: tuple, config: SkipConfig
     whole = splice(model, path, inner.module)
     result = replace(inner, module=whole,
                      skips=[replace(s, name=f"{path}.{s.name}") for s in inner.skips],
-                     plan=replace(inner.plan, config=replace(inner.plan.config, module=path)))
+                     plan=replace(inner.plan, config=replace(inner.plan.config, module=path),
+                                  input_shapes=tuple(tuple(t.shape) for t in inputs)))
     if verify:
         result.parity = check_parity(model, whole, inputs)
         _judge(result.parity, result.plan.config, bool(result.skips))
