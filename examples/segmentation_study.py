@@ -20,7 +20,7 @@ over the four classes on a held-out set (confusion matrix over all its
 pixels), per-class IoU, the training-loss curve and the test mIoU after every
 epoch, parameters added.
 
-    python examples/segmentation_study.py            # the full study
+    python examples/segmentation_study.py            # the full study (~20 min on a busy CPU)
     python examples/segmentation_study.py --quick    # smoke test (< 30 s)
 
 Writes into --out (default examples/results/; --quick: examples/results/quick/),
@@ -79,10 +79,10 @@ VARIANTS = {v.name: v for v in (
 
 @dataclass
 class Budget:
-    size: int = 48
-    train: int = 1024
-    test: int = 256
-    epochs: int = 10
+    size: int = 32
+    train: int = 512
+    test: int = 128
+    epochs: int = 8
     seeds: int = 3
     batch: int = 32
     lr: float = 2e-3
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="smoke test: 24x24 images, 64 training and 32 test images, "
                         "widths 8/16, 2 seeds, 2 epochs")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     budget = Budget()
