@@ -20,7 +20,7 @@ over the four classes on a held-out set (confusion matrix over all its
 pixels), per-class IoU, the training-loss curve and the test mIoU after every
 epoch, parameters added.
 
-    python examples/segmentation_study.py            # the full study (~20 min on a busy CPU)
+    python examples/segmentation_study.py            # the full study (~15 min, one thread)
     python examples/segmentation_study.py --quick    # smoke test (< 30 s)
 
 Writes into --out (default examples/results/; --quick: examples/results/quick/),
