@@ -127,7 +127,8 @@ def make_shapes(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 # -- one run --------------------------------------------------------------------------------
 
-def build(variant: Variant, budget: Budget, seed: int, example: torch.Tensor) -> tuple[nn.Module, int]:
+def build(variant: Variant, budget: Budget, seed: int,
+          example: torch.Tensor) -> tuple[nn.Module, int]:
     """The seed's plain net, with the variant's shortcuts; (model, parameters added)."""
     torch.manual_seed(seed)
     net = EncoderDecoder(dims=2, widths=budget.widths, up="transpose", in_channels=1,
@@ -207,7 +208,9 @@ def summarise(runs: list[dict]) -> dict:
 
 def _ms(ms, scale: float = 100.0, digits: int = 1) -> str:
     m, s = ms
-    return "-" if m is None or not math.isfinite(m) else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    if m is None or not math.isfinite(m):
+        return "-"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def table(summary: dict) -> str:

@@ -36,7 +36,8 @@ from ..config import Kind, Placement, SkipConfig
 from ..verdicts import (OVERRIDABLE, PairVerdict, Reason, Span, data_input, end_reasons,
                         feeding, join_kind, pair_verdict)
 
-__all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "chain_spans", "join_kind", "Chooser", "judge_pair",
+__all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "chain_spans", "join_kind", "Chooser",
+           "judge_pair",
            "mark_planned", "end_name", "units_between",
            # the layer tree's names, documented here before analysis/ existed
            "Layer", "GraphAnalysis", "analyze_graph", "find_layers", "find_residuals", "Residual"]
