@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 VGG_WIDTHS = (32, 32, "M", 64, 64, "M", 128, 128, 128, 128)
 MLP_WIDTHS = (64, 128, 128, 128, 128, 64, 64, 64, 64)
@@ -39,6 +40,64 @@ def plain_mlp(widths=MLP_WIDTHS, classes: int = 10) -> nn.Sequential:
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(widths[-1], classes))
+
+
+class EncoderDecoder(nn.Module):
+    """A plain encoder-decoder without skips (U-Net's shape, none of its concatenations).
+
+    ``widths`` per level, two conv + BN + ReLU per level (``enc_convs``/``dec_convs``
+    to make them unequal); max-pooling down; ``up`` is how the decoder goes up:
+    "transpose" (ConvTransposeNd, k2 s2, then ReLU), "upsample" (nn.Upsample),
+    "interpolate" (F.interpolate) or "shuffle" (1x1 conv to 4x channels + PixelShuffle,
+    2-D only); a 1x1 conv head. ``dims`` 1, 2 or 3.
+    """
+
+    def __init__(self, dims: int = 2, widths=(8, 16, 32), up: str = "transpose",
+                 in_channels: int = 3, classes: int = 4, enc_convs: int = 2, dec_convs: int = 2):
+        super().__init__()
+        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
+                    3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims]
+        transpose = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+
+        def block(cin, cout, n):
+            layers = []
+            for i in range(n):
+                layers += [conv(cin if i == 0 else cout, cout, 3, padding=1), bn(cout), nn.ReLU()]
+            return nn.Sequential(*layers)
+
+        self.up_kind = up
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(block(cin, w, enc_convs))
+            cin = w
+        self.pool = pool(2)
+        self.ups, self.dec = nn.ModuleList(), nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            if up == "transpose":
+                self.ups.append(nn.Sequential(transpose(cin, w, 2, stride=2), nn.ReLU()))
+                self.dec.append(block(w, w, dec_convs))
+            elif up == "shuffle":
+                self.ups.append(nn.Sequential(conv(cin, 4 * w, 1), nn.PixelShuffle(2)))
+                self.dec.append(block(w, w, dec_convs))
+            else:
+                self.ups.append(nn.Upsample(scale_factor=2) if up == "upsample" else nn.Identity())
+                self.dec.append(block(cin, w, dec_convs))
+            cin = w
+        self.head = conv(cin, classes, 1)
+
+    def forward(self, x):
+        for i, level in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = level(x)
+        for up, level in zip(self.ups, self.dec):
+            x = up(x)
+            if self.up_kind == "interpolate":
+                x = F.interpolate(x, scale_factor=2.0)
+            x = level(x)
+        return self.head(x)
 
 
 def save_examples(folder: Path) -> list[Path]:

@@ -33,15 +33,15 @@ STAGES: tuple[Stage, ...] = (
            "load.guard", "load.nn_pickle", "load.checkpoint", "load.safetensors", "load.archive",
            "capture", "capture.bounds", "capture.exported", "capture.inplace", "capture.modes",
            "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load",
-           "capture.trace", "inputs"),
+           "capture.trace", "capture.submodule", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
           "`checkpoint` (training checkpoints), `archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), "
-          "`capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, `inplace`), `inputs.py`"),
+          "`capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, `inplace`, `submodule`), `inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
           ("analysis", "analysis.dominators", "analysis.blocks", "analysis.layers",
-           "analysis.zeros", "skips.select", "skips.patterns"),
-          "`analysis/`, `skips/select.py`, `skips/patterns.py`"),
+           "analysis.zeros", "skips.select", "skips.patterns", "skips.mirror"),
+          "`analysis/`, `skips/select.py`, `skips/patterns.py` (chain), `skips/mirror.py`"),
     Stage("plan", "the chosen spans as an editable JSON plan", ("skips.plan",),
           "`skips/plan.py`"),
     Stage("rewrite", "insert the planned joins", ("skips.rewrite",), "`skips/rewrite.py`"),

@@ -184,6 +184,11 @@ register_pattern(Entry(
     "chain", "ressurgeon.skips.patterns:Chain",
     "spans of `span` layers along the layer tree, each from a layer's input to a later "
     "layer's output (ResNet)"))
+register_pattern(Entry(
+    "mirror", "ressurgeon.skips.mirror:Mirror",
+    "in an encoder-decoder, each encoder level's last tensor joined to the first tensor of the "
+    "decoder level of its resolution, outermost to outermost (U-Net with --join concat, "
+    "LinkNet with --join add)"))
 
 register_rewiring(Entry(
     "dwa", "ressurgeon.rewire.dwa:DWA",

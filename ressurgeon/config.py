@@ -86,6 +86,21 @@ def _count(name: str, value, *, low: int, optional: bool = False) -> None:
         raise ConfigError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
 
 
+_MODULE_HELP = (
+    "Rewrite only this submodule (its dotted path, e.g. 'backbone') and splice it back into "
+    "a copy of the model, which keeps its class, methods and other submodules; for models "
+    "torch.fx cannot trace as a whole whose {what} belong in a part that traces.")
+
+
+def _module_path(value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or not all(
+            part.isidentifier() or part.isdigit() for part in value.split(".")):
+        raise ConfigError(f"module must be a submodule's dotted path, e.g. 'backbone' or "
+                          f"'model.encoder', got {value!r}")
+
+
 @dataclass(frozen=True)
 class SkipConfig:
     """How ``find_spans`` and ``add_skips`` choose and build shortcuts.
@@ -133,9 +148,12 @@ class SkipConfig:
     seed: int | None = field(default=None, metadata=_help(
         "Seed for the new random weights (projections, highway transforms, concat's standard "
         "columns): two runs with one seed write the same weights. None: torch's global RNG."))
+    module: str | None = field(default=None, metadata=_help(
+        _MODULE_HELP.format(what="shortcuts")))
 
     def __post_init__(self) -> None:
         _count("span", self.span, low=1)
+        _module_path(self.module)
         for name, cls in (("kind", Kind), ("init", Init), ("placement", Placement)):
             object.__setattr__(self, name, _enum(cls, name, getattr(self, name)))
         join = join_entry(self.join)  # a registered join, built in or a user's
@@ -240,6 +258,8 @@ class DeepenConfig:
         "Hugging Face models and checkpoint folders only: the modules to zero in each copy, "
         "relative to a block (e.g. 'self_attn.o_proj'); default: the family's rule in "
         "ressurgeon.deepen.ZERO_RULES."))
+    module: str | None = field(default=None, metadata=_help(
+        _MODULE_HELP.format(what="new blocks")))
     prefix: str | None = field(default=None, metadata=_help(
         "Hugging Face models and checkpoint folders only: the layer list to grow, e.g. "
         "'encoder.block' or 'decoder.layers' for encoder-decoders (T5, BART, Whisper, CLIP) "
@@ -247,6 +267,7 @@ class DeepenConfig:
 
     def __post_init__(self) -> None:
         _count("blocks", self.blocks, low=1, optional=True)
+        _module_path(self.module)
         if self.prefix is not None and not (
                 isinstance(self.prefix, str)
                 and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*", self.prefix.rstrip("."))):

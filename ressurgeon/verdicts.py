@@ -61,6 +61,9 @@ class Reason(StrEnum):
     OUTPUTS = "several-outputs"
     UNSUPPORTED = "unsupported-layer"
     SPREAD = "spread"
+    # the mirror pattern's: why an encoder-decoder pair is not joined
+    NO_MIRROR = "no-mirror"
+    LEVELS = "unequal-levels"
 
     @property
     def text(self) -> str:
@@ -107,6 +110,11 @@ _REASON_TEXT = {
     Reason.OUTPUTS: "the block's values are read outside it at more than one place",
     Reason.UNSUPPORTED: "no new layer can be shaped like this op (conv and linear only)",
     Reason.SPREAD: "other positions were picked to spread the new blocks evenly",
+    Reason.NO_MIRROR: "mirror: the resolution never goes down and up again around this tensor "
+                      "(no decoder tensor at this encoder tensor's resolution, or no encoder "
+                      "tensor before this decoder tensor)",
+    Reason.LEVELS: "mirror: unequal levels: this upsampling does not undo the downsampling at "
+                   "the mirrored depth (e.g. one x8 upsampling after three x2 downsamplings)",
 }
 
 
@@ -136,6 +144,7 @@ class Span:
     residual: str | None = None      # for Reason.EXISTING: the model's own residual it meets
     consumer: str | None = None      # concat: the node of the layer that takes the features
     consumer_layer: str | None = None
+    fit: bool = False                # x is cropped or zero-padded to the join's size at run time
 
     @property
     def chosen(self) -> bool:
@@ -151,7 +160,7 @@ class Span:
             "channel_axis": self.channel_axis, "kind": self.kind, "stride": self.stride,
             "chosen": self.chosen, "reason": self.reason.value if self.reason else None,
             "residual": self.residual, "consumer": self.consumer,
-            "consumer_layer": self.consumer_layer,
+            "consumer_layer": self.consumer_layer, "fit": self.fit,
         }
 
 

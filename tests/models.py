@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models import plain_mlp, plain_vgg
+from examples.models import EncoderDecoder, plain_mlp, plain_vgg
 
 
 def plain_cnn() -> nn.Module:
@@ -855,3 +855,37 @@ def tiny_gpt2_lm():
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4,
                                      n_positions=64)
     return transformers.AutoModelForCausalLM.from_config(config)
+def encoder_decoder(**kwargs) -> EncoderDecoder:
+    """An EncoderDecoder with random BatchNorm statistics, in eval mode."""
+    return randomize_bn(EncoderDecoder(**kwargs)).eval()
+
+
+class Detector(nn.Module):
+    """A plain CNN backbone inside a forward that neither fx nor torch.export can capture.
+
+    The forward branches on a tensor's value and returns a dict with a list
+    whose length depends on the data, as detection models' post-processing does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = plain_vgg(widths=(8, 8, "M", 16, 16, 16), classes=1)[0]
+        self.head = nn.Conv2d(16, 5, 1)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def forward(self, x):
+        scores = self.head(self.backbone(x))
+        if scores.mean() > self.threshold:  # data-dependent Python: no capture
+            scores = scores - scores.mean()
+        peaks = [s for s in scores.amax(dim=(2, 3)).flatten() if s > 0]
+        return {"scores": scores, "peaks": torch.stack(peaks) if peaks else scores.new_zeros(0)}
+
+    def decode(self, out: dict) -> int:
+        """A method of the user's class (must survive the splice)."""
+        return int(out["peaks"].numel())
+
+
+def detector() -> Detector:
+    """A Detector with random BatchNorm statistics, in eval mode (``--arch models:detector``)."""
+    torch.manual_seed(0)
+    return randomize_bn(Detector()).eval()

@@ -44,3 +44,49 @@ def test_zoo_model(entry):
     assert row.parity == 0.0  # preserve mode: a zero gate times a finite tensor adds exactly 0
     assert row.onnx == "yes"
     assert row.candidates <= row.layers * 2  # one per layer or block, never one per pair
+
+
+# -- issue 24: segmentation models (no mirror pair) and detection backbones (--module) ---------
+# Written against torchvision's documented builders; torchvision is not installed in CI, so
+# these run only in the zoo venv.
+
+SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+DETECTION = ["fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn"]
+
+
+@pytest.mark.parametrize("name", SEGMENTATION)
+def test_segmentation_models_keep_parity_and_get_no_mirror_pair(name):
+    tv = pytest.importorskip("torchvision")
+    import torch
+
+    from ressurgeon import SkipConfig, add_skips, find_spans
+    from ressurgeon.verdicts import Reason
+
+    build = getattr(tv.models.segmentation, name)
+    model = build(weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert add_skips(model, (x,), SkipConfig(span=2)).parity.max_abs_diff == 0.0
+    # three x2 steps down (x8 with dilation after), one x8 step up: unequal levels
+    spans = find_spans(model, (x,), SkipConfig(pattern="mirror"))
+    assert spans and not any(s.chosen for s in spans)
+    assert Reason.LEVELS in {s.reason for s in spans}
+
+
+@pytest.mark.parametrize("name", DETECTION)
+def test_detection_models_get_shortcuts_in_their_backbone(name):
+    tv = pytest.importorskip("torchvision")
+    import torch
+
+    from ressurgeon import SkipConfig, add_skips
+    from ressurgeon.errors import TraceError
+
+    build = getattr(tv.models.detection, name)
+    model = build(weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.rand(1, 3, 128, 128)
+    with pytest.raises(TraceError, match="--module"):
+        add_skips(model, (x,), SkipConfig())
+    result = add_skips(model, (x,), SkipConfig(module="backbone"))
+    assert type(result.module) is type(model) and result.skips
+    assert result.parity.max_abs_diff == 0.0
+    assert all(s.name.startswith("backbone.") for s in result.skips)
+    assert set(model.state_dict()) <= set(result.module.state_dict())

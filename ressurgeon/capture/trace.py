@@ -390,12 +390,15 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
     module = fx_error.module[0] if isinstance(fx_error, _FxFailure) else ""
     hint = f"(e.g. --leaf '{module}')" if module else "(leaf_modules / --leaf)"
     where = _user_frame(error)
+    children = [name for name, _ in model.named_children()]
+    part = (f"; or rewrite only a submodule that traces with --module NAME (SkipConfig("
+            f"module=...)); its children: {', '.join(children[:8])}" if children else "")
     raise TraceError(
         f"cannot capture {type(model).__name__}: torch.fx failed with "
         f"'{_describe_fx_failure(fx_error)}' and torch.export with '{brief(error)}'"
         f"{' at ' + where if where else ''}. "
         f"Mark the offending submodule as a leaf {hint} or rewrite "
-        "the data-dependent Python branch with torch.where / torch.cond"
+        f"the data-dependent Python branch with torch.where / torch.cond{part}"
     ) from error
 
 

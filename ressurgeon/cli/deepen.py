@@ -42,6 +42,8 @@ def deepen_cmd(
         "--zero", metavar="NAME", help=_HELP["zero"], show_default=False)] = None,
     prefix: Annotated[Optional[str], typer.Option(
         "--prefix", metavar="PATH", help=_HELP["prefix"], show_default=False)] = None,
+    module: Annotated[Optional[str], typer.Option(
+        "--module", metavar="NAME", help=_HELP["module"], show_default=False)] = None,
     input_shape: InputShapeOpt = None,
     vocab: VocabOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
@@ -101,7 +103,7 @@ def deepen_cmd(
         loaded_plan = DeepenPlan.load(plan) if plan else None
         config = loaded_plan.config if loaded_plan else DeepenConfig(
             blocks=blocks, how=how, where=tuple(where or ()), zero=tuple(zero or ()),
-            prefix=prefix)
+            prefix=prefix, module=module)
         if model.is_dir():
             if plan or plan_out or onnx:
                 raise ConfigError("--plan, --plan-out and --onnx apply to model files; for a "

@@ -13,12 +13,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..catalog import JOINS
+from ..catalog import JOINS, PATTERNS
 from ..config import Init, Kind, Placement, SkipConfig
 
 __all__ = ["DEFAULTS", "FIELDS", "cfg_help", "config_from_flags", "SpanOpt", "KindOpt", "InitOpt",
            "JoinOpt", "PlacementOpt", "IncludeOpt", "ExcludeOpt", "MaxSkipsOpt", "SeedOpt",
-           "MaxShareOpt", "KeyOpt", "ModelArg",
+           "MaxShareOpt", "KeyOpt", "PatternOpt", "ModuleOpt", "ModelArg",
            "InputShapeOpt", "VocabOpt", "ArchOpt", "TrustOpt", "DtypeOpt", "DeviceOpt", "LeafOpt",
            "FakeOpt", "ConcreteOpt", "DynamicOpt", "PlanOutOpt", "PlotOpt", "WideOpt", "JsonOpt",
            "QuietOpt", "DebugOpt", "OnnxOpt", "OpsetOpt", "Fp16Opt", "StaticBatchOpt",
@@ -48,6 +48,7 @@ SpanOpt = Annotated[int, typer.Option("--span", help=cfg_help("span"))]
 KindOpt = Annotated[str, _choice("--kind", Kind)]
 InitOpt = Annotated[str, _choice("--init", Init)]
 JoinOpt = Annotated[str, _choice("--join", JOINS)]
+PatternOpt = Annotated[str, _choice("--pattern", PATTERNS)]
 PlacementOpt = Annotated[str, _choice("--placement", Placement)]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", metavar="PATTERN", help=cfg_help("include"), show_default=False)]
@@ -55,6 +56,8 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", metavar="PATTERN", help=cfg_help("exclude"), show_default=False)]
 MaxSkipsOpt = Annotated[Optional[int], typer.Option(
     "--max-skips", help=cfg_help("max_skips"), show_default=False)]
+ModuleOpt = Annotated[Optional[str], typer.Option(
+    "--module", metavar="NAME", help=cfg_help("module"), show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", help=cfg_help("seed"), show_default=False)]
 MaxShareOpt = Annotated[float, typer.Option(
@@ -140,7 +143,8 @@ NoCheckOpt = Annotated[bool, typer.Option(
 
 
 def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEFAULTS.init,
-                      join=DEFAULTS.join, placement=DEFAULTS.placement,
+                      join=DEFAULTS.join, pattern=DEFAULTS.pattern,
+                      placement=DEFAULTS.placement, module: str | None = None,
                       include: list[str] | None = None, exclude: list[str] | None = None,
                       max_skips: int | None = None,
                       max_projection_share: float | None = DEFAULTS.max_projection_share,
@@ -150,6 +154,7 @@ def config_from_flags(*, span: int = DEFAULTS.span, kind=DEFAULTS.kind, init=DEF
         else None   # the CLI's "no limit"
     return SkipConfig(span=span, kind=kind, init=init, join=join, placement=placement,
                       include=tuple(include or ()), exclude=tuple(exclude or ()),
-                      max_skips=max_skips, max_projection_share=share, seed=seed)
+                      max_skips=max_skips, max_projection_share=share, seed=seed,
+                      pattern=pattern, module=module)
 
 

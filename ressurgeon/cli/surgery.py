@@ -9,7 +9,7 @@ import typer
 
 from . import render
 from .common import load_with_inputs, real_inputs
-from .options import (KeyOpt, MaxShareOpt, SeedOpt, ArchOpt, ConcreteOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
+from .options import (ModuleOpt, PatternOpt, KeyOpt, MaxShareOpt, SeedOpt, ArchOpt, ConcreteOpt, DEFAULTS, DebugOpt, DeviceOpt, DtypeOpt, DynamicOpt,
                       ExcludeOpt, FakeOpt, Fp16Opt, IncludeOpt, InitOpt, InputShapeOpt, JoinOpt,
                       JsonOpt, KindOpt, LeafOpt, MaxSkipsOpt, ModelArg, NoCheckOpt, OnnxOpt,
                       OpsetOpt, PlacementOpt, PlanOutOpt, PlotOpt, QuietOpt, SpanOpt,
@@ -29,12 +29,14 @@ def add_skips_cmd(
     kind: KindOpt = DEFAULTS.kind,
     init: InitOpt = DEFAULTS.init,
     join: JoinOpt = DEFAULTS.join,
+    pattern: PatternOpt = DEFAULTS.pattern,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
     max_projection_share: MaxShareOpt = DEFAULTS.max_projection_share,
     seed: SeedOpt = DEFAULTS.seed,
+    module: ModuleOpt = None,
     plan: Annotated[Optional[Path], typer.Option(
         "--plan", help="Apply this plan (JSON from --plan-out, maybe edited) instead of "
         "choosing spans; its settings win over the span/kind/init flags.",
@@ -89,7 +91,8 @@ def add_skips_cmd(
         config = config_from_flags(span=span, kind=kind, init=init, join=join,
                                    placement=placement, include=include, exclude=exclude,
                                    max_skips=max_skips,
-                                   max_projection_share=max_projection_share, seed=seed)
+                                   max_projection_share=max_projection_share, seed=seed,
+                                   pattern=pattern, module=module)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
@@ -134,12 +137,18 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
         from .. import analyze_graph
         from .. import plot_surgery
 
-        plot_surgery(analyze_graph(result.module).units, result.skips, plot)
+        plot_surgery(analyze_graph(_rewritten(result)).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
     if save_code is not None:
-        write_code(result.module, save_code)
+        write_code(_rewritten(result), save_code)
         out.note(f"wrote source to {save_code}/")
     return written
+
+
+def _rewritten(result):
+    """The rewritten GraphModule: the model, or with --module the submodule spliced into it."""
+    path = result.plan.config.module
+    return result.module.get_submodule(path) if path else result.module
 
 
 def write_results(module, plan, inputs, out: Output, *, target, plan_out, onnx,
@@ -262,11 +271,13 @@ def inspect_cmd(
     span: SpanOpt = DEFAULTS.span,
     kind: KindOpt = DEFAULTS.kind,
     join: JoinOpt = DEFAULTS.join,
+    pattern: PatternOpt = DEFAULTS.pattern,
     placement: PlacementOpt = DEFAULTS.placement,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_skips: MaxSkipsOpt = None,
     max_projection_share: MaxShareOpt = DEFAULTS.max_projection_share,
+    module: ModuleOpt = None,
     arch: ArchOpt = None,
     key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
@@ -297,7 +308,8 @@ def inspect_cmd(
     with session(as_json=as_json, quiet=quiet, debug=debug) as out:
         config = config_from_flags(span=span, kind=kind, join=join, placement=placement,
                                    include=include, exclude=exclude, max_skips=max_skips,
-                                   max_projection_share=max_projection_share)
+                                   max_projection_share=max_projection_share,
+                                   pattern=pattern, module=module)
         trace = trace_from_flags(leaf=leaf, concrete=concrete, fake=fake, dynamic=dynamic)
         check_paths([model], {"--plot": plot})
         check_plot_extra(plot)
@@ -324,6 +336,6 @@ def inspect_cmd(
                 out.line(line)
             chosen = sum(s.chosen for s in found.spans)
             out.line(f"{chosen} of {len(found.spans)} candidate spans would be chosen with "
-                     f"span={span}")
+                     + (f"span={span}" if pattern == "chain" else f"--pattern {pattern}"))
 
         out.emit(found.to_dict(), show)

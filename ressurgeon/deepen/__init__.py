@@ -23,7 +23,7 @@ trainable (and works for the layer list of a transformers model too).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ from .._torch import normalize_inputs, quiet_copy
 from ..analysis.layers import analyze_graph
 from ..errors import ConfigError, VerificationError
 from ..capture.exported import as_module
+from ..capture.submodule import splice, submodule_inputs
 from ..load.hf import is_pretrained
 from ..capture.trace import trace_model
 from ..verify import ParityReport, check_parity
@@ -71,6 +72,7 @@ class DeepenResult:
     method: str
     config_keys: tuple[str, ...] = ()
     _stack: tuple[StackPlan, dict] | None = field(default=None, repr=False)
+    _inside: tuple[str, "DeepenResult"] | None = field(default=None, repr=False)
 
     @property
     def new_blocks(self) -> list[str]:
@@ -98,6 +100,9 @@ class DeepenResult:
             >>> # train result.module here; some new blocks may stay the identity
             >>> smaller = result.unfold()                               # doctest: +SKIP
         """
+        if self._inside is not None:  # DeepenConfig.module: unfold the submodule, splice it again
+            path, inner = self._inside
+            return splice(self.module, path, inner.unfold())
         idle = set(self.still_identity())
         if self._stack is not None:
             plan, settings = self._stack
@@ -166,6 +171,8 @@ def deepen(model: nn.Module, example_inputs: tuple, config: DeepenConfig | None 
     if config is None:
         raise ConfigError("deepen needs a DeepenConfig (e.g. DeepenConfig(blocks=2)) or a plan")
     model = as_module(model)
+    if config.module is not None:
+        return _deepen_in(config.module, model, inputs, config, plan, verify, trace)
     shapes = tuple(tuple(t.shape) for t in inputs)
     if is_pretrained(model):
         positions = hf.stack_positions(model, config)
@@ -199,4 +206,28 @@ def deepen(model: nn.Module, example_inputs: tuple, config: DeepenConfig | None 
                                     f"({result.parity.describe()}); its new blocks should be "
                                     "exactly the identity: this is a ressurgeon bug, please "
                                     "report it")
+    return result
+
+
+def _deepen_in(path: str, model: nn.Module, inputs: tuple, config: DeepenConfig,
+               plan: DeepenPlan | None, verify: bool, trace: TraceOptions | None) -> DeepenResult:
+    """``deepen`` on the submodule at ``path``, spliced back into a copy of ``model``."""
+    sub, sub_inputs = submodule_inputs(model, path, inputs)
+    inner = deepen(sub, sub_inputs, replace(config, module=None),
+                   plan=replace(plan, config=replace(plan.config, module=None))
+                   if plan is not None else None, verify=verify, trace=trace)
+    whole = splice(model, path, inner.module)
+    blocks = [replace(b, name=f"{path}.{b.name}", zeroed=tuple(f"{path}.{t}" for t in b.zeroed))
+              for b in inner.blocks]
+    result = DeepenResult(module=whole, blocks=blocks, positions=inner.positions,
+                          plan=replace(inner.plan, config=replace(inner.plan.config, module=path),
+                                       input_shapes=tuple(tuple(t.shape) for t in inputs)),
+                          parity=None, how=inner.how, method=inner.method,
+                          config_keys=inner.config_keys, _inside=(path, inner))
+    if verify:
+        result.parity = check_parity(model, whole, inputs)
+        if not result.parity.ok:
+            raise VerificationError(f"the deeper model's outputs differ from the original's "
+                                    f"({result.parity.describe()}) after splicing '{path}' "
+                                    "back: this is a ressurgeon bug, please report it")
     return result

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import fx
 
 from .._fx import attr
@@ -87,3 +89,40 @@ def build_projection(src_shape: tuple[int, ...], dst_shape: tuple[int, ...],
 def projection_module(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
     """The public name of the inlined-projection rebuild (shared by every join class)."""
     return _projection_from_graph(gm, node)
+
+
+class Fit(nn.Module):
+    """``x`` cropped or zero-padded at the end of each spatial dim to ``ref``'s size.
+
+    What a long skip across a downsampling and an upsampling needs at sizes the
+    pooling does not divide (U-Net crops the encoder's map): a 15-wide encoder
+    tensor meets a 14-wide decoder tensor (15 -> 7 -> 14), of which it keeps
+    the first 14 columns, the ones a floor-rounding downsampling covered; a
+    decoder tensor wider than the encoder's (ceil-mode pooling) gets zeros at
+    the end. The decoder's size, and so the model's output, never changes; at
+    the size the pair was matched with it is the identity. One ``F.pad`` with
+    negative amounts where it crops: no branch on sizes, so exporters keep
+    symbolic dims symbolic.
+
+    Example:
+        >>> Fit(channel_axis=1, spatial_dims=2)(torch.ones(1, 2, 15, 15),
+        ...                                     torch.ones(1, 5, 14, 16)).shape
+        torch.Size([1, 2, 14, 16])
+    """
+
+    def __init__(self, channel_axis: int, spatial_dims: int):
+        super().__init__()
+        self.channel_axis = channel_axis
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        first = 2 if self.channel_axis == 1 else 1  # [B, C, *S] or [B, *S, C]
+        pad: list = []
+        for dim in reversed(range(first, first + self.spatial_dims)):  # F.pad: last dim first
+            pad += [0, ref.shape[dim] - x.shape[dim]]
+        if self.channel_axis != 1:
+            pad = [0, 0] + pad  # channels-last: the last dim keeps its size
+        return F.pad(x, pad)
+
+    def extra_repr(self) -> str:
+        return f"channel_axis={self.channel_axis}, spatial_dims={self.spatial_dims}"

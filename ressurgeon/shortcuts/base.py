@@ -10,7 +10,9 @@ stage                  hook
 =====================  ==========================================================
 config                 the catalog entry: allowed inits, formulas, why not
 selection + plan check ``verdict`` (may these two ends be joined), ``candidate``
-                       (the span a chain pattern proposes), ``check_planned``
+                       (the span a chain pattern proposes), ``with_consumer``
+                       (a span another pattern proposes, completed with the
+                       layer that reads its target), ``check_planned``
 rewrite                ``build`` (the module), ``insert`` (how it enters the graph)
 fold                   ``terms()`` (a sum of scaled terms) or ``reduces_to()``, and
                        ``fold_back`` for joins that are neither
@@ -186,6 +188,18 @@ class JoinModule(nn.Module):
     def candidate(cls, chooser):
         """The span the chain pattern proposes for one unit (``chooser`` is select's context)."""
         return chooser.best_source(cls)
+
+    @classmethod
+    def with_consumer(cls, analysis, span, consumer):
+        """Complete a span a pattern proposed with ``consumer``, the layer reading its target.
+
+        A pattern other than the chain (mirror) finds the tensor to join at,
+        ``span.target``, and the one weighted layer that reads it (a ``Layer``,
+        None when several or none do) and leaves the rest to the join: a
+        two-ended join replaces the target for every reader and needs no
+        consumer, so the span is returned as it is.
+        """
+        return span
 
     @classmethod
     def check_planned(cls, analysis, skip, src: fx.Node, dst: fx.Node, src_axis: int,

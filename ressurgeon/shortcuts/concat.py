@@ -273,6 +273,25 @@ class ConcatJoin(JoinModule):
         return best
 
     @classmethod
+    def with_consumer(cls, analysis, span: Span, consumer) -> Span:
+        """x's features join the input of ``consumer``, which must read ``span.target``.
+
+        The consumer must be a Conv1d/2d/3d or Linear module called once with no
+        groups (else ``Reason.CONSUMER``), as for the chain's spans.
+        """
+        nodes = analysis.nodes
+        anchor = nodes[consumer.anchor] if consumer is not None else None
+        module = analysis.modules.get(anchor.target) if anchor is not None and \
+            anchor.op == "call_module" else None
+        span = replace(span, consumer=anchor.name if anchor is not None else None,
+                       consumer_layer=consumer.name if consumer is not None else None)
+        if (module is None or analysis.calls.get(anchor.target) != 1
+                or cls.cannot_widen(module) is not None
+                or data_input(anchor) is not nodes[span.target]):
+            return replace(span, reason=span.reason or Reason.CONSUMER)
+        return span
+
+    @classmethod
     def check_planned(cls, analysis, skip, src: fx.Node, dst: fx.Node, src_axis: int,
                       where: str) -> tuple[PairVerdict, str | None]:
         """The consumer must be a widenable Conv/Linear module, called once, reading ``dst``."""

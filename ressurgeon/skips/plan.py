@@ -35,12 +35,16 @@ class PlannedSkip:
     source_layer: str = ""
     target_layer: str = ""
     consumer: str = ""           # concat only: the node of the layer that takes the features
+    fit: bool = False            # crop or zero-pad x to the join's spatial size at run time
 
     def __post_init__(self) -> None:
         for name in ("source", "target", "source_layer", "target_layer", "consumer"):
             if not isinstance(getattr(self, name), str):
                 raise PlanError(f"a skip's {name} must be a string (a node or layer name), got "
                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.fit, bool):
+            raise PlanError(f"skip {self.source} -> {self.target}: fit must be true or false, "
+                            f"got {self.fit!r}")
         if type(self.channel_axis) is not int:
             raise PlanError(f"skip {self.source} -> {self.target}: channel_axis must be an "
                             f"integer (1 or -1), got {self.channel_axis!r}")
@@ -75,7 +79,7 @@ class SurgeryPlan:
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "config": self.config.to_dict(),
                 "input_shapes": [list(s) for s in self.input_shapes],
-                "skips": [asdict(s) for s in self.skips]}
+                "skips": [_entry(s) for s in self.skips]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -123,6 +127,15 @@ def plan_skips(spans: list[Span], config: SkipConfig,
     """
     skips = tuple(PlannedSkip(source=s.source, target=s.target, kind=s.kind, stride=s.stride,
                               channel_axis=s.channel_axis, source_layer=s.source_layer,
-                              target_layer=s.target_layer, consumer=s.consumer or "")
+                              target_layer=s.target_layer, consumer=s.consumer or "",
+                              fit=s.fit)
                   for s in spans if s.chosen)
     return SurgeryPlan(config=config, skips=skips, input_shapes=tuple(input_shapes))
+
+
+def _entry(skip: PlannedSkip) -> dict:
+    """A skip as JSON; ``fit`` only where it is set (plans of the previous release lack it)."""
+    entry = asdict(skip)
+    if not skip.fit:
+        del entry["fit"]
+    return entry

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import fx
 
-from .._fx import free_name, info, node_order
+from .._fx import free_name, info, node_order, set_info
 from .._torch import quiet_copy
 from ..analysis.layers import GraphAnalysis, analyze_graph
 from ..errors import PlanError
-from ..catalog import join_class
+from ..catalog import join_class, pattern_class
+from ..shortcuts._graph import Fit
 from .plan import PlannedSkip, SurgeryPlan
 from .select import Reason, end_name, units_between
 
@@ -122,6 +123,8 @@ def _insert(gm: fx.GraphModule, join, config, item: "_Checked", nodes: dict,
     consumer = nodes.get(planned.consumer) if planned.consumer else None
     replaced, replacing, params = join.insert(gm, name, planned, config.init,
                                               current.get(src, src), dst, consumer)
+    if planned.fit:
+        _insert_fit(gm, name, planned.channel_axis)
     if replacing is not replaced:
         current[replaced] = replacing
     return Skip(name=name, source=src.name, target=dst.name,
@@ -145,7 +148,8 @@ def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
     residual_layers = {name for b in analysis.blocks if b.kind == "residual"
                        for name in (b.name, *b.covers)}
     join = join_class(plan.config.join)
-    checked, owners = [], {}
+    nests = getattr(pattern_class(plan.config.pattern), "nests", False)
+    checked, owners, insides = [], {}, []
     for i, skip in enumerate(plan.skips):
         if skip.kind not in join.planned_kinds:
             raise PlanError(f"skip {skip.source} -> {skip.target} is of kind {skip.kind}, but the "
@@ -153,10 +157,14 @@ def check_plan(analysis: GraphAnalysis, plan: SurgeryPlan) -> list[_Checked]:
                             f"{' or '.join(join.planned_kinds)}")
         item, inside = _check(analysis, join, skip, residual_layers)
         checked.append(item)
+        insides.append(inside)
         for name in inside:
             owners.setdefault(name, []).append(i)
-    # Plan skips that share a layer are allowed, and reported as overriding ``overlaps``.
-    overlapping = {i for users in owners.values() if len(users) > 1 for i in users}
+    # Plan skips that share a layer are allowed, and reported as overriding ``overlaps``;
+    # for a pattern whose pairs nest (mirror: U-Net's outer pairs hold the inner ones), a
+    # skip inside another is no overlap.
+    overlapping = {i for users in owners.values() if len(users) > 1 for i in users
+                   if not (nests and all(_nested(insides[i], insides[j]) for j in users))}
     return [replace(c, overrides=(*c.overrides, Reason.OVERLAPS.value)) if i in overlapping
             else c for i, c in enumerate(checked)]
 
@@ -211,6 +219,27 @@ def _check(analysis: GraphAnalysis, join, skip: PlannedSkip,
     item = _Checked(planned=skip, source_layer=src_name, target_layer=dst_name,
                     overrides=tuple(overrides), consumer_layer=consumer_layer)
     return item, inside
+
+
+def _nested(a: set[str], b: set[str]) -> bool:
+    return a <= b or b <= a
+
+
+def _insert_fit(gm: fx.GraphModule, name: str, channel_axis: int) -> None:
+    """Crop or pad what join ``name`` reads as x to its h's size at run time (``Fit``).
+
+    Every join module is called as ``name(h, x)``; the fit goes between x and that call.
+    """
+    call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+    h, x = call.args[0], call.args[1]
+    shape = info(x).shape
+    spatial = len(shape) - 2
+    fit = free_name(gm, f"{name}_fit")
+    gm.add_submodule(fit, Fit(channel_axis, spatial))
+    with gm.graph.inserting_before(call):
+        node = gm.graph.call_module(fit, (x, h))
+    set_info(node, **info(x).__dict__)
+    call.update_arg(1, node)
 
 
 def name_part(name: str) -> str:

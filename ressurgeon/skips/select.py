@@ -37,6 +37,7 @@ from ..verdicts import (OVERRIDABLE, PairVerdict, Reason, Span, data_input, end_
                         feeding, join_kind, pair_verdict)
 
 __all__ = ["Reason", "Span", "PairVerdict", "pair_verdict", "select_spans", "chain_spans", "join_kind", "Chooser",
+           "judge_pair",
            "mark_planned", "end_name", "units_between",
            # the layer tree's names, documented here before analysis/ existed
            "Layer", "GraphAnalysis", "analyze_graph", "find_layers", "find_residuals", "Residual"]
@@ -164,7 +165,7 @@ class Chooser:
 
     def pair(self, join, x: fx.Node) -> Span:
         """The span from ``x`` to ``dst``, with the join's verdict and the config's rules."""
-        return _candidate(self.analysis, join, x, self.dst, self.src, self.unit, self.inside,
+        return judge_pair(self.analysis, join, x, self.dst, self.src, self.unit, self.inside,
                           self.config)
 
 
@@ -198,8 +199,12 @@ def _too_large(span: Span, config: SkipConfig, total: int) -> bool:
     return params >= LARGE_PROJECTION_FLOOR and params > config.max_projection_share * total
 
 
-def _candidate(analysis: GraphAnalysis, join, src: fx.Node, dst: fx.Node, src_layer: Layer,
+def judge_pair(analysis: GraphAnalysis, join, src: fx.Node, dst: fx.Node, src_layer: Layer,
                dst_layer: Layer, inside: tuple[str, ...], config: SkipConfig) -> Span:
+    """The span from ``src`` to ``dst``: the join's verdict, then the config's kind and globs.
+
+    ``src_layer``/``dst_layer`` need only ``name`` and ``channel_axis``.
+    """
     verdict = join.verdict(analysis, src, dst, src_layer.channel_axis, dst_layer.channel_axis)
     span = Span(source=src.name, target=dst.name, source_layer=src_layer.name,
                 target_layer=dst_layer.name, layers=inside, src_shape=info(src).shape,
@@ -210,7 +215,7 @@ def _candidate(analysis: GraphAnalysis, join, src: fx.Node, dst: fx.Node, src_la
     kind, stride = verdict.kind, verdict.stride
     if kind == "projection" and config.kind is Kind.IDENTITY:
         return replace(span, kind=kind, stride=stride, reason=Reason.NEEDS_PROJECTION)
-    if config.kind is Kind.PROJECTION:
+    if config.kind is Kind.PROJECTION and kind == "identity":  # a concat keeps its kind
         kind = "projection"
     span = replace(span, kind=kind, stride=stride)
     if not (config.allows(src_layer.name) and config.allows(dst_layer.name)):

@@ -20,6 +20,7 @@ from ..analysis.layers import GraphAnalysis, Layer, analyze_graph
 from ..config import Init, SkipConfig, TraceOptions
 from ..errors import VerificationError
 from ..capture.exported import as_module
+from ..capture.submodule import splice, submodule_inputs
 from ..load.hf import forward_kwargs
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
@@ -32,7 +33,9 @@ from ..verify import ParityReport, check_parity, watch_shortcut_paths
 class SurgeryResult:
     """What ``add_skips`` did.
 
-    ``module`` is the rewritten GraphModule; ``skips`` one record per shortcut;
+    ``module`` is the rewritten GraphModule (with ``SkipConfig.module``, a copy of
+    the model of its own class with that submodule a rewritten GraphModule, and
+    skip names its paths); ``skips`` one record per shortcut;
     ``spans`` every candidate (chosen or rejected with a reason); ``plan`` the
     plan that was applied; ``parity`` the measured output difference against
     the original (None when verify=False); ``method`` "fx", "export" or
@@ -43,7 +46,7 @@ class SurgeryResult:
     model was captured in (torch.export capture only; fx keeps them as modules).
     """
 
-    module: fx.GraphModule
+    module: fx.GraphModule | nn.Module
     skips: list[Skip]
     spans: list[Span]
     plan: SurgeryPlan
@@ -120,9 +123,14 @@ def inspect_model(model: nn.Module, example_inputs: tuple, config: SkipConfig | 
         >>> len(found.layers), sum(s.chosen for s in found.spans)       # doctest: +SKIP
         (8, 3)
     """
+    config = config or SkipConfig()
+    if config.module is not None:  # the submodule alone, with the inputs the model gives it
+        sub, sub_inputs = submodule_inputs(as_module(model), config.module,
+                                           normalize_inputs(example_inputs))
+        return inspect_model(sub, sub_inputs, replace(config, module=None), trace=trace)
     gm = trace_model(model, example_inputs, trace)
     analysis = analyze_graph(gm)
-    spans = select_spans(analysis, config or SkipConfig())
+    spans = select_spans(analysis, config)
     return Inspection(gm=gm, analysis=analysis, spans=spans, method=capture_info(gm).method)
 
 
@@ -183,6 +191,9 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     """
     inputs = normalize_inputs(example_inputs)
     model = as_module(model)  # an ExportedProgram or its .module() refuses .eval()
+    path = (plan.config if plan is not None else config or SkipConfig()).module
+    if path is not None:
+        return _add_skips_in(path, model, inputs, config, plan, verify, trace)
     gm = trace_model(model, inputs, trace)
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
@@ -191,6 +202,29 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
         concrete = {**forward_kwargs(model), **((trace and trace.concrete_args) or {})}
         result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete,
                                      rewritten_outputs=outputs)
+        _judge(result.parity, result.plan.config, bool(result.skips))
+    return result
+
+
+def _add_skips_in(path: str, model: nn.Module, inputs: tuple, config: SkipConfig | None,
+                  plan: SurgeryPlan | None, verify: bool,
+                  trace: TraceOptions | None) -> SurgeryResult:
+    """``add_skips`` on the submodule at ``path``, spliced back into a copy of ``model``.
+
+    The submodule is captured with the inputs it gets when the whole model runs
+    the example; skip names and the plan's config say where it sits.
+    """
+    sub, sub_inputs = submodule_inputs(model, path, inputs)
+    inner = add_skips(sub, sub_inputs, replace(config, module=None) if config else None,
+                      plan=replace(plan, config=replace(plan.config, module=None))
+                      if plan is not None else None, verify=verify, trace=trace)
+    whole = splice(model, path, inner.module)
+    result = replace(inner, module=whole,
+                     skips=[replace(s, name=f"{path}.{s.name}") for s in inner.skips],
+                     plan=replace(inner.plan, config=replace(inner.plan.config, module=path),
+                                  input_shapes=tuple(tuple(t.shape) for t in inputs)))
+    if verify:
+        result.parity = check_parity(model, whole, inputs)
         _judge(result.parity, result.plan.config, bool(result.skips))
     return result
 
