@@ -30,8 +30,12 @@ from pathlib import Path
 
 import torch
 
-from examples.deepen_study import (RESULTS, Settings, _paired, _pm, lm_eval, lm_model,
-                                   stdlib_corpus, windows, write_text)
+try:
+    from .deepen_study import (RESULTS, Settings, _paired, _pm, lm_eval, lm_model,
+                               stdlib_corpus, windows, write_text)
+except ImportError:  # run as a script: python examples/rewire_study.py
+    from deepen_study import (RESULTS, Settings, _paired, _pm, lm_eval, lm_model,
+                              stdlib_corpus, windows, write_text)
 from ressurgeon import RewireConfig, rewire
 
 KINDS = {"plain": None, "dwa": RewireConfig(kind="dwa"),

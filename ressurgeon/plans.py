@@ -74,3 +74,29 @@ def parse_plan_json(text: str):
     except RecursionError:
         raise PlanError("the plan is nested too deeply to be a plan; write one with "
                         "--plan-out") from None
+
+
+class PlanFile:
+    """The base of every plan class (``SurgeryPlan``, ``DeepenPlan``): JSON out and in.
+
+    A subclass gives ``to_dict`` and ``from_dict`` (its own entries, checked with
+    ``plan_entries``); the text form, the bounded read and the parse are shared.
+    """
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(parse_plan_json(text))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_json(read_plan_text(path))

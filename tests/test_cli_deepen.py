@@ -99,6 +99,7 @@ def test_the_input_is_never_the_output(vit_pt2):
 
 
 def test_a_failing_onnx_check_exits_3_and_leaves_no_model(vit_pt2, tmp_path, monkeypatch):
+    import ressurgeon
     from ressurgeon import onnx_export
     from ressurgeon.errors import VerificationError
 
@@ -106,6 +107,7 @@ def test_a_failing_onnx_check_exits_3_and_leaves_no_model(vit_pt2, tmp_path, mon
         raise VerificationError("ONNX Runtime disagrees")
 
     monkeypatch.setattr(onnx_export, "export_onnx", failing)
+    monkeypatch.setattr(ressurgeon, "export_onnx", failing, raising=False)  # the CLI's import
     result = run("deepen", vit_pt2, "-n", "1", "-o", tmp_path / "d.pt2",
                  "--onnx", tmp_path / "d.onnx")
     one_line_error(result, code=3)

@@ -113,10 +113,10 @@ def test_cli_defaults_are_the_config_defaults():
 
     import typer
 
-    from ressurgeon.config import DeepenConfig, SkipConfig, TraceOptions
+    from ressurgeon.config import DeepenConfig, RewireConfig, SkipConfig, TraceOptions
 
     defaults: dict[str, list] = {}
-    for cls in (SkipConfig, TraceOptions, DeepenConfig):
+    for cls in (SkipConfig, TraceOptions, DeepenConfig, RewireConfig):
         for f in dataclasses.fields(cls):
             value = getattr(f.default, "value", f.default)
             defaults.setdefault(f.name, []).append(None if value == () else value)

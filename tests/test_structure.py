@@ -76,26 +76,8 @@ def test_no_module_imports_a_later_stage():
     assert not wrong, wrong
 
 
-def test_module_level_imports_have_no_cycle():
-    graph = {_module_name(p): _imports(p, top_level_only=True) & set(RANK) for p in _library_files()}
-    state: dict[str, int] = {}
-
-    def visit(node, path):
-        state[node] = 1
-        for nxt in graph.get(node, ()):
-            assert state.get(nxt) != 1, f"import cycle: {' -> '.join(path + [nxt])}"
-            if nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = 2
-
-    for module in graph:
-        if module not in state:
-            visit(module, [module])
-
-
-def test_imports_have_no_cycle_inside_functions_either():
-    """A function-level import closes a circle as surely as a module-level one."""
-    graph = {_module_name(p): _imports(p, top_level_only=False) & set(RANK)
+def _assert_no_cycle(top_level_only: bool) -> None:
+    graph = {_module_name(p): _imports(p, top_level_only=top_level_only) & set(RANK)
              for p in _library_files()}
     for compat in structure.STAGES[-1].modules:  # an alias is the moved module itself
         graph.pop(compat, None)
@@ -112,6 +94,15 @@ def test_imports_have_no_cycle_inside_functions_either():
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+def test_module_level_imports_have_no_cycle():
+    _assert_no_cycle(top_level_only=True)
+
+
+def test_imports_have_no_cycle_inside_functions_either():
+    """A function-level import closes a circle as surely as a module-level one."""
+    _assert_no_cycle(top_level_only=False)
 
 
 def test_the_cli_imports_only_the_public_api():

@@ -333,11 +333,14 @@ def as_module(model) -> nn.Module:
     return model
 
 
-def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+def graph_module_from_export(ep: torch.export.ExportedProgram,
+                             guards: tuple[str, ...] | None = None) -> fx.GraphModule:
     """A plain, trainable GraphModule from an ExportedProgram.
 
     Args:
         ep: from ``torch.export.export`` or ``torch.export.load``.
+        guards: the program's guard texts when they were taken off ``ep`` before
+            ``ep.module()`` could compile them (an untrusted archive); default ``ep``'s.
 
     Returns:
         A GraphModule that follows ``.train()``/``.eval()``, with BatchNorm,
@@ -352,7 +355,8 @@ def graph_module_from_export(ep: torch.export.ExportedProgram) -> fx.GraphModule
     """
     unlifted = ep.module()
     return plain_graph_module(unlifted, range_constraints=dict(ep.range_constraints),
-                              guards=tuple(getattr(ep, "_guards_code", None) or ()),
+                              guards=tuple(guards if guards is not None
+                                           else getattr(ep, "_guards_code", None) or ()),
                               keys=placeholder_keys(unlifted, ep.example_inputs))
 
 

@@ -7,12 +7,10 @@ edit it (drop a block, repeat a position for two blocks after it) and apply it a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from ..errors import ConfigError, PlanError
-from ..plans import PLAN_VERSION, parse_plan_json, plan_entries, plan_input_shapes, read_plan_text
+from ..plans import PLAN_VERSION, PlanFile, plan_entries, plan_input_shapes
 from ..config import DeepenConfig, How
 from .positions import CHOICES, Position, Reason
 
@@ -33,7 +31,7 @@ class PlannedBlock:
 
 
 @dataclass(frozen=True)
-class DeepenPlan:
+class DeepenPlan(PlanFile):
     """What ``deepen`` will insert: the config and one PlannedBlock per new block.
 
     Example:
@@ -51,9 +49,6 @@ class DeepenPlan:
                 "input_shapes": [list(s) for s in self.input_shapes],
                 "blocks": [asdict(b) for b in self.blocks]}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
     @classmethod
     def from_dict(cls, data: dict) -> "DeepenPlan":
         entries = plan_entries(data, "blocks", kind="a deepen plan", each="new block",
@@ -69,13 +64,6 @@ class DeepenPlan:
             raise PlanError(f"the plan's config: {exc}") from exc
         return cls(config=config, blocks=blocks, input_shapes=shapes)
 
-    @classmethod
-    def from_json(cls, text: str) -> "DeepenPlan":
-        return cls.from_dict(parse_plan_json(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DeepenPlan":
-        return cls.from_json(read_plan_text(path))
 
 
 def plan_deepen(positions: list[Position], config: DeepenConfig,

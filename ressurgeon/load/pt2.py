@@ -22,6 +22,7 @@ def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
     every code-running reader shut; unless the user vouches for the file."""
     facts = None if trust_pickle else check_archive(path)
     refused: list[str] = []
+    guards = None  # the archive's guard lines, taken off before torch compiles them
     shut = (contextlib.nullcontext(refused) if trust_pickle
             else refuse_code_execution(file_names=facts.names))
     try:
@@ -30,8 +31,8 @@ def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
             if not trust_pickle:
                 refused += [f"a graph that calls {name}" for name in foreign_callables(ep)]
                 check_tensor_sizes([*ep.state_dict.items(), *ep.constants.items()], path)
-                drop_guards_code(ep, path)
-            module = None if refused else graph_module_from_export(ep)
+                guards = drop_guards_code(ep, path)  # never compiled: checked as data
+            module = None if refused else graph_module_from_export(ep, guards)
     except UnsafeFileError:
         raise
     except Exception as exc:

@@ -128,16 +128,18 @@ def capture_ranges(path: str | Path) -> dict[str, tuple[int | None, int | None]]
     return check_archive(path).ranges
 
 
-def drop_guards_code(ep, path: str | Path) -> None:
+def drop_guards_code(ep, path: str | Path) -> tuple[str, ...]:
     """Empty a loaded program's ``guards_code`` (Python source from the file) before
-    ``ep.module()`` compiles it; torch still checks the inputs against the archive's
-    ``range_constraints``, which are data."""
-    guards = getattr(ep, "_guards_code", None)
+    ``ep.module()`` compiles it, and return its lines as data: ressurgeon checks them
+    itself with a bounded parser (``capture/bounds.py``), never by compiling them.
+    Torch still checks the inputs against the archive's ``range_constraints``."""
+    guards = tuple(getattr(ep, "_guards_code", None) or ())
     if guards:
         log.debug("%s: not running the %d lines of guards code the archive carries "
-                  "(Python source from the file); input ranges are still checked",
+                  "(Python source from the file); ressurgeon checks them as data",
                   path, len(guards))
         ep._guards_code = []
+    return guards
 
 
 # -- the archive's members -------------------------------------------------------------------

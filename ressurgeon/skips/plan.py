@@ -6,16 +6,14 @@ A plan names nodes of the traced graph, so a user can write it out, edit it
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..config import SkipConfig
 from ..errors import ConfigError, PlanError
 from .select import Span
 
-from ..plans import (MAX_DIM, MAX_PLAN_BYTES, PLAN_VERSION, parse_plan_json,  # noqa: F401
-                     plan_entries, plan_input_shapes, read_plan_text)
+from ..plans import (MAX_DIM, MAX_PLAN_BYTES, PLAN_VERSION, PlanFile,  # noqa: F401
+                     parse_plan_json, plan_entries, plan_input_shapes, read_plan_text)
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class PlannedSkip:
 
 
 @dataclass(frozen=True)
-class SurgeryPlan:
+class SurgeryPlan(PlanFile):
     """What the rewrite will do: the config (init, placement) and the shortcuts.
 
     Example:
@@ -80,9 +78,6 @@ class SurgeryPlan:
         return {"version": PLAN_VERSION, "config": self.config.to_dict(),
                 "input_shapes": [list(s) for s in self.input_shapes],
                 "skips": [_entry(s) for s in self.skips]}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SurgeryPlan":
@@ -104,13 +99,6 @@ class SurgeryPlan:
             raise PlanError(f"the plan's config: {exc}") from exc
         return cls(config=config, skips=skips, input_shapes=shapes)
 
-    @classmethod
-    def from_json(cls, text: str) -> "SurgeryPlan":
-        return cls.from_dict(parse_plan_json(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SurgeryPlan":
-        return cls.from_json(read_plan_text(path))
 
 
 def plan_skips(spans: list[Span], config: SkipConfig,
