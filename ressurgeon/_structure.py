@@ -31,7 +31,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("capture", "a file or a module -> a traced GraphModule with shapes",
           ("load.common", "load.allowlist", "load.expressions", "load.program", "load.validate",
            "load.guard", "load.nn_pickle", "load.checkpoint", "load.safetensors", "load.archive",
-           "capture", "capture.bounds", "capture.exported", "capture.inplace", "capture.modes",
+           "capture", "capture.bounds", "capture.lift", "capture.exported", "capture.inplace", "capture.modes",
            "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load",
            "capture.trace", "capture.submodule", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
