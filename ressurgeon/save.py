@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import fx
 
 from ._io import atomic_path, owned_folder
+from ._names import check_identifier, is_fqn, refused
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
@@ -144,6 +145,22 @@ def _safetensors_bytes(module: nn.Module) -> bytes:
     return save(state)
 
 
+def _check_names(module: nn.Module) -> None:
+    """Every child, parameter and buffer name is an identifier or an index, at every level.
+
+    ``to_folder`` writes each one into ``module.py`` (``self.<name> = ...``) and
+    child names into file names; a name from a crafted file could otherwise
+    close a string, run code on import, or point a file outside the folder.
+    """
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for kind, names in (("module", sub._modules), ("parameter", sub._parameters),
+                            ("buffer", sub._buffers)):
+            for name in names:
+                if not is_fqn(name) or "." in name:
+                    raise refused(f"a {kind} name written by --save-code", name,
+                                  "a Python identifier or an index", where=path or "the model")
+
+
 def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel") -> Path:
     """Write the GraphModule as readable Python source plus weights (``GraphModule.to_folder``).
 
@@ -159,6 +176,8 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
     folder = Path(folder)
     if not isinstance(module, fx.GraphModule):
         raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
+    check_identifier("the --save-code class name", name)
+    _check_names(module)
     with owned_folder(folder) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saved as pickled files instead"
         module.to_folder(tmp, name)
