@@ -27,7 +27,7 @@ def test_usage_errors_are_one_line_with_the_fix(example_models, args, says):
     result = run(*[a.format(mlp=example_models["mlp"]) for a in args])
     line = one_line_error(result)
     assert says in line
-    assert line.endswith(f"--help") and "╭" not in result.output  # the fix, no box
+    assert line.endswith("--help") and "╭" not in result.output  # the fix, no box
     assert "Usage:" not in result.output
 
 

@@ -162,3 +162,42 @@ def test_save_code_refuses_child_names_that_are_not_identifiers(tmp_path, child)
         save_code(gm, tmp_path / "code")
     assert not (tmp_path / "code").exists()
     assert not os.path.exists("/tmp/abs/path/file")
+
+
+class _Custom(torch.nn.Module):  # not torch.nn's, not ressurgeon's: needs full unpickling
+    def forward(self, x):
+        return x * 2
+
+
+def test_save_code_package_loads_its_weights_safely(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.a = torch.nn.Linear(3, 3)
+    net.b = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    graph = fx.symbolic_trace(torch.nn.Sequential(net.a, net.b)).graph
+    gm = fx.GraphModule(torch.nn.Sequential(net.a, net.b), graph)
+    folder = save_code(gm, tmp_path / "safe_code")
+    source = (folder / "module.py").read_text()
+    assert "weights_only=False" not in source and "weights_only=True" in source
+    assert str(tmp_path) not in source  # weights come from the folder, wherever it moves
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (folder).rename(moved / "safe_code")
+    monkeypatch.syspath_prepend(str(moved))
+    import importlib
+
+    rebuilt = importlib.import_module("safe_code").RewrittenModel()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(rebuilt(x), gm(x), rtol=0, atol=0)
+
+
+def test_save_code_refuses_a_child_only_full_unpickling_loads(tmp_path):
+    root = torch.nn.Module()
+    root.c = torch.nn.Sequential(_Custom())
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("c", (x,)))
+    gm = fx.GraphModule(root, graph)
+    with pytest.raises(ExportError, match="only full unpickling could load"):
+        save_code(gm, tmp_path / "code")
+    assert not (tmp_path / "code").exists()
