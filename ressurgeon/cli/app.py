@@ -34,9 +34,7 @@ class _OneLineErrors(TyperGroup):
         except click.exceptions.ClickException as exc:
             if not standalone_mode:
                 raise
-            if type(exc).__name__ == "NoArgsIsHelpError":  # the help, as typer shows it
-                exc.show()
-            else:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # typer has printed that help
                 typer.echo(f"error: {_usage_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
