@@ -104,7 +104,8 @@ def check_replaceable(dest: str | Path, flag: str = "the output") -> None:
         real = dest.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop in a parent
         raise ExportError(f"{flag} {dest}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(real.parts) > 1 and real.parts[1] in SYSTEM_TREES:
+    if (len(real.parts) > 1 and real.parts[1] in SYSTEM_TREES
+            and real.parts[1:3] != ("dev", "shm")):  # /dev/shm holds ordinary files (tmpfs)
         raise ExportError(f"{flag} {dest} is under /{real.parts[1]}, which holds no files to "
                           "write; give a path in an ordinary folder")
 

@@ -95,6 +95,8 @@ def test_check_output_is_the_library_rule(tmp_path):
     with pytest.raises(ExportError, match="under /proc"):
         check_output("/proc/version", [], "-o")
     assert check_output(tmp_path / "new.pt2", [src], "-o") == (tmp_path / "new.pt2").resolve()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):  # a tmpfs of plain files
+        assert check_output("/dev/shm/ressurgeon-test-new.pt2", [], "-o")
 
 
 class _Net(torch.nn.Module):
