@@ -30,6 +30,9 @@ MAX_INPUT_BYTES = 2 ** 30
 Spec = tuple[tuple[int, ...], "str | None"]   # (shape, dtype name such as "int64"; None: float)
 
 
+MAX_VOCAB = 2 ** 31 - 1  # fits every integer input dtype (int32 included)
+
+
 def example_inputs(model: torch.nn.Module, specs: list[Spec] | None = None, *, dtype=None,
                    device=None, vocab: int | None = None, what: str = "the model") -> tuple:
     """Seeded random example inputs for ``model``.
@@ -62,8 +65,10 @@ def example_inputs(model: torch.nn.Module, specs: list[Spec] | None = None, *, d
         raise ConfigError(f"cannot tell the input shape of {what}; pass --input-shape, "
                           "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids), one "
                           f"per input{positional_inputs(model, 2)}")
-    if vocab is not None and vocab < 1:
-        raise ConfigError(f"--vocab {vocab} must be at least 1")
+    if vocab is not None and not 1 <= vocab <= MAX_VOCAB:
+        shown = str(vocab) if abs(vocab) < 10 ** 30 else f"of {vocab.bit_length()} bits"
+        raise ConfigError(f"--vocab {shown} must be between 1 and {MAX_VOCAB} (token ids are "
+                          "int32 or int64); give the model's vocabulary size, e.g. --vocab 32000")
     dtypes = [getattr(torch, name) if name else (dtype or torch.float32) for _, name in specs]
     if str(device) == "meta":
         return tuple(torch.empty(s, dtype=d, device="meta") for (s, _), d in zip(specs, dtypes))

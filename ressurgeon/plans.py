@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import PlanError
+from .errors import PlanError, brief
 
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 16 * 2 ** 20    # a plan is a few KB; anything this big is not one
@@ -71,6 +71,9 @@ def parse_plan_json(text: str):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PlanError(f"the plan is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits()
+        raise PlanError(f"the plan holds a number too long to be a plan value ({brief(exc, 60)});"
+                        " write one with --plan-out") from None
     except RecursionError:
         raise PlanError("the plan is nested too deeply to be a plan; write one with "
                         "--plan-out") from None

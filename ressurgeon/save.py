@@ -7,6 +7,7 @@ renamed into place, so a failure never leaves a half-written output.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch.nn as nn
 from torch import fx
 
 from ._io import atomic_path, owned_folder
+from ._names import check_identifier, is_class_name, is_fqn, refused
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
@@ -144,6 +146,22 @@ def _safetensors_bytes(module: nn.Module) -> bytes:
     return save(state)
 
 
+def _check_names(module: nn.Module) -> None:
+    """Every child, parameter and buffer name is an identifier or an index, at every level.
+
+    ``to_folder`` writes each one into ``module.py`` (``self.<name> = ...``) and
+    child names into file names; a name from a crafted file could otherwise
+    close a string, run code on import, or point a file outside the folder.
+    """
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for kind, names in (("module", sub._modules), ("parameter", sub._parameters),
+                            ("buffer", sub._buffers)):
+            for name in names:
+                if not is_fqn(name) or "." in name:
+                    raise refused(f"a {kind} name written by --save-code", name,
+                                  "a Python identifier or an index", where=path or "the model")
+
+
 def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel") -> Path:
     """Write the GraphModule as readable Python source plus weights (``GraphModule.to_folder``).
 
@@ -159,6 +177,8 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
     folder = Path(folder)
     if not isinstance(module, fx.GraphModule):
         raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
+    check_identifier("the --save-code class name", name)
+    _check_names(module)
     with owned_folder(folder) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saved as pickled files instead"
         module.to_folder(tmp, name)
@@ -166,5 +186,58 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
         # to module.py so the folder survives the move (and any later one).
         code = tmp / "module.py"
         text = code.read_text().replace(f"r'{tmp}/", "_HERE + r'/")
-        code.write_text("import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n" + text)
+        code.write_text(_SAFE_LOADER + _safe_loads(text, tmp))
     return folder
+
+
+# The head of every module.py --save-code writes: weights load with torch's
+# weights_only unpickler, from this folder, admitting only the classes listed.
+_SAFE_LOADER = '''import importlib
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name, classes=()):
+    """A file of this folder, read with weights_only=True: it admits only `classes`."""
+    allowed = [getattr(importlib.import_module(m), c) for m, c in classes]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(os.path.join(_HERE, name), map_location="cpu", weights_only=True)
+
+'''
+
+_PICKLED_CHILD = re.compile(r"torch\.load\(_HERE \+ r'/([A-Za-z0-9_.]+)', weights_only=False\)")
+_STATE_DICT = "torch.load(_HERE + r'/state_dict.pt')"
+
+
+def _safe_loads(text: str, folder: Path) -> str:
+    """``to_folder``'s loads rewritten to weights_only=True, with the classes each file needs.
+
+    A pickled child may name torch.nn classes and ressurgeon's own modules (the
+    shortcuts); any other class would need full unpickling to load, so the
+    code is not written (ExportError): save the model as .pt2 instead.
+    """
+    def child(match: re.Match) -> str:
+        name = match[1]
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(folder / name))
+        except Exception as exc:
+            raise ExportError(f"--save-code could not read back {name} ({brief(exc)})") from exc
+        classes = []
+        for full in sorted(names):
+            module_name, _, attr = full.rpartition(".")
+            if not (is_class_name(full) and module_name
+                    and module_name.startswith(("torch.nn.", "ressurgeon."))):
+                raise ExportError(f"--save-code writes models of torch.nn and ressurgeon modules; "
+                                  f"{name[:-3]} uses {full[:80]}, which only full unpickling "
+                                  "could load: write the model as .pt2 (-o) instead")
+            classes.append((module_name, attr))
+        return f"_load({name!r}, {classes!r})"
+
+    text = _PICKLED_CHILD.sub(child, text).replace(_STATE_DICT, "_load('state_dict.pt')")
+    if "torch.load(" in text:  # a load this rewrite does not know: never leave it unsafe
+        raise ExportError("--save-code met a torch.load it cannot make safe in the generated "
+                          "module.py; write the model as .pt2 (-o) instead")
+    return text

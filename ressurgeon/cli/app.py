@@ -12,9 +12,53 @@ from importlib import metadata
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (unknown option, missing argument, bad value) as one line, exit 2.
+
+    Typer prints them as a usage line, a hint and a boxed message; the rest of the
+    CLI says every bad input in one ``error:`` line, so these do too, with the fix.
+    Overriding ``main`` covers the console script and typer's CliRunner alike.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import sys
+
+        from typer.core import _click as click  # typer's bundled click
+
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.ClickException as exc:
+            if not standalone_mode:
+                raise
+            if type(exc).__name__ != "NoArgsIsHelpError":  # typer has printed that help
+                typer.echo(f"error: {_usage_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(exc) -> str:
+    """'No such option: --bogus; see: ressurgeon inspect --help' (one line)."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{message}; see: {ctx.command_path} {ctx.help_option_names[-1]}"
+
 
 app = typer.Typer(
     name="ressurgeon",
+    cls=_OneLineErrors,
     help="Add residual (skip) connections to existing PyTorch networks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -129,12 +129,13 @@ def check_paths(inputs: list[Path | None], outputs: dict[str, Path | None],
                 code_folder: Path | None = None) -> None:
     """Check every input and output path of a run against each other, before any work.
 
-    No output is an input (ressurgeon never overwrites its input), a folder, or
-    another output; each output's folder exists and takes a new file; the
+    Each output passes ``ressurgeon._io.check_output`` (not an input nor inside
+    an input folder, nothing but a regular file replaced, never through a link),
+    and is no other output; the
     --save-code folder is new or one ressurgeon wrote, and holds no other input
     or output of the run (its old files may be replaced).
     """
-    from .. import check_code_folder, check_writable
+    from .. import check_code_folder, check_output, check_writable
 
     sources = {_resolved(p, "input"): p for p in inputs if p is not None}
     seen: dict[Path, str] = {}
@@ -142,22 +143,21 @@ def check_paths(inputs: list[Path | None], outputs: dict[str, Path | None],
         if path is None:
             continue
         key = _resolved(path, flag)
-        if key in sources:
-            raise ConfigError(f"{flag} {path} is one of the inputs; ressurgeon never overwrites "
-                              "its input: choose another output name")
         if key in seen:
             raise ConfigError(f"{seen[key]} and {flag} both name {path}; give each output its "
                               "own file")
-        try:
-            if path.is_dir():
-                raise ConfigError(f"{flag} {path} is a folder; give a file name")
-            check_writable(path)
+        try:  # the library's one output rule: not an input nor inside one, a regular file
+            check_output(path, list(sources.values()), flag)
         except OSError as exc:
             raise ConfigError(f"{flag} {str(path)[:80]}: {exc.strerror or exc}") from None
         seen[key] = flag
     if code_folder is None:
         return
     folder = _resolved(code_folder, "--save-code")
+    for key, source in sources.items():
+        if key in folder.parents:
+            raise ConfigError(f"--save-code {code_folder} lies inside the input {source}; "
+                              "ressurgeon never writes into its input: choose a folder outside it")
     for key, label in [*((k, f"the input {p}") for k, p in sources.items()),
                        *((k, f"{f} {outputs[f]}") for k, f in seen.items())]:
         if key == folder or folder in key.parents:

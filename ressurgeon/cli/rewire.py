@@ -101,6 +101,9 @@ def _check_output(model: Path, target: Path) -> None:
     """The adapter folder is not the input nor inside it, and holds no one else's files."""
     from .. import ADAPTER_FILES
 
+    if target.is_symlink():
+        raise ConfigError(f"-o {target} is a symbolic link; ressurgeon never writes through a "
+                          "link: give a new folder")
     src, dst = model.resolve(), target.resolve()
     if dst == src or src in dst.parents or (src.is_file() and dst == src.parent):
         raise ConfigError(f"-o {target} is the input or inside it; ressurgeon never writes into "

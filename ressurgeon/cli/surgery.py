@@ -97,6 +97,10 @@ def add_skips_cmd(
         target = None if dry_run else (output or default_output(model, "skips"))
         if dry_run:  # writes only what planning makes: the plan and the diagram
             onnx = save_code = None
+        if plan is not None:  # a --plan that is no plan file (a folder, a device) says so first
+            from ..plans import read_plan_text
+
+            read_plan_text(plan)
         check_paths([model, plan], {"-o": target, "--plan-out": plan_out, "--onnx": onnx,
                                     "--plot": plot}, code_folder=save_code)
         if target is not None:

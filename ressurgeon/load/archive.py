@@ -35,13 +35,21 @@ def _check_zip(path: Path) -> None:
     CRC, so a flipped bit in a weight would otherwise load silently as a
     different model.
     """
-    if not zipfile.is_zipfile(path):
-        return
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:  # e.g. a multi-disk end
+        raise LoadError(f"{path} is a zip archive ressurgeon cannot read ({brief(exc)}); "
+                        "write it again with torch.save or torch.export.save") from exc
     try:
         with zipfile.ZipFile(path) as z:
             _check_members(path, z.infolist())
             _check_empty_records(path, z)
             bad = z.testzip()
+    except UnicodeDecodeError as exc:  # a member flagged UTF-8 whose name is not
+        raise LoadError(f"{path} holds a member whose file name is not valid UTF-8 "
+                        f"({exc.object[:40]!r}); write it again with torch.save or "
+                        "torch.export.save") from exc
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise LoadError(f"{path} is a damaged zip archive ({brief(exc)}); it may be truncated "
                         "or corrupted: write it again") from exc

@@ -36,7 +36,7 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool,
                             "pickle inside); it may be truncated or corrupted") from exc
         if not trust_pickle:
             shown = ", ".join(blocked[:3]) + (" ..." if len(blocked) > 3 else "")
-            why = (f"it uses {shown}, not torch.nn classes" if blocked
+            why = (f"refused: the pickle references {shown}, not torch.nn classes" if blocked
                    else f"the safe unpickler refused it: {unpickling_refusal(exc)}")
             raise UnsafeFileError(
                 f"{path} needs full unpickling, which runs code from the file ({why}); "
