@@ -58,7 +58,7 @@ _EXPORTS = {
     # for the command line and tools built on it: inputs, files, checks
     "example_inputs": "inputs", "real_inputs": "inputs", "read_weights": "load",
     "CheckpointNote": "load.checkpoint", "check_format": "save", "model_dynamic_dims": "save",
-    "FixedDimsWarning": "save", "atomic_path": "_io", "check_writable": "_io", "check_output": "_io",
+    "FixedDimsWarning": "save", "atomic_path": "_io", "check_writable": "_io", "check_output": "_io", "read_plan_text": "plans",
     "check_code_folder": "_io", "deepen_folder": "deepen.folder",
     "check_expanded": "deepen.folder", "describe_blocks": "rewire", "ADAPTER_FILES": "rewire", "register_rewiring": "catalog", "Rewiring": "rewire",
     "register_join": "catalog", "register_pattern": "catalog",

@@ -98,7 +98,7 @@ def add_skips_cmd(
         if dry_run:  # writes only what planning makes: the plan and the diagram
             onnx = save_code = None
         if plan is not None:  # a --plan that is no plan file (a folder, a device) says so first
-            from ..plans import read_plan_text
+            from .. import read_plan_text
 
             read_plan_text(plan)
         check_paths([model, plan], {"-o": target, "--plan-out": plan_out, "--onnx": onnx,
