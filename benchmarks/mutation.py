@@ -16,8 +16,9 @@ Not part of the test suite (it runs the selected tests once per mutant):
     python benchmarks/mutation.py -k plan        # the mutants whose name contains "plan"
     python benchmarks/mutation.py --json out.json
 
-Another check joins by adding ``Mutant`` rows to ``MUTANTS`` (the security
-validator's will), each with the tests that guard it. Exit status: 0 when every
+and the security validator (``ressurgeon/load/allowlist.py``, ``program.py``,
+``expressions.py``, ``nn_pickle.py``). Another check joins by adding ``Mutant`` rows to
+``MUTANTS``, each with the tests that guard it. Exit status: 0 when every
 mutant is killed, 1 when some survive, 2 when a mutant's text is not found in
 the source (the source moved on: update the row).
 """
@@ -61,6 +62,9 @@ PLAN_TESTS = ("tests/test_surgery.py::test_plan_errors_name_the_problem",
               "tests/test_attacks.py::test_malformed_plans",
               "tests/test_attacks.py::test_plans_that_are_not_regular_files",
               "tests/test_attacks.py::test_a_plan_without_input_shapes_takes_them_from_the_flag")
+TRUST_TESTS = ("tests/test_trust.py", "tests/test_names.py")
+A, G, E, N = ("ressurgeon/load/allowlist.py", "ressurgeon/load/program.py",
+              "ressurgeon/load/expressions.py", "ressurgeon/load/nn_pickle.py")
 V, S, R, P = ("ressurgeon/verify.py", "ressurgeon/skips/surgery.py", "ressurgeon/skips/rewrite.py",
               "ressurgeon/plans.py")
 
@@ -127,8 +131,8 @@ MUTANTS = [
            'if skip.kind != "identity" and verdict.stride != skip.stride:', "if False:",
            PLAN_TESTS),
     Mutant("plan: overlapping plan skips are not reported", R,
-           "overlapping = {i for users in owners.values() if len(users) > 1 for i in users}",
-           "overlapping = set()", PLAN_TESTS),
+           "overlapping = {i for users in owners.values() if len(users) > 1 for i in users",
+           "overlapping = {i for users in () for i in users", PLAN_TESTS),
     Mutant("plans: any plan version is accepted", P,
            "if data.get(\"version\", PLAN_VERSION) != PLAN_VERSION:", "if False:", PLAN_TESTS),
     Mutant("plans: entries that are not a list of objects pass", P,
@@ -141,6 +145,29 @@ MUTANTS = [
            "if path.stat().st_size > MAX_PLAN_BYTES:", "if False:", PLAN_TESTS),
     Mutant("plans: a plan that is not a regular file is read", P,
            "if not path.is_file():", "if False:", PLAN_TESTS),
+    # -- the .pt2 / pickle validator (ressurgeon/load/) ------------------------------------
+    Mutant("validate: any string passes as an identifier", A,
+           "        if not is_identifier(value):\n            raise self.fail(field, value, f\"a Python identifier",
+           "        if False:\n            raise self.fail(field, value, f\"a Python identifier",
+           TRUST_TESTS),
+    Mutant("validate: any string passes as a dotted path", A,
+           "        if not is_fqn(text, allow_empty=allow_empty):",
+           "        if False:", TRUST_TESTS),
+    Mutant("validate: any call target passes the operator allowlist", A,
+           "        if not ((op and op[\"ns\"] in OP_NAMESPACES) or _HIGHER_ORDER.fullmatch(value)\n"
+           "                or value in SYMBOLIC_OPS):",
+           "        if False:", TRUST_TESTS),
+    Mutant("validate: nn_module_stack paths are not checked", G,
+           "            self.fqn(path, f\"{where} path\", allow_empty=True, call_index=True)",
+           "            pass", TRUST_TESTS),
+    Mutant("validate: shape expressions are not bounded in size", E,
+           "    if bits > MAX_EXPR_BITS:", "    if False:", TRUST_TESTS),
+    Mutant("validate: stride-0 expansion is not capped", A,
+           "        if made_up > EXPANSION_CAP or t.numel() > MAX_ELEMENTS:", "        if False:",
+           TRUST_TESTS),
+    Mutant("validate: torch.nn pickle child names are not checked", N,
+           "                if not (is_fqn(key) and \".\" not in key):", "                if False:",
+           TRUST_TESTS),
 ]
 
 
