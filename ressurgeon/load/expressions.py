@@ -12,6 +12,16 @@ from .allowlist import MAX_EXPONENT, MAX_EXPR_BITS, MAX_EXPR_CHARS, MAX_EXPR_NOD
 
 # -- guards --------------------------------------------------------------------------------
 
+def _parsed(text: object) -> ast.Expression | str:
+    """``text`` parsed (never evaluated) when it is a string of bounded length, else why not."""
+    if not isinstance(text, str) or len(text) > MAX_EXPR_CHARS:
+        return f"a string of at most {MAX_EXPR_CHARS} characters"
+    try:
+        return ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return "not an expression"
+
+
 def guard_problem(text: object) -> str | None:
     """Why ``text`` is not a guard as torch writes them (``L['x'].size()[0] <= 64``), or None.
 
@@ -21,12 +31,9 @@ def guard_problem(text: object) -> str | None:
     ``L['name']`` followed by ``.size()[i]``, ``.stride()[i]`` or
     ``.storage_offset()`` stands for a size symbol; the rest is shape arithmetic.
     """
-    if not isinstance(text, str) or len(text) > MAX_EXPR_CHARS:
-        return f"a string of at most {MAX_EXPR_CHARS} characters"
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return "not an expression"
+    tree = _parsed(text)
+    if isinstance(tree, str):
+        return tree
     try:
         tree = _InputRefs().visit(tree)
     except _NotArithmetic as exc:
@@ -120,12 +127,9 @@ def expression_problem(text: object) -> str | None:
     at most ``MAX_EXPONENT``) and the bits of the largest number it can make,
     estimated bottom-up, so sympy's arithmetic on it ends quickly.
     """
-    if not isinstance(text, str) or len(text) > MAX_EXPR_CHARS:
-        return f"a string of at most {MAX_EXPR_CHARS} characters"
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return "not an expression"
+    tree = _parsed(text)
+    if isinstance(tree, str):
+        return tree
     nodes = list(ast.walk(tree))
     if len(nodes) > MAX_EXPR_NODES:
         return f"more than {MAX_EXPR_NODES} terms"
