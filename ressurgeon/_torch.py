@@ -7,6 +7,7 @@ ressurgeon reports every such failure itself, as one line.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
@@ -87,10 +88,87 @@ def eval_mode(module: nn.Module):
 
 
 def quiet_copy(module: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` without the FutureWarning exported graphs' pytree specs raise."""
+    """``copy.deepcopy`` without the FutureWarning exported graphs' pytree specs raise.
+
+    The same copy as ``copy.deepcopy``, faster on deep models: a module whose
+    class copies the default way (no ``__deepcopy__``/``__reduce__`` of its own,
+    torch.nn's ``__getstate__``/``__setstate__``) is rebuilt here, its empty hook
+    dicts and immutable attributes without the generic machinery; everything
+    else (tensors and parameters, non-empty hooks, any other value) goes through
+    ``copy.deepcopy`` with the one shared memo, so ties and sharing are kept.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(module)
+        return _copy(module, {_ALONE: _alone(module)})
+
+
+_ALONE = "ressurgeon: ids of the plain tensors that share their storage with no other"
+
+
+def _alone(module: nn.Module) -> set[int]:
+    """The module's plain buffers whose storage no other tensor of the module uses.
+
+    Such a buffer is copied by ``clone``; a shared storage goes through
+    ``copy.deepcopy``, which keeps the sharing.
+    """
+    users: dict[tuple, list[torch.Tensor]] = {}
+    tensors = (*module.named_parameters(remove_duplicate=False),
+               *module.named_buffers(remove_duplicate=False))
+    for _, t in tensors:
+        if t.device.type in ("cpu", "cuda") and t.layout is torch.strided:
+            users.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(t)
+        else:
+            users.setdefault(("other", id(t)), []).extend((t, t))
+    return {id(ts[0]) for ts in users.values()
+            if len({id(t) for t in ts}) == 1 and type(ts[0]) is torch.Tensor}
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
+              torch.layout, torch.memory_format)
+
+
+def _plain_copy(cls: type) -> bool:
+    return (getattr(cls, "__deepcopy__", None) is None
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is nn.Module.__getstate__
+            and cls.__setstate__ is nn.Module.__setstate__)
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """A buffer ``clone`` copies as ``copy.deepcopy`` would: a dense leaf with no attributes."""
+    return (t.is_leaf and not t.requires_grad and not t.is_quantized and not t.__dict__
+            and t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _copy(value, memo: dict):
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    known = memo.get(id(value), memo)
+    if known is not memo:
+        return known
+    if kind is torch.Tensor and id(value) in memo[_ALONE] and _plain_tensor(value):
+        new = value.detach().clone(memory_format=torch.preserve_format)
+        memo[id(value)] = new
+        return new
+    if isinstance(value, nn.Module) and _plain_copy(kind):
+        new = kind.__new__(kind)
+        memo[id(value)] = new
+        state = value.__getstate__()
+        for key, item in state.items():
+            state[key] = _copy(item, memo)
+        new.__setstate__(state)
+        return new
+    if kind in (dict, collections.OrderedDict) and all(type(k) is str for k in value):
+        new = kind()
+        memo[id(value)] = new
+        for key, item in value.items():
+            new[key] = _copy(item, memo)
+        return new
+    if kind in (tuple, frozenset, set) and all(type(v) in _IMMUTABLE for v in value):
+        return value if kind is not set else set(value)
+    return copy.deepcopy(value, memo)
 
 
 def normalize_inputs(example_inputs) -> tuple:

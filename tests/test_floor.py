@@ -16,20 +16,25 @@ from ressurgeon.shapes import _absmax
 
 @pytest.fixture
 def module_copies(monkeypatch):
-    """How many modules ``copy.deepcopy`` was asked to copy (outermost calls only)."""
+    """How many modules were copied whole (outermost calls only), by ``copy.deepcopy``
+    or by ressurgeon's own copy (``quiet_copy``'s fast path)."""
+    import ressurgeon._torch as plumbing
+
     count, depth = [0], [0]
-    deepcopy = copy.deepcopy
 
-    def counting(x, memo=None, _nil=[]):  # noqa: B006 - copy.deepcopy's own signature
-        if depth[0] == 0 and isinstance(x, nn.Module):
-            count[0] += 1
-        depth[0] += 1
-        try:
-            return deepcopy(x, memo)
-        finally:
-            depth[0] -= 1
+    def counted(copier):
+        def counting(x, memo=None, *rest):
+            if depth[0] == 0 and isinstance(x, nn.Module):
+                count[0] += 1
+            depth[0] += 1
+            try:
+                return copier(x, memo, *rest) if memo is not None else copier(x)
+            finally:
+                depth[0] -= 1
+        return counting
 
-    monkeypatch.setattr(copy, "deepcopy", counting)
+    monkeypatch.setattr(copy, "deepcopy", counted(copy.deepcopy))
+    monkeypatch.setattr(plumbing, "_copy", counted(plumbing._copy))
     return count
 
 
@@ -78,3 +83,35 @@ def test_absmax_measures_only_real_floating_tensors():
     assert _absmax(torch.tensor([True, False])) is None
     assert _absmax(torch.empty(0, 4)) is None
     assert _absmax(torch.empty(2, 3, device="meta")) is None
+
+
+def test_the_fast_copy_keeps_what_deepcopy_keeps():
+    """quiet_copy's fast path against copy.deepcopy: ties, shared storage, hooks, plain
+    attributes and modes come out the same, and nothing is shared with the original."""
+    from ressurgeon._torch import quiet_copy
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.BatchNorm1d(4), lin, nn.Linear(4, 4))
+    model[3].weight = lin.weight                       # a tied parameter
+    model.register_buffer("whole", torch.arange(6.0))
+    model.register_buffer("part", model.whole[2:4])    # a view: same storage
+    model.register_buffer("alone", torch.ones(3))
+    model.names = ["a", "b"]                           # a mutable plain attribute
+    calls = []
+    model[1].register_forward_hook(lambda m, i, o: calls.append(1))
+    model[1].eval()
+    new = quiet_copy(model)
+    assert new[0] is new[2] and new[3].weight is new[0].weight
+    assert new.part.untyped_storage().data_ptr() == new.whole.untyped_storage().data_ptr()
+    assert new.names == model.names and new.names is not model.names
+    assert not new[1].training and new.training
+    ours = {t.untyped_storage().data_ptr() for t in (*new.parameters(), *new.buffers())}
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not ours & theirs
+    reference = copy.deepcopy(model)
+    x = torch.randn(5, 4)
+    assert torch.equal(new(x), reference(x)) and len(calls) == 2   # the hook came along
+    assert list(new.state_dict()) == list(reference.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(),
+                                                  reference.state_dict().values()))

@@ -56,8 +56,21 @@ def _absmax(t: torch.Tensor) -> float | None:
         return None
     # One pass over the tensor (this runs on every node of every capture): aminmax
     # propagates NaN, and max(-min, max) is max |t| with NaN and infinity kept.
-    low, high = torch.aminmax(t.detach())
+    low, high = torch.aminmax(_in_memory_order(t.detach()))
     return float(torch.maximum(-low, high))
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its dims permuted into memory order when that makes it contiguous.
+
+    A reduction over a permuted tensor (channels-last, a transposed view) walks
+    memory with strides, several times slower than over the same values in order.
+    """
+    if t.is_contiguous():
+        return t
+    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+    inorder = t.permute(order)
+    return inorder if inorder.is_contiguous() else t
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, *, fake: bool = False) -> None:

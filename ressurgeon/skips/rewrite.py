@@ -97,8 +97,9 @@ def apply_plan(gm: fx.GraphModule, plan: SurgeryPlan, *, analysis: GraphAnalysis
     with _seeded(config.seed):  # the new weights from the config's seed (None: torch's RNG)
         for item in checked:
             skips.append(_insert(gm, join, config, item, nodes, current))
-    gm.graph.lint()
-    gm.recompile()
+    if skips:  # an empty plan leaves the graph and its code as they were
+        gm.graph.lint()
+        gm.recompile()
     return gm, skips
 
 
