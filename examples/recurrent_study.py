@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,10 +49,10 @@ from ressurgeon.training import ShortcutRamp, param_groups
 
 try:
     from .deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows, write_text
-    from .retrofit_study import json_ready
+    from .retrofit_study import json_ready, shared_machine
 except ImportError:  # run as a script: python examples/recurrent_study.py
     from deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows, write_text
-    from retrofit_study import json_ready
+    from retrofit_study import json_ready, shared_machine
 
 NAME = "recurrent_study"
 MATTERS = 0.01   # nats/byte: smaller paired differences are reported as no difference
@@ -300,7 +299,9 @@ def plot(runs: list[Run], s: Settings, path: Path) -> Path:
             ys = [[p[2] for p in r.curve] for r in sel]
             mean = [statistics.fmean(col) for col in zip(*ys)]
             sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*ys)]
-            ax.plot(xs, mean, color=colour, label=LABELS[part, variant], linewidth=1.6)
+            plain = variant == "plain"   # wide and underneath: preserve can hide it
+            ax.plot(xs, mean, color=colour, label=LABELS[part, variant],
+                    linewidth=3.0 if plain else 1.6, zorder=1 if plain else 2)
             ax.fill_between(xs, [m - d for m, d in zip(mean, sd)],
                             [m + d for m, d in zip(mean, sd)], color=colour, alpha=0.15)
             train_mean = [statistics.fmean(col) for col in
@@ -353,10 +354,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     runs, corpus = study(s)
     seconds = time.perf_counter() - start
     command = " ".join(["python examples/recurrent_study.py", *argv])
-    machine = (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs shared with "
-               f"other jobs (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
-               f"Python {platform.python_version()}, torch {torch.__version__}, "
-               f"{args.threads} torch thread(s)")
+    machine = shared_machine(args.threads, load)
     changes = [r.extra["change_at_insertion"] for r in runs if r.part == "retrofit"]
     text = "\n".join([
         f"Command: `{command}`; {seconds / 60:.1f} min wall on {machine}.", "",

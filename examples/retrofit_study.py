@@ -565,6 +565,15 @@ def findings(summary: dict) -> list[str]:
 
 # -- writing ---------------------------------------------------------------------------
 
+def shared_machine(threads: int, load_at_start: float) -> str:
+    """The machine a study ran on, for its report: CPUs, the load other jobs put on them at the
+    start and the end of the run, Python, torch and the torch threads used."""
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs shared with "
+            f"other jobs (load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} "
+            f"at end), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{threads} torch thread(s)")
+
+
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write to a temporary file beside ``path``, then move it there: never a half-written file."""
     with atomic_path(path) as tmp:

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,10 +49,10 @@ from ressurgeon import SkipConfig, add_skips
 
 try:
     from .models import EncoderDecoder
-    from .retrofit_study import json_ready, mean_std, write_atomic
+    from .retrofit_study import json_ready, mean_std, shared_machine, write_atomic
 except ImportError:  # run as a script: python examples/segmentation_study.py
     from models import EncoderDecoder
-    from retrofit_study import json_ready, mean_std, write_atomic
+    from retrofit_study import json_ready, mean_std, shared_machine, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "segmentation_study"
@@ -313,10 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     summary = summarise(runs)
     command = " ".join(["python examples/segmentation_study.py", *argv])
-    machine = (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs shared with "
-               f"other jobs (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
-               f"Python {platform.python_version()}, torch {torch.__version__}, "
-               f"{args.threads} torch thread(s)")
+    machine = shared_machine(args.threads, load)
     header = f"Command: `{command}`; {seconds / 60:.1f} min wall on {machine}."
     text = "\n".join([header, "", f"{budget.train} training and {budget.test} test images of "
                       f"{budget.size}x{budget.size}, {budget.epochs} epochs, seeds "
