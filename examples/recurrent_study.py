@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -48,11 +47,11 @@ from ressurgeon.gates import gate_report
 from ressurgeon.training import ShortcutRamp, param_groups
 
 try:
-    from .deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows, write_text
-    from .retrofit_study import json_ready, shared_machine
+    from .deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows
+    from .retrofit_study import shared_machine, write_results
 except ImportError:  # run as a script: python examples/recurrent_study.py
-    from deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows, write_text
-    from retrofit_study import json_ready, shared_machine
+    from deepen_study import RESULTS, _paired, _pm, stdlib_corpus, windows
+    from retrofit_study import shared_machine, write_results
 
 NAME = "recurrent_study"
 MATTERS = 0.01   # nats/byte: smaller paired differences are reported as no difference
@@ -377,13 +376,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         table(runs, s), "", *findings(runs, s), ""])
     report = {"command": command, "machine": machine, "seconds": seconds,
               "settings": asdict(s), "corpus": corpus, "runs": [asdict(r) for r in runs]}
-    paths = [write_text(out / f"{NAME}.json", json.dumps(json_ready(report), indent=1,
-                                                         allow_nan=False)),
-             write_text(out / f"{NAME}.md", text),
-             plot(runs, s, out / f"{NAME}.png")]
-    print("\n" + text)
-    for p in paths:
-        print(f"wrote {p}")
+    write_results(out, NAME, report, text, lambda path: plot(runs, s, path))
     return runs
 
 

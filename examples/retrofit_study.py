@@ -581,6 +581,20 @@ def write_atomic(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def write_results(out: Path, name: str, report: dict, text: str,
+                  figure: Callable[[Path], Path]) -> list[Path]:
+    """A study's results, each atomically: ``name``.json (strict JSON), ``name``.md (``text``)
+    and the ``name``.png that ``figure(path)`` draws; prints the text and the paths written."""
+    paths = [write_atomic(out / f"{name}.json", json.dumps(json_ready(report), indent=1,
+                                                           allow_nan=False)),
+             write_atomic(out / f"{name}.md", text.rstrip("\n") + "\n"),
+             figure(out / f"{name}.png")]
+    print("\n" + text)
+    for p in paths:
+        print(f"wrote {p}")
+    return paths
+
+
 def json_ready(obj):
     """``obj`` with every NaN or infinity replaced by None (strict JSON has neither)."""
     if isinstance(obj, float):

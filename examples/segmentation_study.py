@@ -33,7 +33,6 @@ nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -49,10 +48,10 @@ from ressurgeon import SkipConfig, add_skips
 
 try:
     from .models import EncoderDecoder
-    from .retrofit_study import json_ready, mean_std, shared_machine, write_atomic
+    from .retrofit_study import mean_std, shared_machine, write_atomic, write_results
 except ImportError:  # run as a script: python examples/segmentation_study.py
     from models import EncoderDecoder
-    from retrofit_study import json_ready, mean_std, shared_machine, write_atomic
+    from retrofit_study import mean_std, shared_machine, write_atomic, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "segmentation_study"
@@ -321,13 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": command, "machine": machine, "seconds": seconds,
               "budget": asdict(budget), "classes": list(CLASSES), "summary": summary,
               "runs": runs}
-    paths = [write_atomic(out / f"{NAME}.json", json.dumps(json_ready(report), indent=1,
-                                                            allow_nan=False)),
-             write_atomic(out / f"{NAME}.md", text + "\n"),
-             plot(runs, out / f"{NAME}.png")]
-    print("\n" + text)
-    for p in paths:
-        print(f"wrote {p}")
+    write_results(out, NAME, report, text, lambda path: plot(runs, path))
     return report
 
 
