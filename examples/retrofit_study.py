@@ -565,11 +565,34 @@ def findings(summary: dict) -> list[str]:
 
 # -- writing ---------------------------------------------------------------------------
 
+def shared_machine(threads: int, load_at_start: float) -> str:
+    """The machine a study ran on, for its report: CPUs, the load other jobs put on them at the
+    start and the end of the run, Python, torch and the torch threads used."""
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs shared with "
+            f"other jobs (load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} "
+            f"at end), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{threads} torch thread(s)")
+
+
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write to a temporary file beside ``path``, then move it there: never a half-written file."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
+
+
+def write_results(out: Path, name: str, report: dict, text: str,
+                  figure: Callable[[Path], Path]) -> list[Path]:
+    """A study's results, each atomically: ``name``.json (strict JSON), ``name``.md (``text``)
+    and the ``name``.png that ``figure(path)`` draws; prints the text and the paths written."""
+    paths = [write_atomic(out / f"{name}.json", json.dumps(json_ready(report), indent=1,
+                                                           allow_nan=False)),
+             write_atomic(out / f"{name}.md", text.rstrip("\n") + "\n"),
+             figure(out / f"{name}.png")]
+    print("\n" + text)
+    for p in paths:
+        print(f"wrote {p}")
+    return paths
 
 
 def json_ready(obj):

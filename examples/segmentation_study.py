@@ -33,10 +33,8 @@ nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,10 +48,10 @@ from ressurgeon import SkipConfig, add_skips
 
 try:
     from .models import EncoderDecoder
-    from .retrofit_study import json_ready, mean_std, write_atomic
+    from .retrofit_study import mean_std, shared_machine, write_atomic, write_results
 except ImportError:  # run as a script: python examples/segmentation_study.py
     from models import EncoderDecoder
-    from retrofit_study import json_ready, mean_std, write_atomic
+    from retrofit_study import mean_std, shared_machine, write_atomic, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "segmentation_study"
@@ -313,10 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     summary = summarise(runs)
     command = " ".join(["python examples/segmentation_study.py", *argv])
-    machine = (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs shared with "
-               f"other jobs (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), "
-               f"Python {platform.python_version()}, torch {torch.__version__}, "
-               f"{args.threads} torch thread(s)")
+    machine = shared_machine(args.threads, load)
     header = f"Command: `{command}`; {seconds / 60:.1f} min wall on {machine}."
     text = "\n".join([header, "", f"{budget.train} training and {budget.test} test images of "
                       f"{budget.size}x{budget.size}, {budget.epochs} epochs, seeds "
@@ -325,13 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": command, "machine": machine, "seconds": seconds,
               "budget": asdict(budget), "classes": list(CLASSES), "summary": summary,
               "runs": runs}
-    paths = [write_atomic(out / f"{NAME}.json", json.dumps(json_ready(report), indent=1,
-                                                            allow_nan=False)),
-             write_atomic(out / f"{NAME}.md", text + "\n"),
-             plot(runs, out / f"{NAME}.png")]
-    print("\n" + text)
-    for p in paths:
-        print(f"wrote {p}")
+    write_results(out, NAME, report, text, lambda path: plot(runs, path))
     return report
 
 

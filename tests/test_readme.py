@@ -191,6 +191,7 @@ STUDY_SECTIONS = [
     ("### Which join should I pick?", "### Surgery on a trained network", "joins_study"),
     ("### Surgery on a trained network", "## Does it put shortcuts", "retrofit_study"),
     ("**Does it help?** `python examples/deepen_study.py`", "## Hugging Face", "deepen_study"),
+    ("**Does it help?** `python examples/recurrent_study.py`", "### Zoo", "recurrent_study"),
 ]
 
 
