@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 # name -> module that defines it, grouped by what a user reaches for.
 _EXPORTS = {
     # the pipeline, stage by stage
-    "load_model": "load", "from_torchscript": "load", "trace_model": "capture.trace", "analyze_graph": "analysis.layers",
+    "load_model": "load", "read_model": "load", "record_of": "load.record",
+    "from_torchscript": "load", "trace_model": "capture.trace", "analyze_graph": "analysis.layers",
     "find_spans": "skips.surgery", "select_spans": "skips.select", "inspect_model": "skips.surgery",
     "plan_skips": "skips.plan", "apply_plan": "skips.rewrite", "add_skips": "skips.surgery",
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
@@ -47,7 +48,7 @@ _EXPORTS = {
     "GateReport": "gates", "Gate": "gates", "Shortcut": "shortcuts",
     "ExportFallbackWarning": "onnx_export", "DeepenResult": "deepen", "DeepenPlan": "deepen",
     "NewBlock": "deepen", "ResidualLayer": "deepen", "ExpansionReport": "deepen",
-    "RewireResult": "rewire",
+    "RewireResult": "rewire", "ModelRecord": "load.record",
     # errors
     "RessurgeonError": "errors", "ConfigError": "errors", "LoadError": "errors",
     "UnsafeFileError": "errors", "TraceError": "errors", "ShapeError": "errors",

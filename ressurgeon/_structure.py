@@ -32,7 +32,7 @@ STAGES: tuple[Stage, ...] = (
           ("load.common", "load.allowlist", "load.expressions", "load.program", "load.validate",
            "load.guard", "load.nn_pickle", "load.checkpoint", "load.safetensors", "load.archive",
            "capture", "capture.bounds", "capture.lift", "capture.exported", "capture.inplace", "capture.modes",
-           "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load",
+           "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load.record", "load",
            "capture.trace", "capture.submodule", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
           "`checkpoint` (training checkpoints), `archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), "

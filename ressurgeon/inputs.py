@@ -2,11 +2,11 @@
 
 Every entry point that needs example inputs and was not handed any (the
 command line, a study script) builds them here: from explicit specs, else from
-the shapes a torch.export archive recorded, else from a Hugging Face model's
-config. Floating inputs take the model's dtype; integer inputs (token ids) are
-drawn from ``[0, vocab)``, vocab defaulting to a Hugging Face model's input
-embedding, else the model's smallest embedding. The same specs give the same
-tensors on every run (seed 0).
+the model's record (``load/record.py``: the shapes a torch.export archive
+recorded, else a Hugging Face model's config). Floating inputs take the
+model's dtype; integer inputs (token ids) are drawn from ``[0, vocab)``, vocab
+defaulting to a Hugging Face model's input embedding, else the model's
+smallest embedding. The same specs give the same tensors on every run (seed 0).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx
 
 from .errors import ConfigError
-from .load.hf import example_specs, vocab_size
+from .load.record import ModelRecord, Spec, embedding_size, record_of, stored_inputs, stored_shapes
 from .capture.shapes import positional_inputs
 
+# stored_inputs, stored_shapes and embedding_size moved to load/record.py; kept importable here
 __all__ = ["MAX_INPUT_BYTES", "Spec", "check_input_memory", "embedding_size", "example_inputs",
            "real_inputs", "stored_inputs", "stored_shapes"]
 
@@ -27,21 +27,20 @@ __all__ = ["MAX_INPUT_BYTES", "Spec", "check_input_memory", "embedding_size", "e
 # memory than any shape check needs (the model's activations take far more still).
 MAX_INPUT_BYTES = 2 ** 30
 
-Spec = tuple[tuple[int, ...], "str | None"]   # (shape, dtype name such as "int64"; None: float)
-
-
 MAX_VOCAB = 2 ** 31 - 1  # fits every integer input dtype (int32 included)
 
 
-def example_inputs(model: torch.nn.Module, specs: list[Spec] | None = None, *, dtype=None,
-                   device=None, vocab: int | None = None, what: str = "the model") -> tuple:
+def example_inputs(model: torch.nn.Module | ModelRecord, specs: list[Spec] | None = None, *,
+                   dtype=None, device=None, vocab: int | None = None,
+                   what: str = "the model") -> tuple:
     """Seeded random example inputs for ``model``.
 
     Args:
-        model: the network the inputs are for.
+        model: the network the inputs are for, or its ``ModelRecord`` (what a
+            reader of ``ressurgeon.load`` returns).
         specs: per input, (shape, dtype name or None for a floating input). None or
-            empty: the shapes a torch.export archive recorded, else a Hugging Face
-            model's defaults (``hf.example_specs``).
+            empty: the record's ``input_specs`` (the shapes a torch.export archive
+            recorded, else a Hugging Face model's defaults).
         dtype: the dtype of floating inputs (default float32).
         device: where the inputs live; ``"meta"`` gives tensors that hold no memory.
         vocab: integer inputs are drawn from [0, vocab) (default: the model's
@@ -60,7 +59,9 @@ def example_inputs(model: torch.nn.Module, specs: list[Spec] | None = None, *, d
         >>> tuple(x.shape), x.dtype
         ((3, 4), torch.float32)
     """
-    specs = list(specs or ()) or stored_inputs(model) or example_specs(model)
+    record = record_of(model)
+    model = record.module
+    specs = list(specs or ()) or list(record.input_specs)
     if not specs:
         raise ConfigError(f"cannot tell the input shape of {what}; pass --input-shape, "
                           "e.g. --input-shape 1,3,224,224 (or 2,8:int64 for token ids), one "
@@ -74,7 +75,7 @@ def example_inputs(model: torch.nn.Module, specs: list[Spec] | None = None, *, d
         return tuple(torch.empty(s, dtype=d, device="meta") for (s, _), d in zip(specs, dtypes))
     check_input_memory([s for s, _ in specs], dtype or torch.float32)
     gen = torch.Generator().manual_seed(0)
-    high = vocab or vocab_size(model) or embedding_size(model) or 2
+    high = vocab or record.vocab or 2
     made = []
     for (shape, _), dt in zip(specs, dtypes):
         if dt.is_floating_point:
@@ -100,20 +101,6 @@ def check_input_memory(shapes: list[tuple[int, ...]], dtype, flag: str = "--inpu
                           "plan with shapes only: --fake --no-verify -o OUT.pt")
 
 
-def embedding_size(model: torch.nn.Module) -> int | None:
-    """The smallest number of embeddings of any nn.Embedding (or aten.embedding weight) in it."""
-    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    graph = getattr(model, "graph", None)
-    if isinstance(graph, fx.Graph):
-        for node in graph.nodes:
-            if node.target is torch.ops.aten.embedding.default and node.args \
-                    and getattr(node.args[0], "op", None) == "get_attr":
-                owner, _, leaf = str(node.args[0].target).rpartition(".")
-                weight = getattr(model.get_submodule(owner) if owner else model, leaf)
-                sizes.append(int(weight.shape[0]))
-    return min(sizes) if sizes else None
-
-
 def real_inputs(model: torch.nn.Module, inputs: tuple) -> tuple:
     """``inputs`` as real seeded tensors on the model's device (they may be ``meta``)."""
     if not any(t.device.type == "meta" for t in inputs):
@@ -123,38 +110,3 @@ def real_inputs(model: torch.nn.Module, inputs: tuple) -> tuple:
     specs = [(tuple(t.shape), None if t.is_floating_point()
               else str(t.dtype).removeprefix("torch.")) for t in inputs]
     return example_inputs(model, specs, dtype=floats[0] if floats else None, device=device)
-
-
-def stored_inputs(model: torch.nn.Module) -> list[Spec]:
-    """(shape, dtype name or None for floats) of each input a torch.export archive recorded."""
-    graph = getattr(model, "graph", None)
-    if not isinstance(graph, fx.Graph):
-        return []
-    dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in graph.nodes
-              if n.op == "placeholder"]
-    return [(shape, None if dt is None or dt.is_floating_point
-             else str(dt).removeprefix("torch."))
-            for shape, dt in zip(stored_shapes(model), dtypes)]
-
-
-def stored_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
-    """Input shapes a torch.export archive recorded (symbolic sizes take their hint)."""
-    graph = getattr(model, "graph", None)
-    if not isinstance(graph, fx.Graph):  # not a graph module (TorchScript has a graph too)
-        return []
-    shapes = []
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if val is None or not hasattr(val, "shape"):
-            return []
-        dims = []
-        for d in val.shape:
-            try:
-                dims.append(int(d))
-            except Exception:
-                hint = getattr(getattr(d, "node", None), "hint", None)
-                dims.append(int(hint) if hint is not None else 1)
-        shapes.append(tuple(dims))
-    return shapes

@@ -33,7 +33,7 @@ from ..config import TraceOptions
 from ..errors import ConfigError, ShapeError, TraceError, brief
 from .exported import (as_module, dynamic_args, graph_module_from_export, is_unlifted,
                        plain_graph_module)
-from ..load.hf import without_cache
+from ..load.record import ModelRecord, record_of
 from .inplace import remove_inplace
 from .modes import flipped_mode, keeps_mode, modules_for_mode_calls, reads_mode
 from ..recurrent import packed_call, refuse_packed, split_recurrent
@@ -51,8 +51,10 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     on the copy; ``hf.py`` has the rule), and its ModelOutput comes back as a dict.
 
     Args:
-        model: the network to trace (it is deep-copied first). An ExportedProgram's
-            ``.module()`` or a GraphModule is taken as the graph it already is.
+        model: the network to trace (it is deep-copied first), or its
+            ``ModelRecord`` (whose ``prepare`` is applied to the copy). An
+            ExportedProgram's ``.module()`` or a GraphModule is taken as the graph
+            it already is.
         example_inputs: tuple of tensors, as for torch.export.
         options: TraceOptions: ``leaf_modules`` (globs on module or class names
             fx keeps opaque; ``default_leaf_modules()`` is always added),
@@ -79,13 +81,15 @@ def trace_model(model: nn.Module, example_inputs: tuple,
     """
     options = options or TraceOptions()
     inputs = normalize_inputs(example_inputs)
-    model = as_module(model)
+    record = model if isinstance(model, ModelRecord) else record_of(as_module(model))
+    model = record.module
     concrete = options.concrete_args
     _check_concrete(model, concrete)
     _check_arity(model, inputs, concrete)
     _check_dynamic(model, inputs, options.dynamic)
     work = quiet_copy(model)
-    without_cache(work)  # Hugging Face models: a KV cache is no tensor (see hf.py)
+    if record.prepare is not None:  # Hugging Face models: a KV cache is no tensor (see hf.py)
+        record.prepare(work)
     if options.split_recurrent and not isinstance(work, fx.GraphModule):
         work = split_recurrent(work)  # exact; lets shortcuts go between an LSTM's layers
     fx_error: _FxFailure | ShapeError | None = None

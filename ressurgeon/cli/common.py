@@ -40,27 +40,25 @@ def load_with_inputs(model_path: Path, shapes: list[str] | None, arch: str | Non
     """
     import torch
 
-    from .. import from_torchscript, load_model
+    from .. import CheckpointNote, from_torchscript, read_model, record_of
 
     dt, dev = parse_dtype(dtype), parse_device(device)
-    from .. import CheckpointNote
-
     with out.step(f"loading {model_path}"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointNote)
-        model = load_model(model_path, arch=arch, trust_pickle=trust, key=key)
+        record = read_model(model_path, arch=arch, trust_pickle=trust, key=key)
     for warning in caught:  # which entry of a training checkpoint, which prefix
         if isinstance(warning.message, CheckpointNote):
             out.note(str(warning.message))
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                    warning.lineno)
-    if isinstance(model, torch.jit.ScriptModule):  # needs inputs before it can become a graph
-        script_inputs = example_inputs(model, shapes, model_path, None, None, plan_shapes,
+    if isinstance(record.module, torch.jit.ScriptModule):  # needs inputs to become a graph
+        script_inputs = example_inputs(record, shapes, model_path, None, None, plan_shapes,
                                        vocab=vocab)
         with out.step("converting TorchScript to a graph"):
-            model = from_torchscript(model, script_inputs)
-    model = model.to(device=dev, dtype=dt)
-    return model, example_inputs(model, shapes, model_path, dt, "meta" if shapes_only else dev,
+            record = record_of(from_torchscript(record.module, script_inputs), record.source)
+    model = record.module.to(device=dev, dtype=dt)  # in place: the record still holds it
+    return model, example_inputs(record, shapes, model_path, dt, "meta" if shapes_only else dev,
                                  plan_shapes, vocab=vocab)
 
 

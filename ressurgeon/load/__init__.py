@@ -5,7 +5,9 @@ archives), ``torchscript``, ``weights`` (state_dicts, safetensors, torch.nn
 pickles), ``hf`` (Hugging Face folders), with ``archive`` (zip checks before
 any reader opens a file), ``safetensors`` (the one safetensors/config.json
 reader, deepen's streaming uses it too) and ``guard`` (the runtime wall).
-``load_model`` picks the reader.
+``read_model`` picks the reader and returns one ``ModelRecord``
+(``record.py``: the module, its example-input specs, its forward keyword
+arguments); ``load_model`` is its module.
 
 Safe routes, where nothing from the file runs:
 
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .safetensors import read_safetensors
+from .record import ModelRecord, record_of
 from ..errors import LoadError
 
 
@@ -53,7 +56,17 @@ from .weights import (  # noqa: F401
 
 def load_model(path: str | Path, *, arch: str | None = None,
                trust_pickle: bool = False, key: str | None = None) -> nn.Module:
-    """Load a model file.
+    """Load a model file: ``read_model(...).module`` (the arguments are the same).
+
+    Example:
+        >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
+    """
+    return read_model(path, arch=arch, trust_pickle=trust_pickle, key=key).module
+
+
+def read_model(path: str | Path, *, arch: str | None = None,
+               trust_pickle: bool = False, key: str | None = None) -> ModelRecord:
+    """Read a model file into a ``ModelRecord``: the module, its example inputs, its kwargs.
 
     Args:
         path: ``.pt2`` archive; ``.pt``/``.pth`` state_dict, pickled module or
@@ -73,7 +86,8 @@ def load_model(path: str | Path, *, arch: str | None = None,
             key and prefix were used is said by a ``CheckpointNote`` warning.
 
     Returns:
-        The model, in the mode it was saved in: a pickled module keeps its
+        A ``ModelRecord`` (``load/record.py``): ``.module`` is the model, in the
+        mode it was saved in; a pickled module keeps its
         own; a ``.pt2`` (which stores no mode) is in train mode when its graph
         holds train-mode batch_norm or dropout, else in eval; weights with
         ``arch`` give eval. For ``.pt2``: a plain, trainable GraphModule. For a
@@ -92,16 +106,24 @@ def load_model(path: str | Path, *, arch: str | None = None,
             is False.
 
     Example:
-        >>> model = load_model("vgg.pt2")                                  # doctest: +SKIP
-        >>> model = load_model("w.safetensors", arch="mynets:build_vgg")  # doctest: +SKIP
-        >>> model = load_model("torch_save_of_nn_sequential.pt")           # doctest: +SKIP
-        >>> model = load_model("tiny-bert/")       # save_pretrained folder  # doctest: +SKIP
+        >>> record = read_model("vgg.pt2")                                  # doctest: +SKIP
+        >>> record.input_specs        # what the archive was exported with  # doctest: +SKIP
+        (((1, 3, 32, 32), None),)
+        >>> model = read_model("w.safetensors", arch="mynets:build_vgg").module  # doctest: +SKIP
+        >>> model = read_model("torch_save_of_nn_sequential.pt").module           # doctest: +SKIP
+        >>> record = read_model("tiny-bert/")       # save_pretrained folder  # doctest: +SKIP
     """
-    path = Path(path)
+    source, module = _read(Path(path), arch, trust_pickle, key)
+    return record_of(module, source)
+
+
+def _read(path: Path, arch: str | None, trust_pickle: bool,
+          key: str | None) -> tuple[str, nn.Module]:
+    """(which reader, the module): the table of readers, by what the file is."""
     if not path.exists():
         raise LoadError(f"no such file: {path}")
     if path.is_dir():
-        return _load_folder(path, arch, trust_pickle)
+        return "hf", _load_folder(path, arch, trust_pickle)
     if not path.is_file():
         raise LoadError(f"{path} is not a file; pass the model file itself")
     try:
@@ -110,18 +132,18 @@ def load_model(path: str | Path, *, arch: str | None = None,
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix == ".safetensors":
-        return _with_arch(read_safetensors(path), arch, path, None)
+        return "safetensors", _with_arch(read_safetensors(path), arch, path, None)
     _check_zip(path)
     if _is_torch_export(path):
-        return _load_pt2(path, trust_pickle)
+        return "pt2", _load_pt2(path, trust_pickle)
     if path.suffix == ".pt2":
         raise LoadError(f"{path} is not a torch.export archive (truncated or corrupted?); "
                         "write it again with torch.export.save")
     if _is_torchscript(path):
-        return _load_torchscript(path, trust_pickle)
+        return "torchscript", _load_torchscript(path, trust_pickle)
     if not head:
         raise LoadError(f"{path} is empty")
-    return _load_torch_save(path, arch, trust_pickle, key)
+    return "torch.save", _load_torch_save(path, arch, trust_pickle, key)
 
 
 def _load_folder(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:

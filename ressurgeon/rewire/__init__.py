@@ -40,7 +40,7 @@ from .._torch import normalize_inputs
 from ..config import RewireConfig
 from ..errors import ConfigError, VerificationError
 from ..catalog import register_rewiring
-from ..load.hf import forward_kwargs, is_pretrained
+from ..load.record import record_of
 from ..verify import ParityReport, compare_outputs, eval_outputs
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, load_into, read_adapter, write_adapter
 
@@ -173,8 +173,8 @@ def rewire(model: nn.Module, example_inputs: tuple | None = None,
         raise ConfigError(f"{stack.prefix} is rewired already; unwrap it first "
                           "(RewireResult.unwrap) or rewire the original model")
     kind.check(stack, config)
-    before = eval_outputs(model, inputs, forward_kwargs(model)) if verify and config.inplace \
-        else None
+    kwargs = record_of(model).forward_kwargs   # transformers: use_cache=False, both models
+    before = eval_outputs(model, inputs, kwargs) if verify and config.inplace else None
     target = model if config.inplace else copy.deepcopy(model)
     names = stack.names
     _install(target, stack, kind, config)
@@ -197,7 +197,7 @@ def _install(model: nn.Module, stack: BlockStack, kind: Rewiring, config: Rewire
 
 def _verify(original: nn.Module, rewired: nn.Module, inputs: tuple,
             before: list | None, exact: bool) -> ParityReport:
-    kwargs = forward_kwargs(original)   # transformers: use_cache=False, for both models
+    kwargs = record_of(original).forward_kwargs   # transformers: use_cache=False, both models
     want = before if before is not None else eval_outputs(original, inputs, kwargs)
     parity = compare_outputs(want, eval_outputs(rewired, inputs, kwargs), check="rewrite")
     if exact:

@@ -21,7 +21,7 @@ from ..config import Init, SkipConfig, TraceOptions
 from ..errors import VerificationError
 from ..capture.exported import as_module
 from ..capture.submodule import splice, submodule_inputs
-from ..load.hf import forward_kwargs
+from ..load.record import ModelRecord, record_of
 from .plan import SurgeryPlan, plan_skips
 from .rewrite import Skip, apply_plan
 from .select import Reason, Span, mark_planned, select_spans
@@ -165,7 +165,8 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     """Add residual shortcuts to ``model``; the model itself is never modified.
 
     Args:
-        model: the network to rewrite: any nn.Module, an ExportedProgram or its ``.module()``.
+        model: the network to rewrite: any nn.Module, an ExportedProgram or its
+            ``.module()``, or the ``ModelRecord`` a reader returned (``read_model``).
         example_inputs: tuple of tensors, as for torch.export.
         config: SkipConfig; defaults to SkipConfig() (span 2, preserve, pre-activation).
         plan: apply this plan (e.g. an edited ``--plan-out`` file) instead of
@@ -190,16 +191,18 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
         >>> result.module(torch.randn(8, 64)).shape                                 # doctest: +SKIP
     """
     inputs = normalize_inputs(example_inputs)
-    model = as_module(model)  # an ExportedProgram or its .module() refuses .eval()
+    # an ExportedProgram or its .module() refuses .eval(); a ModelRecord says what it knows
+    record = model if isinstance(model, ModelRecord) else record_of(as_module(model))
+    model = record.module
     path = (plan.config if plan is not None else config or SkipConfig()).module
     if path is not None:
         return _add_skips_in(path, model, inputs, config, plan, verify, trace)
-    gm = trace_model(model, inputs, trace)
+    gm = trace_model(record, inputs, trace)
     result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
         outputs = _drop_nonfinite(result, inputs)
         # the original runs as it was captured: with the concrete args, and no KV cache
-        concrete = {**forward_kwargs(model), **((trace and trace.concrete_args) or {})}
+        concrete = {**record.forward_kwargs, **((trace and trace.concrete_args) or {})}
         result.parity = check_parity(model, result.module, inputs, original_kwargs=concrete,
                                      rewritten_outputs=outputs)
         _judge(result.parity, result.plan.config, bool(result.skips))
