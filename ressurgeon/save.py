@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ._io import atomic_path, owned_folder
+from ._io import atomic_path
 from ._names import check_identifier, is_fqn, refused
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
@@ -160,6 +160,27 @@ def _check_names(module: nn.Module) -> None:
                                   "a Python identifier or an index", where=path or "the model")
 
 
+def prepare_code(module: fx.GraphModule, *, name: str = "RewrittenModel",
+                 trust_pickle: bool = False):
+    """The ``--save-code`` package of ``module``, checked and made, not yet written.
+
+    Everything that can refuse the model happens here (``save_code`` is
+    ``prepare_code(...).write(folder)``), so a caller can check before it writes
+    anything else. Args and Raises: as ``save_code``, less the folder.
+
+    Example:
+        >>> package = prepare_code(result.module)   # doctest: +SKIP
+        >>> package.write("rewritten_code")         # doctest: +SKIP
+    """
+    from .source import build_package
+
+    if not isinstance(module, fx.GraphModule):
+        raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
+    check_identifier("the --save-code class name", name)
+    _check_names(module)
+    return build_package(module, name=name, trust_pickle=trust_pickle)
+
+
 def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel",
               trust_pickle: bool = False) -> Path:
     """Write the GraphModule as a Python package: readable source plus safetensors weights.
@@ -168,7 +189,7 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
     rebuilds the model: ``module.py`` builds every submodule by a constructor
     call (torch.nn classes and ressurgeon's shortcut modules), its ``forward``
     is the graph's code and shows every inserted shortcut, and the weights load
-    from ``model.safetensors`` in the folder itself (``source.write_source``).
+    from ``model.safetensors`` in the folder itself (``ressurgeon/source.py``).
     The folder may be new or one ressurgeon wrote before: only the files its
     marker lists are replaced, a user's own files there are left alone.
 
@@ -180,6 +201,9 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
             pickle that ``module.py`` loads with ``weights_only=False``; without
             it such a model is refused.
 
+    Returns:
+        The folder written.
+
     Raises:
         UnsafeFileError: a child, parameter, buffer, node or attribute name that is
             not a Python identifier (or an index).
@@ -190,13 +214,4 @@ def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "Rewrit
     Example:
         >>> save_code(result.module, "rewritten_code")   # doctest: +SKIP
     """
-    from .source import write_source
-
-    folder = Path(folder)
-    if not isinstance(module, fx.GraphModule):
-        raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
-    check_identifier("the --save-code class name", name)
-    _check_names(module)
-    with owned_folder(folder) as tmp:
-        write_source(module, tmp, name=name, trust_pickle=trust_pickle)
-    return folder
+    return prepare_code(module, name=name, trust_pickle=trust_pickle).write(folder)

@@ -1,6 +1,6 @@
 """Stage 6, save: a rewritten GraphModule as a Python package that rebuilds it by constructor calls.
 
-``write_source`` writes what ``save_code`` puts in a ``--save-code`` folder:
+``build_package`` makes what ``save_code`` puts in a ``--save-code`` folder:
 
 - ``module.py``: one class whose ``__init__`` calls the constructor of every
   submodule (torch.nn classes with the arguments read back from the module's
@@ -41,6 +41,7 @@ from torch import fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ._names import is_class_name, is_fqn, is_identifier, refused
+from ._io import owned_folder
 from .errors import ExportError, brief
 
 WEIGHTS = "model.safetensors"
@@ -73,7 +74,7 @@ def _refuse(path: str, module: nn.Module, why: str) -> ExportError:
         f"--save-code cannot rebuild submodule {path or 'the model'!r} "
         f"({cls.__module__}.{cls.__qualname__}): {why}; module.py rebuilds torch.nn classes "
         "and ressurgeon's modules by constructor calls: pass --trust-pickle "
-        "(save_code(..., trust_pickle=True)) to store it as a pickle that module.py loads "
+        "(trust_pickle=True) to store it as a pickle that module.py loads "
         "with weights_only=False, or write the model as .pt2 (-o)")
 
 
@@ -684,9 +685,30 @@ _CONSTANTS_LOAD = '''    for path, tensor in load_file(_HERE / "{constants}").it
 '''
 
 
-def write_source(module: fx.GraphModule, folder: Path, *, name: str = "RewrittenModel",
-                 trust_pickle: bool = False) -> list[str]:
-    """Write ``module`` as a package into ``folder`` (an empty scratch folder); the files made.
+@dataclass(frozen=True)
+class CodePackage:
+    """The files of a ``--save-code`` package, made and checked, not yet written."""
+
+    name: str
+    files: dict[str, bytes]
+
+    @property
+    def source(self) -> str:
+        """module.py's text."""
+        return self.files["module.py"].decode()
+
+    def write(self, folder: str | Path) -> Path:
+        """Write the files into ``folder`` (new, or one ressurgeon wrote: ``_io.owned_folder``)."""
+        folder = Path(folder)
+        with owned_folder(folder) as tmp:
+            for file, data in self.files.items():
+                (tmp / file).write_bytes(data)
+        return folder
+
+
+def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
+                  trust_pickle: bool = False) -> CodePackage:
+    """``module`` as the files of a package: module.py, __init__.py, the weights.
 
     ``name`` must be checked as an identifier by the caller; every other name is
     checked here before any source is generated.
@@ -746,9 +768,7 @@ def write_source(module: fx.GraphModule, folder: Path, *, name: str = "Rewritten
         buffer = io.BytesIO()
         torch.save(child, buffer)
         files[file] = buffer.getvalue()
-    for file, data in files.items():
-        (folder / file).write_bytes(data)
-    return list(files)
+    return CodePackage(name, files)
 
 
 def _assignment(path: str, expr: str) -> str:
@@ -767,5 +787,5 @@ def _literal(value) -> str:
     return "(\n" + "".join(f"    {v!r},\n" for v in value) + ")"
 
 
-__all__ = ["write_source", "check_graph", "forward_source", "SIGNATURES", "DERIVED", "WEIGHTS",
+__all__ = ["CodePackage", "build_package", "check_graph", "forward_source", "SIGNATURES", "DERIVED", "WEIGHTS",
            "CONSTANTS"]

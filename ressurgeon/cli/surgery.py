@@ -134,8 +134,11 @@ def add_skips_cmd(
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
                    onnx_options: dict, dynamic=(), trust_pickle: bool = False) -> dict:
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
-    from .. import save_code as write_code
+    from .. import prepare_code
 
+    # the package is made (and may be refused) before any output is written
+    package = (prepare_code(_rewritten(result), trust_pickle=trust_pickle)
+               if save_code is not None else None)
     written = write_results(result.module, result.plan, inputs, out, target=target,
                             plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
                             dynamic=dynamic)
@@ -146,7 +149,7 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
         plot_surgery(analyze_graph(_rewritten(result)).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
     if save_code is not None:
-        write_code(_rewritten(result), save_code, trust_pickle=trust_pickle)
+        package.write(save_code)
         out.note(f"wrote source to {save_code}/")
     return written
 
