@@ -30,6 +30,7 @@ import importlib
 import inspect
 import io
 import math
+import sys
 import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -396,9 +397,10 @@ def _check_constants(value, where: str) -> None:
                       "written source cannot spell; write the model as .pt2")
 
 
-def forward_source(gm: fx.GraphModule) -> tuple[str, list[str]]:
+def forward_source(gm: fx.GraphModule) -> tuple[str, list[str], list[str]]:
     """The forward's code (from a copy of the graph without metadata: no comment from a
-    file's stack traces reaches it) and the imports the names it uses need."""
+    file's stack traces reaches it), the imports the names it uses need, and the
+    ``torch.fx.wrap`` lines for the wrapped functions among them."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     for node in graph.nodes:
@@ -406,7 +408,7 @@ def forward_source(gm: fx.GraphModule) -> tuple[str, list[str]]:
         node.type = None
     code = graph.python_code("self")
     used = _names(code.src)
-    imports = []
+    imports, wraps = [], []
     for name, obj in code.globals.items():
         if name not in used:
             continue
@@ -417,7 +419,16 @@ def forward_source(gm: fx.GraphModule) -> tuple[str, list[str]]:
             continue
         else:
             imports.append(_import_line(name, obj))
-    return code.src.strip("\n"), imports
+            if _fx_wrapped(obj):  # fx tracing of the package keeps the call whole, as here
+                wraps.append(f'torch.fx.wrap("{name}")')
+    return code.src.strip("\n"), imports, wraps
+
+
+def _fx_wrapped(obj) -> bool:
+    """``obj`` was registered with ``torch.fx.wrap`` in the module that defines it."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    registered = getattr(fx._symbolic_trace, "_wrapped_fns_to_patch", {})
+    return module is not None and (id(vars(module)), getattr(obj, "__name__", None)) in registered
 
 
 def _names(src: str) -> set[str]:
@@ -726,7 +737,7 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
     check_graph(module)
     planner = _Planner(trust_pickle)
     root = planner.plan("", module, root=True)
-    forward, forward_imports = forward_source(module)
+    forward, forward_imports, wraps = forward_source(module)
     state, constants, tied, frozen = _tensor_files(module)
 
     src = _Source({name, "nn", "torch", "Path", "load_file", "OrderedDict", "_HERE", "_TIED",
@@ -748,7 +759,7 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
     imports = list(dict.fromkeys(forward_imports + src.imports))
     text = _HEADER.format(name=name, weights=WEIGHTS,
                           constants=f" and {CONSTANTS}" if constants else "")
-    text += "\n".join(line for line in imports if line not in ("import torch",)) + "\n"
+    text += "".join(f"{line}\n" for line in imports + wraps if line != "import torch")
     text += _LOADER.format(tied=_literal(tied), frozen=_literal(tuple(frozen)), weights=WEIGHTS,
                            constants_load=_CONSTANTS_LOAD.format(constants=CONSTANTS)
                            if constants else "")
@@ -787,5 +798,5 @@ def _literal(value) -> str:
     return "(\n" + "".join(f"    {v!r},\n" for v in value) + ")"
 
 
-__all__ = ["CodePackage", "build_package", "check_graph", "forward_source", "SIGNATURES", "DERIVED", "WEIGHTS",
-           "CONSTANTS"]
+__all__ = ["CodePackage", "build_package", "check_graph", "forward_source", "SIGNATURES", "DERIVED",
+           "WEIGHTS", "CONSTANTS"]

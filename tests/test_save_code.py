@@ -106,6 +106,7 @@ def test_pt2_input_package_imports_and_runs(example_models, tmp_path):
     assert result.exit_code == 0, result.output
     source = (code / "module.py").read_text()
     assert "from ressurgeon.capture.exported import check_input as" in source
+    assert 'torch.fx.wrap("ressurgeon_capture_exported_check_input")' in source
     assert "torch.load" not in source and "pickle" not in source
     x = torch.randn(3, 3, 32, 32)  # another batch size: the archive's batch is dynamic
     with torch.no_grad():
@@ -235,3 +236,28 @@ def test_names_and_calls_are_checked_before_any_source_is_written(tmp_path):
     assert not (tmp_path / "code").exists()
     folder = save_code(_graph(torch.relu), tmp_path / "code")  # the same graph, plain names
     assert "torch.relu(x)" in (folder / "module.py").read_text()
+
+
+def test_dwa_rewired_model_captured_by_torch_export(tmp_path):
+    """A DWA-rewired transformer (rewire keeps its class) goes through add_skips' torch.export
+    capture; its graph (aten ops, input checks, the DWA weights as tensors) is written too."""
+    from models import PreNormTransformer
+
+    from ressurgeon import RewireConfig, rewire
+
+    x = torch.randint(0, 64, (2, 8))
+    rewired = rewire(PreNormTransformer().eval(), (x,), RewireConfig(kind="dwa")).module
+    with torch.no_grad():
+        for name, p in rewired.named_parameters():
+            if "weights" in name:  # DWA's mixing weights away from the plain residual
+                p.add_(0.1 * torch.randn_like(p))
+    result = add_skips(rewired, (x,), SkipConfig())
+    assert isinstance(result.module, fx.GraphModule)
+    with torch.no_grad():
+        expected = result.module(x)
+    folder = save_code(result.module, tmp_path / "dwa_code")
+    source = (folder / "module.py").read_text()
+    assert "torch.load" not in source and "pickle" not in source
+    assert run_package(folder, (x,), expected)["diff"] <= ATOL
+    with torch.no_grad():
+        assert (expected - rewired(x)).abs().max() <= ATOL  # the capture is the rewired model
