@@ -29,6 +29,7 @@ import enum
 import importlib
 import inspect
 import io
+import keyword
 import math
 import sys
 import tokenize
@@ -568,11 +569,16 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _ref(path: str) -> str:
-    """``self.a.b`` for a path, ``getattr(self.a, '0')`` for its index parts."""
+    """``self.a.b`` for a path, ``getattr(self.a, '0')`` for its index (or keyword) parts."""
     out = "self"
     for part in path.split(".") if path else ():
-        out = f"{out}.{part}" if is_identifier(part) else f"getattr({out}, {part!r})"
+        out = f"{out}.{part}" if _attribute(part) else f"getattr({out}, {part!r})"
     return out
+
+
+def _attribute(name: str) -> bool:
+    """``name`` may follow a dot in source (an identifier, not a keyword such as ``class``)."""
+    return is_identifier(name) and not keyword.iskeyword(name)
 
 
 def _walk(spec: _Spec) -> Iterator[_Spec]:
@@ -767,7 +773,12 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
     text += "".join(f"        {line}\n" for line in body)
     text += "\n" + "".join(f"    {line}\n" if line.strip() else "\n"
                            for line in forward.splitlines())
-    compile(text, "module.py", "exec")  # our own bug, if any, surfaces here and not on import
+    try:  # a name that is a keyword (an input named ``lambda``) surfaces here, not on import
+        compile(text, "module.py", "exec")
+    except SyntaxError as exc:
+        raise ExportError(f"--save-code: the module.py it would write does not compile "
+                          f"({exc.msg}, line {exc.lineno}: {(exc.text or '').strip()[:60]!r}); "
+                          "write the model as .pt2") from exc
 
     files = {"module.py": text.encode(),
              "__init__.py": f'"""Written by ressurgeon --save-code."""\n\nfrom .module import '
@@ -784,7 +795,7 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
 
 def _assignment(path: str, expr: str) -> str:
     owner, _, leaf = path.rpartition(".")
-    if is_identifier(leaf):
+    if _attribute(leaf):
         return f"{_ref(owner)}.{leaf} = {expr}"
     return f"{_ref(owner)}.add_module({leaf!r}, {expr})"
 
