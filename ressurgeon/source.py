@@ -157,7 +157,7 @@ class _Planner:
             args, kwargs = _torch_args(path, module)
         else:
             raise _refuse(path, module, "it is neither a torch.nn class nor ressurgeon's")
-        names = {id(c): n for n, c in module._modules.items() if c is not None}
+        names = {id(m): n for n, m in module.named_modules() if n}  # its submodules, any depth
         value = lambda v: self._value(path, module, names, v)  # noqa: E731
         call = _Call(cls, tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()})
         _check_rebuilt(path, module, call)
@@ -168,7 +168,7 @@ class _Planner:
             name = names.get(id(value))
             if name is None:
                 raise _refuse(path, module, "a constructor argument is a module that is not "
-                              "one of its children")
+                              "one of its submodules")
             child = _join(path, name)
             if id(value) in self.seen:  # tied: rebuilt here, tied again once everything exists
                 return _Spec(child, value, call=self._call(child, value),
@@ -179,9 +179,7 @@ class _Planner:
             return spec
         if isinstance(value, (list, tuple)):
             return type(value)(self._value(path, module, names, v) for v in value)
-        if value is None or isinstance(value, (bool, int, str, torch.dtype)):
-            return value
-        if isinstance(value, float):
+        if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
             return value
         raise _refuse(path, module, f"a constructor argument is a {type(value).__name__}, "
                       "which source cannot spell")
@@ -552,7 +550,7 @@ class _Source:
             self.lines.append(f"{owner}.register_parameter({name!r}, {value})")
         for name, b in module._buffers.items():
             persistent = name not in module._non_persistent_buffers_set
-            value = "None" if b is None else f"torch.empty({_shape(b)}, dtype={b.dtype})"
+            value = "None" if b is None else f"torch.empty({_shape(b)})"
             self.lines.append(f"{owner}.register_buffer({name!r}, {value}"
                               + ("" if persistent else ", persistent=False") + ")")
 

@@ -261,3 +261,53 @@ def test_dwa_rewired_model_captured_by_torch_export(tmp_path):
     assert run_package(folder, (x,), expected)["diff"] <= ATOL
     with torch.no_grad():
         assert (expected - rewired(x)).abs().max() <= ATOL  # the capture is the rewired model
+
+
+def _ressurgeon_modules():
+    from ressurgeon.deepen.insert import ResidualLayer
+    from ressurgeon.recurrent import RecurrentStack
+    from ressurgeon.shortcuts.concat import ConcatJoin
+    from ressurgeon.shortcuts.add import Shortcut
+    from ressurgeon.shortcuts.highway import HighwayShortcut
+    from ressurgeon.shortcuts._graph import Fit
+
+    h, x = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 8, 8)
+    proj = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+    return {
+        "add_morph": (Shortcut("morph", proj), (h, x)),
+        "add_rezero": (Shortcut("rezero"), (h, h)),
+        "highway": (HighwayShortcut("preserve", proj, nn.Conv2d(4, 8, 1, stride=2), 1), (h, x)),
+        "concat": (ConcatJoin("preserve", 1, stride=2, spatial_dims=2), (h, x)),
+        "fit": (Fit(channel_axis=1, spatial_dims=2), (x, h)),
+        "stack": (RecurrentStack.from_packed(nn.GRU(4, 6, num_layers=3, dropout=0.2,
+                                                    bidirectional=True)), (torch.randn(5, 2, 4),)),
+        "residual_layer": (ResidualLayer(nn.Linear(4, 4), nn.Linear(4, 4), nn.GELU(),
+                                         nn.LayerNorm(4)), (torch.randn(3, 4),)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_ressurgeon_modules()))
+def test_each_ressurgeon_module_is_rebuilt_by_its_constructor_args(kind, tmp_path, monkeypatch):
+    """A ressurgeon module kept whole in a graph (a leaf) is one constructor call in module.py."""
+    torch.manual_seed(0)
+    module, inputs = _ressurgeon_modules()[kind]
+    module.eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.add_(0.3 * torch.randn_like(p))  # open gates, non-zero new columns
+    root = nn.Module()
+    root.block = module
+    graph = fx.Graph()
+    args = [graph.placeholder(f"x{i}") for i in range(len(inputs))]
+    out = graph.call_module("block", tuple(args))
+    graph.output(out)
+    gm = fx.GraphModule(root, graph).eval()
+    folder = save_code(gm, tmp_path / f"{kind}_code")
+    assert f"self.block = {type(module).__name__}(" in (folder / "module.py").read_text()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rebuilt = importlib.import_module(f"{kind}_code").RewrittenModel().eval()
+    with torch.no_grad():
+        a, b = gm(*inputs), rebuilt(*inputs)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    assert torch.equal(a, b)
+    assert repr(rebuilt.block) == repr(module)
