@@ -311,3 +311,16 @@ def test_each_ressurgeon_module_is_rebuilt_by_its_constructor_args(kind, tmp_pat
     a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
     assert torch.equal(a, b)
     assert repr(rebuilt.block) == repr(module)
+
+
+def test_dtypes_come_from_the_weights(tmp_path, monkeypatch):
+    """Modules are built in the default dtype on the meta device; the loaded tensors keep theirs."""
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    result = add_skips(plain_cnn().double().eval(), (x,), SkipConfig(join="highway"))
+    folder = save_code(result.module, tmp_path / "double_code")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rebuilt = importlib.import_module("double_code").RewrittenModel().eval()
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float64}
+    assert {b.dtype for b in rebuilt.buffers()} == {torch.float64, torch.int64}  # BN's counter
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.module(x))
