@@ -625,20 +625,28 @@ def _tensor_files(module: nn.Module) -> tuple[dict, dict, dict[str, str], list[s
     return files["state"], files["constant"], tied, frozen
 
 
+def _check_storable(tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor is one safetensors can store: dense, plain, not quantized."""
+    for name, t in tensors.items():
+        if t.layout is not torch.strided or t.is_quantized or \
+                type(t) not in (torch.Tensor, nn.Parameter):
+            kind = "quantized" if t.is_quantized else str(t.layout)
+            raise ExportError(f"--save-code stores tensors as safetensors; {name!r} is a "
+                              f"{type(t).__name__} ({kind}): write the model as .pt2")
+
+
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
+    out = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     storages: dict[int, int] = {}
-    for t in tensors.values():
-        key = t.untyped_storage().data_ptr()
-        storages[key] = storages.get(key, 0) + 1
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if storages[t.untyped_storage().data_ptr()] > 1 or t.untyped_storage().nbytes() != \
-                t.numel() * t.element_size():
-            t = t.clone()  # safetensors stores each tensor in storage of its own
-        out[name] = t
+    for t in out.values():
+        storages[t.untyped_storage().data_ptr()] = storages.get(t.untyped_storage().data_ptr(),
+                                                                0) + 1
+    for name, t in out.items():
+        if storages[t.untyped_storage().data_ptr()] > 1 or \
+                t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            out[name] = t.clone()  # safetensors stores each tensor in storage of its own
     try:
         return save(out)
     except Exception as exc:
@@ -702,22 +710,35 @@ _CONSTANTS_LOAD = '''    for path, tensor in load_file(_HERE / "{constants}").it
 
 @dataclass(frozen=True)
 class CodePackage:
-    """The files of a ``--save-code`` package, made and checked, not yet written."""
+    """A ``--save-code`` package, checked and made, not yet written.
+
+    ``texts``: module.py and __init__.py; ``tensors``: {file: {name: tensor}}, the
+    model's own tensors (serialised only by ``write``); ``pickles``: {file: submodule},
+    only with ``trust_pickle``.
+    """
 
     name: str
-    files: dict[str, bytes]
+    texts: dict[str, str]
+    tensors: dict[str, dict[str, torch.Tensor]]
+    pickles: dict[str, nn.Module]
 
     @property
     def source(self) -> str:
         """module.py's text."""
-        return self.files["module.py"].decode()
+        return self.texts["module.py"]
 
     def write(self, folder: str | Path) -> Path:
         """Write the files into ``folder`` (new, or one ressurgeon wrote: ``_io.owned_folder``)."""
         folder = Path(folder)
         with owned_folder(folder) as tmp:
-            for file, data in self.files.items():
-                (tmp / file).write_bytes(data)
+            for file, text in self.texts.items():
+                (tmp / file).write_text(text)
+            for file, tensors in self.tensors.items():
+                (tmp / file).write_bytes(_safetensors_bytes(tensors))
+            for file, child in self.pickles.items():
+                buffer = io.BytesIO()  # torch's writer aborts on a full disk; Python's raises
+                torch.save(child, buffer)
+                (tmp / file).write_bytes(buffer.getbuffer())
         return folder
 
 
@@ -778,17 +799,13 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
                           f"({exc.msg}, line {exc.lineno}: {(exc.text or '').strip()[:60]!r}); "
                           "write the model as .pt2") from exc
 
-    files = {"module.py": text.encode(),
-             "__init__.py": f'"""Written by ressurgeon --save-code."""\n\nfrom .module import '
-                            f'{name}\n\n__all__ = ["{name}"]\n'.encode(),
-             WEIGHTS: _safetensors_bytes(state)}
-    if constants:
-        files[CONSTANTS] = _safetensors_bytes(constants)
-    for file, child in planner.pickles:
-        buffer = io.BytesIO()
-        torch.save(child, buffer)
-        files[file] = buffer.getvalue()
-    return CodePackage(name, files)
+    init = (f'"""Written by ressurgeon --save-code."""\n\nfrom .module import {name}\n\n'
+            f'__all__ = ["{name}"]\n')
+    tensors = {WEIGHTS: state, **({CONSTANTS: constants} if constants else {})}
+    for stored in tensors.values():
+        _check_storable(stored)
+    return CodePackage(name, {"module.py": text, "__init__.py": init}, tensors,
+                       dict(planner.pickles))
 
 
 def _assignment(path: str, expr: str) -> str:
