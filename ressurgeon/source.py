@@ -784,7 +784,8 @@ def build_package(module: fx.GraphModule, *, name: str = "RewrittenModel",
     imports = list(dict.fromkeys(forward_imports + src.imports))
     text = _HEADER.format(name=name, weights=WEIGHTS,
                           constants=f" and {CONSTANTS}" if constants else "")
-    text += "".join(f"{line}\n" for line in imports + wraps if line != "import torch")
+    text += "".join(f"{line}\n" for line in imports if line != "import torch")
+    text += "".join(f"\n{line}" for line in wraps) + ("\n" if wraps else "")
     text += _LOADER.format(tied=_literal(tied), frozen=_literal(tuple(frozen)), weights=WEIGHTS,
                            constants_load=_CONSTANTS_LOAD.format(constants=CONSTANTS)
                            if constants else "")
