@@ -26,7 +26,7 @@ _EXPORTS = {
     "find_spans": "skips.surgery", "select_spans": "skips.select", "inspect_model": "skips.surgery",
     "plan_skips": "skips.plan", "apply_plan": "skips.rewrite", "add_skips": "skips.surgery",
     "check_parity": "verify", "check_gradients": "verify", "compare_outputs": "verify",
-    "save_model": "save", "save_code": "save", "export_onnx": "onnx_export",
+    "save_model": "save", "save_code": "save", "prepare_code": "save", "export_onnx": "onnx_export",
     "fusion_report": "onnx_export", "fold": "fold", "deepen": "deepen",
     "expand_checkpoint": "deepen", "rewire": "rewire", "load_adapter": "rewire",
     "unwrap": "rewire",
@@ -118,7 +118,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .catalog import register_join, register_pattern, register_rewiring
     from .rewire import RewireResult, Rewiring, load_adapter, rewire, unwrap
     from .skips.rewrite import Skip, apply_plan
-    from .save import save_code, save_model
+    from .save import prepare_code, save_code, save_model
     from .shortcuts import Shortcut, find_shortcuts
     from .skips.select import Reason, Span, select_spans
     from .skips.surgery import Inspection, SurgeryResult, add_skips, find_spans, inspect_model

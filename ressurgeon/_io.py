@@ -34,7 +34,8 @@ from pathlib import Path
 from .errors import ExportError
 
 CODE_MARKER = ".ressurgeon-code"  # lists the files ressurgeon wrote in a --save-code folder
-CODE_FILES = ("module.py", "__init__.py", "state_dict.pt")  # what GraphModule.to_folder writes
+# what save_code writes (pickled_N.pt too, with trust_pickle)
+CODE_FILES = ("module.py", "__init__.py", "model.safetensors", "constants.safetensors")
 TMP_TAG = "ressurgeon-tmp"
 
 

@@ -191,6 +191,10 @@ class RecurrentStack(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, num_layers={len(self.layers)}"
 
+    def constructor_args(self) -> tuple[tuple, dict]:
+        """What ``save_code`` passes to the constructor to rebuild this module."""
+        return (list(self.layers),), {"dropout": self.dropout}
+
 
 def split_recurrent(model: nn.Module) -> nn.Module:
     """``model`` with every plain multi-layer recurrent module replaced by a RecurrentStack.

@@ -7,7 +7,6 @@ renamed into place, so a failure never leaves a half-written output.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,8 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ._io import atomic_path, owned_folder
-from ._names import check_identifier, is_class_name, is_fqn, refused
+from ._io import atomic_path
+from ._names import check_identifier, is_fqn, refused
 from ._torch import eval_mode, quiet_torch
 from .errors import ExportError, brief
 from ._fx import capture_info
@@ -149,9 +148,8 @@ def _safetensors_bytes(module: nn.Module) -> bytes:
 def _check_names(module: nn.Module) -> None:
     """Every child, parameter and buffer name is an identifier or an index, at every level.
 
-    ``to_folder`` writes each one into ``module.py`` (``self.<name> = ...``) and
-    child names into file names; a name from a crafted file could otherwise
-    close a string, run code on import, or point a file outside the folder.
+    ``save_code`` writes each one into ``module.py`` (``self.<name> = ...``); a
+    name from a crafted file could otherwise close a string or run code on import.
     """
     for path, sub in module.named_modules(remove_duplicate=False):
         for kind, names in (("module", sub._modules), ("parameter", sub._parameters),
@@ -162,82 +160,58 @@ def _check_names(module: nn.Module) -> None:
                                   "a Python identifier or an index", where=path or "the model")
 
 
-def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel") -> Path:
-    """Write the GraphModule as readable Python source plus weights (``GraphModule.to_folder``).
+def prepare_code(module: fx.GraphModule, *, name: str = "RewrittenModel",
+                 trust_pickle: bool = False):
+    """The ``--save-code`` package of ``module``, checked and made, not yet written.
 
-    ``from folder import RewrittenModel`` (with the folder's parent on the path)
-    rebuilds the model; ``module.py`` shows every inserted shortcut. The folder
-    may be new or one ressurgeon wrote before: only the files its marker lists
-    are replaced, a user's own files there are left alone.
+    Everything that can refuse the model happens here (``save_code`` is
+    ``prepare_code(...).write(folder)``), so a caller can check before it writes
+    anything else. Args and Raises: as ``save_code``, less the folder.
 
-    Raises:
-        ExportError: not a GraphModule; the folder is a file, a symbolic link, the
-            current folder, or a folder ressurgeon did not write.
+    Example:
+        >>> package = prepare_code(result.module)   # doctest: +SKIP
+        >>> package.write("rewritten_code")         # doctest: +SKIP
     """
-    folder = Path(folder)
+    from .source import build_package
+
     if not isinstance(module, fx.GraphModule):
         raise ExportError("--save-code needs a GraphModule (the result of add_skips)")
     check_identifier("the --save-code class name", name)
     _check_names(module)
-    with owned_folder(folder) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "saved as pickled files instead"
-        module.to_folder(tmp, name)
-        # to_folder writes absolute paths to its weight files; make them relative
-        # to module.py so the folder survives the move (and any later one).
-        code = tmp / "module.py"
-        text = code.read_text().replace(f"r'{tmp}/", "_HERE + r'/")
-        code.write_text(_SAFE_LOADER + _safe_loads(text, tmp))
-    return folder
+    return build_package(module, name=name, trust_pickle=trust_pickle)
 
 
-# The head of every module.py --save-code writes: weights load with torch's
-# weights_only unpickler, from this folder, admitting only the classes listed.
-_SAFE_LOADER = '''import importlib
-import os
+def save_code(module: fx.GraphModule, folder: str | Path, *, name: str = "RewrittenModel",
+              trust_pickle: bool = False) -> Path:
+    """Write the GraphModule as a Python package: readable source plus safetensors weights.
 
-import torch
+    ``from folder import RewrittenModel`` (with the folder's parent on the path)
+    rebuilds the model: ``module.py`` builds every submodule by a constructor
+    call (torch.nn classes and ressurgeon's shortcut modules), its ``forward``
+    is the graph's code and shows every inserted shortcut, and the weights load
+    from ``model.safetensors`` in the folder itself (``ressurgeon/source.py``).
+    The folder may be new or one ressurgeon wrote before: only the files its
+    marker lists are replaced, a user's own files there are left alone.
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+    Args:
+        module: the rewritten model (``add_skips(...).module``).
+        folder: the package folder to write.
+        name: the class ``module.py`` defines.
+        trust_pickle: store a submodule of another class (a user's own leaf) as a
+            pickle that ``module.py`` loads with ``weights_only=False``; without
+            it such a model is refused.
 
+    Returns:
+        The folder written.
 
-def _load(name, classes=()):
-    """A file of this folder, read with weights_only=True: it admits only `classes`."""
-    allowed = [getattr(importlib.import_module(m), c) for m, c in classes]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(os.path.join(_HERE, name), map_location="cpu", weights_only=True)
+    Raises:
+        UnsafeFileError: a child, parameter, buffer, node or attribute name that is
+            not a Python identifier (or an index).
+        ExportError: not a GraphModule; a submodule no constructor call rebuilds (the
+            fix: ``trust_pickle``); the folder is a file, a symbolic link, the current
+            folder, or a folder ressurgeon did not write.
 
-'''
-
-_PICKLED_CHILD = re.compile(r"torch\.load\(_HERE \+ r'/([A-Za-z0-9_.]+)', weights_only=False\)")
-_STATE_DICT = "torch.load(_HERE + r'/state_dict.pt')"
-
-
-def _safe_loads(text: str, folder: Path) -> str:
-    """``to_folder``'s loads rewritten to weights_only=True, with the classes each file needs.
-
-    A pickled child may name torch.nn classes and ressurgeon's own modules (the
-    shortcuts); any other class would need full unpickling to load, so the
-    code is not written (ExportError): save the model as .pt2 instead.
+    Example:
+        >>> save_code(result.module, "rewritten_code")   # doctest: +SKIP
     """
-    def child(match: re.Match) -> str:
-        name = match[1]
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(folder / name))
-        except Exception as exc:
-            raise ExportError(f"--save-code could not read back {name} ({brief(exc)})") from exc
-        classes = []
-        for full in sorted(names):
-            module_name, _, attr = full.rpartition(".")
-            if not (is_class_name(full) and module_name
-                    and module_name.startswith(("torch.nn.", "ressurgeon."))):
-                raise ExportError(f"--save-code writes models of torch.nn and ressurgeon modules; "
-                                  f"{name[:-3]} uses {full[:80]}, which only full unpickling "
-                                  "could load: write the model as .pt2 (-o) instead")
-            classes.append((module_name, attr))
-        return f"_load({name!r}, {classes!r})"
-
-    text = _PICKLED_CHILD.sub(child, text).replace(_STATE_DICT, "_load('state_dict.pt')")
-    if "torch.load(" in text:  # a load this rewrite does not know: never leave it unsafe
-        raise ExportError("--save-code met a torch.load it cannot make safe in the generated "
-                          "module.py; write the model as .pt2 (-o) instead")
-    return text
+    return prepare_code(module, name=name, trust_pickle=trust_pickle).write(folder)

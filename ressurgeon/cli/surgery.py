@@ -51,8 +51,10 @@ def add_skips_cmd(
     static_batch: StaticBatchOpt = False,
     no_check: NoCheckOpt = False,
     save_code: Annotated[Optional[Path], typer.Option(
-        "--save-code", help="Also write the rewritten model as readable Python source plus "
-        "weights into this folder.", show_default=False)] = None,
+        "--save-code", help="Also write the rewritten model as a Python package in this "
+        "folder: module.py (constructor calls and the graph's forward) and model.safetensors. "
+        "A submodule of a class other than torch.nn's or ressurgeon's needs --trust-pickle "
+        "(it is then stored as a pickle).", show_default=False)] = None,
     arch: ArchOpt = None,
     key: KeyOpt = None,
     trust_pickle: TrustOpt = False,
@@ -117,7 +119,7 @@ def add_skips_cmd(
                                trace=trace)
         written = _write_outputs(result, inputs, out, target=target, plan_out=plan_out,
                                  onnx=onnx, save_code=save_code, plot=plot,
-                                 dynamic=trace.dynamic,
+                                 trust_pickle=trust_pickle, dynamic=trace.dynamic,
                                  onnx_options=dict(opset=opset, fp16=fp16,
                                                    static_batch=static_batch,
                                                    check=not no_check))
@@ -130,10 +132,13 @@ def add_skips_cmd(
 
 
 def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_code, plot,
-                   onnx_options: dict, dynamic=()) -> dict:
+                   onnx_options: dict, dynamic=(), trust_pickle: bool = False) -> dict:
     """Write what the flags ask for (nothing when no shortcut was inserted)."""
-    from .. import save_code as write_code
+    from .. import prepare_code
 
+    # the package is made (and may be refused) before any output is written
+    package = (prepare_code(_rewritten(result), trust_pickle=trust_pickle)
+               if save_code is not None else None)
     written = write_results(result.module, result.plan, inputs, out, target=target,
                             plan_out=plan_out, onnx=onnx, onnx_options=onnx_options,
                             dynamic=dynamic)
@@ -144,7 +149,7 @@ def _write_outputs(result, inputs, out: Output, *, target, plan_out, onnx, save_
         plot_surgery(analyze_graph(_rewritten(result)).units, result.skips, plot)
         out.note(f"wrote diagram {plot}")
     if save_code is not None:
-        write_code(_rewritten(result), save_code)
+        package.write(save_code)
         out.note(f"wrote source to {save_code}/")
     return written
 

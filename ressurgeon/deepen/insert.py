@@ -60,6 +60,10 @@ class ResidualLayer(nn.Module):
         super().__init__()
         self.layer, self.norm, self.act, self.out = layer, norm, act, out
 
+    def constructor_args(self) -> tuple[tuple, dict]:
+        """What ``save_code`` passes to the constructor to rebuild this module."""
+        return (self.layer, self.out, self.act), {"norm": self.norm}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.layer(x)
         if self.norm is not None:

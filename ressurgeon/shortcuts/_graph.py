@@ -126,3 +126,7 @@ class Fit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channel_axis={self.channel_axis}, spatial_dims={self.spatial_dims}"
+
+    def constructor_args(self) -> tuple[tuple, dict]:
+        """What ``save_code`` passes to the constructor to rebuild this module."""
+        return (self.channel_axis, self.spatial_dims), {}

@@ -106,6 +106,9 @@ class Shortcut(JoinModule):
     def extra_repr(self) -> str:
         return f"init={self.init.value!r}"
 
+    def constructor_args(self) -> tuple[tuple, dict]:
+        return (self.init.value, self.proj), {}
+
     @classmethod
     def from_inlined(cls, gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> "ShortcutSite | None":
         """Recognise ``add(A, mul(gate, B))`` or ``add(A, B)`` that torch.export inlined from one.

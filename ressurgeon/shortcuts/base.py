@@ -19,6 +19,8 @@ fold                   ``terms()`` (a sum of scaled terms) or ``reduces_to()``, 
 after torch.export     ``from_inlined`` (recognise the plain ops it became)
 gates                  ``openness`` (how far the shortcut is open), ``formula``
 training               ``parameter_roles`` and ``gate_lr_scale``
+save_code              ``constructor_args()``: the (args, kwargs) that rebuild the
+                       module (child modules included), which ``module.py`` spells
 =====================  ==========================================================
 
 The defaults are those of a two-ended join ``J(h, S(x))`` that replaces the

@@ -81,6 +81,11 @@ class ConcatJoin(JoinModule):
         init = self.init.value if self.init else "unknown"
         return f"init={init!r}, channel_axis={self.channel_axis}, stride={self.stride}"
 
+    def constructor_args(self) -> tuple[tuple, dict]:
+        dims = next((d for d, pool in _POOLS.items() if type(self.pool) is pool), 0)
+        return ((self.init.value if self.init else None, self.channel_axis),
+                {"stride": self.stride, "spatial_dims": dims})
+
     @staticmethod
     def widen(consumer: nn.Module, extra: int, init: Init) -> nn.Module:
         """A copy of ``consumer`` that also reads ``extra`` appended input channels.

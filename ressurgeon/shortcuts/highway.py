@@ -103,6 +103,9 @@ class HighwayShortcut(JoinModule):
     def extra_repr(self) -> str:
         return f"init={self.init.value!r}, channel_axis={self.channel_axis}"
 
+    def constructor_args(self) -> tuple[tuple, dict]:
+        return (self.init.value, self.proj, self.transform, self.channel_axis), {}
+
     @classmethod
     def build(cls, init: Init, planned, src_info, dst_info) -> "HighwayShortcut":
         """A highway from x to h (a strided 1x1 conv when needed) for one planned skip."""
