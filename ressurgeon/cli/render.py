@@ -188,10 +188,32 @@ def fold_table(result, *, wide: bool = False) -> tuple[Table, list[str]]:
     return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
 
 
+def fold_rewired_table(result) -> tuple[Table, list[str]]:
+    """One row per block ``rewire`` wrapped: removed (back to the plain residual) or kept; why a
+    block stayed goes into numbered notes."""
+    table = _table("Rewired blocks folded", "removed: its new parameters were still at their "
+                   "initial values, so the plain residual computes the same")
+    for col in ("block", "kind", "new params", "outcome"):
+        table.add_column(col, no_wrap=True, justify="right" if col == "new params" else "left")
+    notes: list[str] = []
+    for r in result.rewired:
+        outcome = r.outcome.value
+        if r.reason:
+            if r.reason not in notes:
+                notes.append(r.reason)
+            outcome += f" [{notes.index(r.reason) + 1}]"
+        table.add_row(r.name, r.kind, f"{r.params:,}", outcome)
+    return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
+
+
 def fold_summary(result) -> str:
     diff = "not checked" if result.max_abs_diff is None else f"within {result.max_abs_diff:.3g}"
     zeros = (f"{len(result.branches_removed)} still-zero residual branch(es) removed; "
              if result.branches_removed else "")
+    if result.rewired:
+        removed = sum(r.outcome.value == "removed" for r in result.rewired)
+        zeros += (f"{removed} of {len(result.rewired)} rewired block(s) back to the plain "
+                  "residual; ")
     return (f"{result.ops_before} ops -> {result.ops_after}; {len(result.batchnorms_folded)} "
             f"BatchNorm folded; {zeros}{result.fusion_eligible} Add(s) fusable into a conv; "
             f"outputs {diff} of the unfolded model (eval mode)")
