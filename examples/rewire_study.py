@@ -15,12 +15,12 @@ linear warm-up). Several seeds, each variant of a seed seeing the same batches:
     python examples/rewire_study.py            # the full study (FULL): about 15 min, 1 thread
     python examples/rewire_study.py --quick    # smoke test, about a minute
 
-The full run uses deepen_study's model and corpus, narrower and with fewer steps (``FULL``: width 64, 500
-steps from scratch, 300 more for the retrofit, 3 seeds) so that it fits in 20 minutes on one thread of a shared
-2-core machine. Writes rewire_study.md (tables), rewire_study.json (every curve) and
-rewire_study.png (validation loss vs step and vs wall time, scratch and retrofit) into --out
-(default examples/results/; with --quick examples/results/quick/), each atomically. Needs
-transformers and matplotlib.
+The full run uses deepen_study's model and corpus, narrower and with fewer steps (``FULL``:
+width 64, 400 steps from scratch, 250 more for the retrofit, 3 seeds), so that it fits in 20
+minutes on one thread of a shared 2-core machine. Writes rewire_study.md (tables),
+rewire_study.json (every curve) and rewire_study.png (validation loss vs step and vs wall
+time, scratch and retrofit) into --out (default examples/results/; with --quick
+examples/results/quick/), each atomically. Needs transformers and matplotlib.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ COLOURS = {"plain": "tab:gray", "dwa": "tab:blue", "hyper": "tab:orange"}
 
 # deepen_study's model and corpus, narrower (width 64, not 96) and with fewer steps than its
 # 600 + 400, so that the full run fits in 20 minutes on one thread of the shared 2-core machine:
-# measured there under load at 0.09-0.12 s a step (plain to hyper), the 3 seeds x 3 variants x
-# (500 + 300) steps and their evaluations take about 15 minutes
-FULL = replace(Settings(), width=64, base_steps=500, more_steps=300)
+# a first full run at 500 + 300 steps took 5.5 to 10 minutes a seed there under load (over 20 in
+# all), so 400 + 250, about 4.5 minutes a seed on a moderately loaded machine
+FULL = replace(Settings(), width=64, base_steps=400, more_steps=250)
 QUICK = replace(Settings(), seeds=(0, 1), width=32, layers=2, context=32, lm_batch=4,
                 base_steps=6, more_steps=4, eval_every=3, eval_windows=16, warmup=2)
 

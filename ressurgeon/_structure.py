@@ -50,7 +50,7 @@ STAGES: tuple[Stage, ...] = (
           ("skips", "skips.surgery"), "`skips/surgery.py`"),
     Stage("deploy", "save, ONNX, fold",
           ("save", "export", "onnx_export", "fold", "fold.joins", "fold.layers", "fold.merge",
-           "fold.rescale", "fold.zeros"),
+           "fold.rescale", "fold.zeros", "fold.rewired"),
           "`save.py`, `onnx_export.py`, `fold/`"),
     Stage("deepen", "grow a network with new residual blocks that start as the identity",
           ("deepen", "deepen.stream", "deepen.positions", "deepen.plan", "deepen.insert",

@@ -28,12 +28,7 @@ CONFIGS = {
 NEW = ("weights", "hcs.")   # how the wrappers' new parameters are named
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(batch=2, length=9, seed=1):

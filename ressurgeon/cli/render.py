@@ -177,15 +177,20 @@ def fold_table(result, *, wide: bool = False) -> tuple[Table, list[str]]:
     table.add_column("fusion", no_wrap=True)
     notes: list[str] = []
     for s in result.skips:
-        outcome = s.outcome.value
-        if s.reason:
-            if s.reason not in notes:
-                notes.append(s.reason)
-            outcome += f" [{notes.index(s.reason) + 1}]"
         row = [s.name, _kind(s.kind)] + ([s.init] if len(inits) > 1 else [])
-        row += ["-" if s.gate is None else f"{s.gate:.4g}", outcome, s.fusion or "-"]
+        row += ["-" if s.gate is None else f"{s.gate:.4g}", _noted(s.outcome.value, s.reason,
+                                                                  notes), s.fusion or "-"]
         table.add_row(*row)
     return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
+
+
+def _noted(outcome: str, reason: str | None, notes: list[str]) -> str:
+    """``outcome`` with the number of its reason among ``notes`` (added when new)."""
+    if not reason:
+        return outcome
+    if reason not in notes:
+        notes.append(reason)
+    return f"{outcome} [{notes.index(reason) + 1}]"
 
 
 def fold_rewired_table(result) -> tuple[Table, list[str]]:
@@ -197,12 +202,7 @@ def fold_rewired_table(result) -> tuple[Table, list[str]]:
         table.add_column(col, no_wrap=True, justify="right" if col == "new params" else "left")
     notes: list[str] = []
     for r in result.rewired:
-        outcome = r.outcome.value
-        if r.reason:
-            if r.reason not in notes:
-                notes.append(r.reason)
-            outcome += f" [{notes.index(r.reason) + 1}]"
-        table.add_row(r.name, r.kind, f"{r.params:,}", outcome)
+        table.add_row(r.name, r.kind, f"{r.params:,}", _noted(r.outcome.value, r.reason, notes))
     return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
 
 
