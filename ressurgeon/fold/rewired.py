@@ -63,8 +63,15 @@ class RewireSite:
     index: int
     own: list[fx.Node]
     params: dict[str, torch.Tensor]            # the new parameters, by name in the wrapper
-    inner_prefix: str = ""
-    _order: dict = field(default_factory=dict, repr=False)
+    order: dict[fx.Node, int] = field(default_factory=dict, repr=False)   # the graph's order
+
+    def __post_init__(self) -> None:
+        self._own_set = set(self.own)
+
+    @property
+    def inner_prefix(self) -> str:
+        """The path of the original block inside the wrapper."""
+        return f"{self.path}.block"
 
     def is_own(self, node: fx.Node) -> bool:
         return node in self._own_set
@@ -74,10 +81,6 @@ class RewireSite:
         return any(isinstance(p, str) and (p == self.inner_prefix
                                            or p.startswith(self.inner_prefix + "."))
                    for p, _ in stack.values())
-
-    def __post_init__(self) -> None:
-        self._own_set = set(self.own)
-        self.inner_prefix = f"{self.path}.block"
 
     def into_inner(self) -> list[fx.Node]:
         """The wrapper's tensors that the block's ops read, in graph order."""
@@ -106,7 +109,7 @@ class RewireSite:
         return [u for u in node.users if not self.is_own(u)]
 
     def _sorted(self, nodes: set[fx.Node]) -> list[fx.Node]:
-        return sorted(nodes, key=self._order.__getitem__)
+        return sorted(nodes, key=self.order.__getitem__)
 
     def erase(self, gm: fx.GraphModule) -> None:
         """Erase the wrapper's own ops (none may be read from outside any more)."""
@@ -185,7 +188,7 @@ def find_rewired(gm: fx.GraphModule) -> list[RewireSite]:
         sites.append(RewireSite(path=path, kind=kind_of[path],
                                 index=int(index) if index.isdigit() else -1,
                                 own=sorted(own, key=order.__getitem__), params=params,
-                                _order=order))
+                                order=order))
     return sorted(sites, key=lambda s: first[s.path])
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.utils.checkpoint import checkpoint
 
+from .._fx import info
 from ..config import RewireConfig
 from ..fold.rewired import FoldedRewire, RewireSite
 from .base import RewiredBlock, Rewiring, StreamState, folded, kept, plain_meta
@@ -262,9 +263,7 @@ def _ndim(node: fx.Node) -> int:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return val.dim()
-    from .._fx import info   # shape propagation's record, when fold was given inputs
-
-    shape = info(node).shape
+    shape = info(node).shape   # shape propagation's record, when fold was given inputs
     if shape is None:
         raise ValueError(f"fold cannot tell the rank of {node.format_node()}")
     return len(shape)
