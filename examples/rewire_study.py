@@ -12,11 +12,15 @@ linear warm-up). Several seeds, each variant of a seed seeing the same batches:
 (b) retrofit: a plain model trained first, then trained further for the same steps as it
     is, or rewired (``dwa``, ``hyper``) first.
 
-    python -m examples.rewire_study            # the full study; long on a shared CPU
-    python -m examples.rewire_study --quick    # smoke test, about a minute
+    python examples/rewire_study.py            # the full study (FULL): about 15 min, 1 thread
+    python examples/rewire_study.py --quick    # smoke test, about a minute
 
-Writes rewire_study.md (tables) and rewire_study.json (every curve) into --out (default
-examples/results/; with --quick examples/results/quick/), each atomically. Needs transformers.
+The full run uses deepen_study's model and corpus, narrower and with fewer steps (``FULL``:
+width 64, 400 steps from scratch, 250 more for the retrofit, 3 seeds), so that it fits in 20
+minutes on one thread of a shared 2-core machine. Writes rewire_study.md (tables),
+rewire_study.json (every curve) and rewire_study.png (validation loss vs step and vs wall
+time, scratch and retrofit) into --out (default examples/results/; with --quick
+examples/results/quick/), each atomically. Needs transformers and matplotlib.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,14 +39,24 @@ import torch
 
 try:
     from .deepen_study import (RESULTS, Settings, _paired, _pm, lm_eval, lm_model,
-                               stdlib_corpus, windows, write_text)
+                               mean_std, stdlib_corpus, windows, write_text)
 except ImportError:  # run as a script: python examples/rewire_study.py
     from deepen_study import (RESULTS, Settings, _paired, _pm, lm_eval, lm_model,
-                              stdlib_corpus, windows, write_text)
+                              mean_std, stdlib_corpus, windows, write_text)
 from ressurgeon import RewireConfig, rewire
+from ressurgeon._io import atomic_path
 
 KINDS = {"plain": None, "dwa": RewireConfig(kind="dwa"),
          "hyper": RewireConfig(kind="hyper", n=4)}
+COLOURS = {"plain": "tab:gray", "dwa": "tab:blue", "hyper": "tab:orange"}
+
+# deepen_study's model and corpus, narrower (width 64, not 96) and with fewer steps than its
+# 600 + 400, so that the full run fits in 20 minutes on one thread of the shared 2-core machine:
+# a first full run at 500 + 300 steps took 5.5 to 10 minutes a seed there under load (over 20 in
+# all), so 400 + 250, about 4.5 minutes a seed on a moderately loaded machine
+FULL = replace(Settings(), width=64, base_steps=400, more_steps=250)
+QUICK = replace(Settings(), seeds=(0, 1), width=32, layers=2, context=32, lm_batch=4,
+                base_steps=6, more_steps=4, eval_every=3, eval_windows=16, warmup=2)
 
 
 @dataclass
@@ -141,27 +158,130 @@ def table(runs: list[Run], s: Settings) -> str:
     return "\n".join(lines)
 
 
+# a paired difference smaller than this (nats/byte) is not a gain worth a rewiring, whatever
+# its sign: the seeds' own spread at this size is of that order
+MATTERS = 0.005
+
+
+def verdict(diffs: list[float]) -> str:
+    m, sd = mean_std(diffs)
+    if all(d < 0 for d in diffs) and -m >= max(MATTERS, sd):
+        return "pays"
+    if all(d > 0 for d in diffs) and m >= max(MATTERS, sd):
+        return "is worse"
+    return "does not pay (no difference beyond the seeds' spread or 0.005)"
+
+
+def findings(runs: list[Run]) -> list[str]:
+    """One sentence per rewired variant and part: the paired difference against plain at equal
+    steps (and, from scratch, at the plain model's wall time), and whether it pays."""
+    lines = []
+    for part in ("scratch", "retrofit"):
+        plain = {r.seed: r for r in runs if r.part == part and r.variant == "plain"}
+        for kind in [k for k in KINDS if k != "plain"]:
+            mine = [r for r in runs if r.part == part and r.variant == kind]
+            diffs = [r.final_loss - plain[r.seed].final_loss for r in mine]
+            m, sd = mean_std(diffs)
+            line = (f"- {part}, {kind}: {m:+.4f} ± {sd:.4f} nats/byte against plain at equal "
+                    f"steps, lower in {sum(d < 0 for d in diffs)}/{len(diffs)} seeds: "
+                    f"{verdict(diffs)}")
+            if part == "scratch":
+                timed = [r.extra["at_plain_time"] - plain[r.seed].final_loss for r in mine]
+                tm, tsd = mean_std(timed)
+                slower = statistics.fmean(r.curve[-1][1] / plain[r.seed].curve[-1][1]
+                                          for r in mine)
+                line += (f"; at the plain model's wall time {tm:+.4f} ± {tsd:.4f}: "
+                         f"{verdict(timed)} (its {mine[0].curve[-1][0]} steps took "
+                         f"{slower:.2f}x the plain model's time)")
+            lines.append(line + ".")
+    return lines
+
+
+def plot(runs: list[Run], s: Settings, path: Path) -> Path:
+    """Validation loss (mean ± std over seeds) vs step and vs wall time, scratch and retrofit."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for row, part in zip(axes, ("scratch", "retrofit")):
+        for kind in KINDS:
+            sel = [r for r in runs if r.part == part and r.variant == kind]
+            if not sel:
+                continue
+            steps = [p[0] for p in sel[0].curve]
+            ys = [[p[2] for p in r.curve] for r in sel]
+            mean = [statistics.fmean(col) for col in zip(*ys)]
+            sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*ys)]
+            secs = [statistics.fmean(col) for col in zip(*[[p[1] for p in r.curve]
+                                                             for r in sel])]
+            for ax, xs in zip(row, (steps, secs)):
+                ax.plot(xs, mean, color=COLOURS[kind], label=kind, linewidth=1.6)
+                ax.fill_between(xs, [m - d for m, d in zip(mean, sd)],
+                                [m + d for m, d in zip(mean, sd)], color=COLOURS[kind],
+                                alpha=0.15)
+        what = ("from scratch" if part == "scratch" else
+                f"retrofit (after {s.base_steps} plain steps)")
+        for ax, xlabel in zip(row, ("training step", "training wall time (s, mean over seeds)")):
+            ax.set_title(f"{what}, vs {xlabel.split(' (')[0]}", fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation loss (nats/byte)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, frameon=False)
+            low = min(p[2] for r in runs if r.part == part for p in r.curve[1:]) \
+                if any(len(r.curve) > 1 for r in runs if r.part == part) else None
+            if low is not None and part == "scratch":   # the first point (8 nats) flattens it
+                ax.set_ylim(top=low + 1.5 * (statistics.fmean(
+                    r.curve[1][2] for r in runs if r.part == part) - low) + 1e-3)
+    fig.suptitle(f"rewire on a byte-level Llama ({s.layers} layers, width {s.width}): "
+                 f"mean ± std over {len(s.seeds)} seeds", fontsize=11)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings, one seed pair")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the results (default examples/results/, with --quick "
+                        "examples/results/quick/ so a smoke run never replaces the committed "
+                        "results)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    s = Settings()
-    if args.quick:
-        s = replace(s, seeds=(0, 1), width=32, layers=2, context=32, lm_batch=4,
-                    base_steps=6, more_steps=4, eval_every=3, eval_windows=16, warmup=2)
+    s = QUICK if args.quick else FULL
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
-    runs, info = study(s)
-    text = (f"# rewire study\n\nByte-level Llama ({s.layers} layers, width {s.width}) on "
-            f"{info['files']} standard-library files; seeds {list(s.seeds)}; from scratch "
-            f"{s.base_steps} steps, retrofit {s.more_steps} more steps after {s.base_steps}. "
-            "Validation loss in nats/byte, mean ± std over seeds; paired differences per seed."
-            f"\n\n{table(runs, s)}\n")
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    try:
+        runs, info = study(s)
+    finally:
+        torch.set_num_threads(before)
+    total = time.perf_counter() - start
+    command = "python examples/rewire_study.py" + (" --quick" if args.quick else "") + (
+        f" --threads {args.threads}" if args.threads != 1 else "")
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load "
+               f"average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end), torch "
+               f"{torch.__version__}, {args.threads} torch thread(s)")
+    text = (f"# rewire study\n\nCommand: `{command}` ({total / 60:.1f} min in all on {machine})."
+            f"\n\nByte-level Llama ({s.layers} layers, width {s.width}, context {s.context}, "
+            f"batch {s.lm_batch}) on {info['files']} standard-library files; seeds "
+            f"{list(s.seeds)}; from scratch {s.base_steps} steps at lr {s.base_lr:g}, retrofit "
+            f"{s.more_steps} more steps at lr {s.more_lr:g} after the plain model's "
+            f"{s.base_steps}. Validation loss in nats/byte on {s.eval_windows} fixed windows, "
+            "mean ± std over seeds; paired differences per seed (every variant of a seed sees "
+            "the same batches and starts from the same function). The wall-time column reads "
+            "each curve at the plain model's training time; those times were taken on a shared "
+            "2-core machine under load (other jobs running), so they are noisy and only the "
+            "order of magnitude of a time ratio means anything."
+            f"\n\n{table(runs, s)}\n\n" + "\n".join(findings(runs)) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "rewire_study.md", text)
     write_text(out / "rewire_study.json", json.dumps(
-        {"settings": asdict(s), "corpus": info, "runs": [asdict(r) for r in runs]}, indent=1))
+        {"settings": asdict(s), "command": command, "machine": machine, "seconds": total,
+         "corpus": info, "runs": [asdict(r) for r in runs]}, indent=1))
+    plot(runs, s, out / "rewire_study.png")
     print(text)
     return runs
 

@@ -43,6 +43,7 @@ _EXPORTS = {
     "Reason": "skips.select", "Layer": "analysis.layers", "Residual": "analysis.blocks",
     "SurgeryPlan": "skips.plan", "PlannedSkip": "skips.plan", "ParityReport": "verify",
     "GradientReport": "verify", "FoldResult": "fold", "FoldedSkip": "fold",
+    "FoldedRewire": "fold",
     "OnnxReport": "onnx_export", "FusionReport": "onnx_export",
     "GradientFlowReport": "diagnose", "LayerFlow": "diagnose", "FlowStats": "diagnose",
     "GateReport": "gates", "Gate": "gates", "Shortcut": "shortcuts",

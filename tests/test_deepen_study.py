@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("transformers")
@@ -12,12 +11,7 @@ pytest.importorskip("matplotlib")
 from examples import deepen_study as ds  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow   # the study's --quick mode: about a minute

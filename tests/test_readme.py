@@ -190,7 +190,9 @@ STUDY_SECTIONS = [
     ("## Does it help? Deep plain networks on digits", "### Which join", "train_digits"),
     ("### Which join should I pick?", "### Surgery on a trained network", "joins_study"),
     ("### Surgery on a trained network", "## Does it put shortcuts", "retrofit_study"),
-    ("**Does it help?** `python examples/deepen_study.py`", "## Hugging Face", "deepen_study"),
+    ("**Does it help?** `python examples/deepen_study.py`", "## Rewiring the residual stream",
+     "deepen_study"),
+    ("**Does it pay?** `python examples/rewire_study.py`", "## Hugging Face", "rewire_study"),
     ("**Does it help?** `python examples/recurrent_study.py`", "### Zoo", "recurrent_study"),
 ]
 

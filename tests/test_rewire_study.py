@@ -3,19 +3,13 @@
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from examples import rewire_study as rs  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_mode_writes_the_table_and_every_curve(tmp_path, capsys):

@@ -17,13 +17,7 @@ def data():
     return td.load_data(seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls on a busy 2-core machine: extra threads only fight each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shortcuts_rescue_a_depth_20_mlp(data):

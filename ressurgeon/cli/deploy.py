@@ -94,7 +94,9 @@ def fold_cmd(
     """Fold MODEL for inference: zero-gate shortcuts removed, BatchNorm and gates folded into weights.
 
     MODEL is a .pt2 that add-skips wrote (its shortcuts are recognised in the
-    archive), a pickled GraphModule from add_skips (.pt, with --trust-pickle),
+    archive), a .pt2 of a model rewire rewired (blocks whose new parameters are
+    still at init go back to the plain residual; the others are kept, with the
+    reason), a pickled GraphModule from add_skips (.pt, with --trust-pickle),
     or any model (then only BatchNorm is folded). The result computes the same
     function in eval mode (checked on the example input; exit 3 if not) and
     is for inference only: BatchNorm statistics are frozen into the weights.
@@ -129,12 +131,14 @@ def fold_cmd(
                                               dynamic_batch=not static_batch)
 
         def show() -> None:
-            if result.skips:
-                table, notes = render.fold_table(result, wide=wide)
-                out.table(table)
-                for line in notes:
-                    out.line(line)
-            else:
+            for found, make in ((result.skips, lambda: render.fold_table(result, wide=wide)),
+                                (result.rewired, lambda: render.fold_rewired_table(result))):
+                if found:
+                    table, notes = make()
+                    out.table(table)
+                    for line in notes:
+                        out.line(line)
+            if not result.skips and not result.rewired:
                 out.note(f"no ressurgeon shortcuts found in {model}")
             out.note(render.fold_summary(result))
 

@@ -177,14 +177,32 @@ def fold_table(result, *, wide: bool = False) -> tuple[Table, list[str]]:
     table.add_column("fusion", no_wrap=True)
     notes: list[str] = []
     for s in result.skips:
-        outcome = s.outcome.value
-        if s.reason:
-            if s.reason not in notes:
-                notes.append(s.reason)
-            outcome += f" [{notes.index(s.reason) + 1}]"
         row = [s.name, _kind(s.kind)] + ([s.init] if len(inits) > 1 else [])
-        row += ["-" if s.gate is None else f"{s.gate:.4g}", outcome, s.fusion or "-"]
+        row += ["-" if s.gate is None else f"{s.gate:.4g}", _noted(s.outcome.value, s.reason,
+                                                                  notes), s.fusion or "-"]
         table.add_row(*row)
+    return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
+
+
+def _noted(outcome: str, reason: str | None, notes: list[str]) -> str:
+    """``outcome`` with the number of its reason among ``notes`` (added when new)."""
+    if not reason:
+        return outcome
+    if reason not in notes:
+        notes.append(reason)
+    return f"{outcome} [{notes.index(reason) + 1}]"
+
+
+def fold_rewired_table(result) -> tuple[Table, list[str]]:
+    """One row per block ``rewire`` wrapped: removed (back to the plain residual) or kept; why a
+    block stayed goes into numbered notes."""
+    table = _table("Rewired blocks folded", "removed: its new parameters were still at their "
+                   "initial values, so the plain residual computes the same")
+    for col in ("block", "kind", "new params", "outcome"):
+        table.add_column(col, no_wrap=True, justify="right" if col == "new params" else "left")
+    notes: list[str] = []
+    for r in result.rewired:
+        table.add_row(r.name, r.kind, f"{r.params:,}", _noted(r.outcome.value, r.reason, notes))
     return table, [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
 
 
@@ -192,6 +210,10 @@ def fold_summary(result) -> str:
     diff = "not checked" if result.max_abs_diff is None else f"within {result.max_abs_diff:.3g}"
     zeros = (f"{len(result.branches_removed)} still-zero residual branch(es) removed; "
              if result.branches_removed else "")
+    if result.rewired:
+        removed = sum(r.outcome.value == "removed" for r in result.rewired)
+        zeros += (f"{removed} of {len(result.rewired)} rewired block(s) back to the plain "
+                  "residual; ")
     return (f"{result.ops_before} ops -> {result.ops_after}; {len(result.batchnorms_folded)} "
             f"BatchNorm folded; {zeros}{result.fusion_eligible} Add(s) fusable into a conv; "
             f"outputs {diff} of the unfolded model (eval mode)")

@@ -6,6 +6,9 @@ this order:
 1. Shortcuts inlined by torch.export (a ``.pt2``) become ``Shortcut`` modules
    again and ``aten`` convolutions and linears become modules
    (``ressurgeon.exported``).
+   (``rewired.py``) Blocks ``rewire`` wrapped (DWA, hyper-connections) whose new parameters
+   are still at their initial values go back to the plain residual, as their rewiring (in
+   ``catalog.REWIRINGS``) says; the others stay, each with the reason.
 2. (``layers.py``) BatchNorm (eval statistics) is folded into the conv/linear
    before it; Dropout and Identity modules are dropped (eval behaviour).
    (``zeros.py``) An add whose operand is exactly zero (a block ``deepen`` inserted whose
@@ -42,7 +45,8 @@ from torch import fx, nn
 from .._fx import META, call_counts, editable_layer
 from .._torch import normalize_inputs, quiet_copy
 from ..config import TraceOptions
-from ..errors import ShapeError, VerificationError
+from ..errors import ConfigError, ShapeError, VerificationError
+from ..load.hf import is_pretrained
 from ..capture.exported import as_module, is_unlifted, lift_weighted_ops, plain_graph_module
 from ..registry import Trait, has_trait
 from ..capture.shapes import propagate_shapes
@@ -54,9 +58,10 @@ from .joins import (FoldedSkip, Join, Outcome, close_opaque, collect_joins, drop
 from .layers import drop_identities, fold_batchnorms
 from .merge import merge_linear
 from .rescale import absorb_gates
+from .rewired import FoldedRewire, RewireOutcome, fold_rewirings, is_rewired_module
 from .zeros import drop_zero_branches
 
-__all__ = ["fold", "FoldResult", "FoldedSkip", "Outcome"]
+__all__ = ["fold", "FoldResult", "FoldedSkip", "Outcome", "FoldedRewire", "RewireOutcome"]
 
 
 @dataclass
@@ -72,6 +77,7 @@ class FoldResult:
     tolerance: float | None = None
     eval_only: bool = True              # BatchNorm used its running statistics
     branches_removed: list[str] = field(default_factory=list)   # exactly-zero residual branches
+    rewired: list[FoldedRewire] = field(default_factory=list)   # rewire's blocks, removed or kept
 
     @property
     def fusion_eligible(self) -> int:
@@ -92,7 +98,8 @@ class FoldResult:
                 "batchnorms_folded": self.batchnorms_folded, "ops_before": self.ops_before,
                 "ops_after": self.ops_after, "fusion_eligible": self.fusion_eligible,
                 "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
-                "eval_only": self.eval_only, "branches_removed": self.branches_removed}
+                "eval_only": self.eval_only, "branches_removed": self.branches_removed,
+                "rewired": [r.to_dict() for r in self.rewired]}
 
 
 def fold(module: nn.Module, example_inputs: tuple | None = None, *,
@@ -113,9 +120,14 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
     Returns:
         FoldResult: ``.module`` (a new GraphModule in eval mode), one FoldedSkip
         per shortcut, the BatchNorms folded, the residual branches removed because their
-        last layer is exactly zero (``deepen``'s new blocks before training), op counts.
+        last layer is exactly zero (``deepen``'s new blocks before training), one
+        FoldedRewire per block ``rewire`` wrapped (``removed``: back to the plain residual,
+        its new parameters still at their initial values; ``kept``: with the reason), op
+        counts.
 
     Raises:
+        ConfigError: a transformers model that ``rewire`` rewired (fold would turn it into a
+            GraphModule and lose its class; ``unwrap`` gives the same class back).
         TraceError, ShapeError: ``module`` is not a GraphModule and cannot be traced.
         VerificationError: the folded model's outputs moved beyond
             ``verify.TOLERANCES["fold"]`` or became NaN/infinite (a ressurgeon bug).
@@ -132,6 +144,12 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
         gm = quiet_copy(module)
         if is_unlifted(gm):
             gm = plain_graph_module(gm)   # ep.module() refuses .eval()
+    elif is_pretrained(module) and is_rewired_module(module):
+        raise ConfigError(f"fold captures a model into a graph, and a rewired "
+                          f"{type(module).__name__} would lose its class (generate, the cache, "
+                          "save_pretrained): use ressurgeon.unwrap(model) (or "
+                          "result.unwrap()), which gives the same class with its original "
+                          "blocks back while the new parameters are at init")
     elif inputs is None:
         raise ShapeError(f"fold needs example inputs to trace a {type(module).__name__}; "
                          "pass example_inputs or the GraphModule from add_skips")
@@ -142,6 +160,7 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
         propagate_shapes(gm, inputs)
     lift_shortcuts(gm)
     ops_before = _count_ops(gm)
+    rewired = fold_rewirings(gm)
     lift_weighted_ops(gm)
     modules = dict(gm.named_modules())
     folded_bn = fold_batchnorms(gm, modules) if fold_batchnorm else []
@@ -161,7 +180,7 @@ def fold(module: nn.Module, example_inputs: tuple | None = None, *,
     gm.recompile()
     result = FoldResult(module=gm, skips=[j.record for j in joins], batchnorms_folded=folded_bn,
                         ops_before=ops_before, ops_after=_count_ops(gm),
-                        branches_removed=branches)
+                        branches_removed=branches, rewired=rewired)
     if inputs is not None:
         _verify(module, result, inputs)
     return result

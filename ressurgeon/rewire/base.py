@@ -14,9 +14,12 @@ a per-forward ``StreamState`` shared by the wrappers of one model:
 - the last wrapper clears the state again, so no activation outlives the forward.
 
 What a kind owns (``Rewiring``): which blocks it accepts (``check``, raising with the reason),
-the wrappers it builds (``wrap``), and how it folds back (``at_init``: a wrapper whose new
-parameters are still at their initial values computes exactly the plain residual, so
-``unwrap`` may put the original block back).
+the wrappers it builds (``wrap``, of its class ``wrapper``), and how it folds back:
+``is_initial`` (are a wrapper's new parameters still at their initial values, read from the
+module or from a captured graph's tensors alike; ``at_init`` asks it for a module, so
+``unwrap`` may put the original block back) and ``fold_graph`` (which of its blocks in a
+captured graph ``ressurgeon.fold`` may turn back into the plain residual, exactly, given the
+others, and the rewrite that does it; ``fold/rewired.py`` finds the blocks and asks).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from torch import fx
 
 from ..catalog import REWIRINGS, rewiring_entry
 from ..config import RewireConfig
+from ..fold.rewired import FoldedRewire, RewireOutcome, RewireSite
 from .blocks import BlockStack
 
 
@@ -104,9 +109,10 @@ def join_output(stream: torch.Tensor, rest: tuple | None):
 
 
 class Rewiring(ABC):
-    """One rewiring kind: what it accepts, what it builds, when it folds back."""
+    """One rewiring kind: what it accepts, what it builds, when and how it folds back."""
 
     name: str = ""
+    wrapper: type[RewiredBlock] = RewiredBlock   # the class of the wrappers ``wrap`` builds
 
     def check(self, stack: BlockStack, config: RewireConfig) -> None:
         """Raise ConfigError (with the reason) when this kind cannot rewire these blocks."""
@@ -117,12 +123,50 @@ class Rewiring(ABC):
         """One wrapper per block of ``stack``, in order, computing exactly what it did."""
 
     @abstractmethod
+    def is_initial(self, params: Mapping[str, torch.Tensor], index: int) -> bool:
+        """True when the new parameters of the wrapper of block ``index`` (by their names in
+        the wrapper: ``weights``, ``hcs.0.static_alpha``) still hold their initial values."""
+
     def at_init(self, wrapper: RewiredBlock) -> bool:
         """True when the wrapper's new parameters still hold their initial values."""
+        return self.is_initial(dict(wrapper.new_parameters()), wrapper.index)
+
+    @abstractmethod
+    def fold_graph(self, gm: fx.GraphModule, sites: list[RewireSite]) -> list[FoldedRewire]:
+        """Turn the blocks of ``sites`` (this kind's, in graph order) that are still at their
+        initial values, and that the plain residual computes exactly given the others, back
+        into the plain residual in ``gm``; one record per site, kept ones with the reason."""
 
     def describe(self, config: RewireConfig) -> str:
         """One line for reports: the kind and its settings."""
         return self.name
+
+
+def folded(site: RewireSite, gm: fx.GraphModule) -> FoldedRewire:
+    """Erase a site whose outputs now read the plain values; its block's ops forget the wrapper
+    (their module stacks drop its entry), so a saved graph no longer names it."""
+    site.erase(gm)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack and any(p == site.path for p, _ in stack.values()):
+            node.meta["nn_module_stack"] = {k: v for k, v in stack.items()
+                                            if v[0] != site.path}
+    return FoldedRewire(site.path, site.kind, RewireOutcome.REMOVED, None, site.param_count)
+
+
+def kept(site: RewireSite, reason: str) -> FoldedRewire:
+    return FoldedRewire(site.path, site.kind, RewireOutcome.KEPT, reason, site.param_count)
+
+
+def plain_meta(site: RewireSite, like: fx.Node) -> dict:
+    """Meta for a node fold adds to ``site``'s block: ``like``'s value and shapes, the module
+    stack of the block itself."""
+    meta = dict(like.meta)
+    stack = like.meta.get("nn_module_stack")
+    if stack:
+        meta["nn_module_stack"] = {k: v for k, v in stack.items()
+                                   if not str(v[0]).startswith(site.inner_prefix + ".")}
+    return meta
 
 
 class _Kinds(Mapping):

@@ -11,6 +11,10 @@ are exact in IEEE arithmetic for finite y, and adding exact zeros changes nothin
 dtype, for pre-norm and post-norm blocks alike: a block is a black box here. The paper's
 cheaper setting is k=4, p=5 ("4x5-DenseFormer").
 
+Fold: a block whose weights are still (0, ..., 0, 1) averages nothing in, whatever the other
+blocks hold, so in a captured graph its average's output is replaced by its own output Y_i and
+the average's ops go (the earlier outputs stay wherever a trained average reads them).
+
 The sum is accumulated term by term, so autograd keeps references to the Y_j that the model
 holds anyway, not a stacked copy per average. Only the Y_j some later average reads are kept
 in the state.
@@ -21,8 +25,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from collections.abc import Mapping
+
+from torch import fx
+
 from ..config import RewireConfig
-from .base import RewiredBlock, Rewiring, StreamState, join_output, split_output
+from ..fold.rewired import FoldedRewire, RewireSite
+from .base import (RewiredBlock, Rewiring, StreamState, folded, join_output, kept,
+                   split_output)
 from .blocks import BlockStack
 
 
@@ -85,6 +95,7 @@ class DWA(Rewiring):
     """The depth-weighted average: a black-box rewiring, exact at insertion for any block."""
 
     name = "dwa"
+    wrapper = DWABlock
 
     def wrap(self, stack: BlockStack, config: RewireConfig, state: StreamState
              ) -> list[RewiredBlock]:
@@ -95,13 +106,31 @@ class DWA(Rewiring):
                          keep_input=0 in read)
                 for k, block in enumerate(stack.blocks)]
 
-    def at_init(self, wrapper: RewiredBlock) -> bool:
-        w = wrapper.weights
+    def is_initial(self, params: Mapping[str, torch.Tensor], index: int) -> bool:
+        w = params.get("weights")
         if w is None:
             return True
         init = torch.zeros_like(w)
         init[-1] = 1.0
         return bool(torch.equal(w.detach(), init))
+
+    def fold_graph(self, gm: fx.GraphModule, sites: list[RewireSite]) -> list[FoldedRewire]:
+        records = []
+        for site in sites:
+            if not self.is_initial(site.params, site.index):
+                records.append(kept(site, "its weights moved from (0, ..., 0, 1): the average "
+                                    "mixes earlier outputs in"))
+                continue
+            outs, ys = site.to_outside(), site.from_inner()
+            if site.own and (len(outs) != 1 or len(ys) != 1):
+                records.append(kept(site, f"its average reads {len(ys)} value(s) of its block "
+                                    f"and gives {len(outs)}, not one each: not the graph a "
+                                    "DWA block exports to"))
+                continue
+            if site.own:   # the average of Y_i alone, weight 1: Y_i
+                outs[0].replace_all_uses_with(ys[0])
+            records.append(folded(site, gm))
+        return records
 
     def describe(self, config: RewireConfig) -> str:
         return f"dwa (dilation {config.dilation}, period {config.period})"

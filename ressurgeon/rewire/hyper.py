@@ -18,6 +18,13 @@ mean is not: ``(h+h+h)/3 != h`` for some h). This needs the block's sublayers, s
 runs them itself (``blocks.FORMS``) instead of the block's forward, and the model must be
 pre-norm; inputs must be finite (``0 * inf`` is NaN).
 
+Fold: while blocks 0..m-1 are all at init, the n streams stay n equal copies of the plain
+stream h, each sublayer reads h and each update is ``h + y``; in a captured graph fold rewires
+those blocks' sublayers to read h and adds ``h + y`` as the block did, and block m (the first
+whose hyper-connections moved) receives ``h`` expanded to n streams, as block 0 made them. A
+block at init after a moved one is kept: its streams differ, so its plain form would compute
+something else. mHC is never folded (its mixing is not exactly the identity).
+
 mHC (``mhc=True``, DeepSeek 2026): ``A_r`` is the Sinkhorn projection of ``exp(logits)`` onto
 the doubly stochastic matrices (20 iterations, logits 0 on the diagonal and -8 elsewhere), so
 it never equals I; with n equal streams any doubly stochastic mixing returns them up to
@@ -27,20 +34,26 @@ dynamic terms act on a_m and b only (``A_r`` stays static and doubly stochastic)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx
 from torch.utils.checkpoint import checkpoint
 
+from .._fx import info
 from ..config import RewireConfig
-from .base import RewiredBlock, Rewiring, StreamState
+from ..fold.rewired import FoldedRewire, RewireSite
+from .base import RewiredBlock, Rewiring, StreamState, folded, kept, plain_meta
 from .blocks import BlockStack, PreNormForm, bind_arguments, form_of
 
 DYNAMIC_SCALE = 0.01      # the paper's initial s_alpha, s_beta
 MHC_OFF_DIAGONAL = -8.0   # mHC's initial logits off the diagonal (0 on it)
 SINKHORN_STEPS = 20
+MHC_KEPT = ("mHC: its Sinkhorn mixing is never exactly the identity, so the plain residual "
+            "would differ from it by rounding")
 
 
 def sinkhorn(logits: torch.Tensor, steps: int = SINKHORN_STEPS) -> torch.Tensor:
@@ -75,15 +88,16 @@ class HyperConnection(nn.Module):
             self.alpha_scale = nn.Parameter(torch.full((), DYNAMIC_SCALE, **kw))
             self.beta_scale = nn.Parameter(torch.full((), DYNAMIC_SCALE, **kw))
 
-    def initial(self) -> dict[str, torch.Tensor]:
-        """Each parameter's initial value (what ``at_init`` compares with)."""
-        fresh = HyperConnection(self.n, self._width(), self.layer, dynamic=self.dynamic,
-                                mhc=self.mhc, dtype=self.static_beta.dtype,
-                                device=self.static_beta.device)
+    @classmethod
+    def initial(cls, params: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+        """The initial value of each parameter of the hyper-connection of sublayer ``layer``
+        whose parameters are ``params`` (n, width, dynamic and mhc read from them)."""
+        beta = params["static_beta"]
+        dynamic = "dynamic_alpha" in params
+        fresh = cls(beta.numel(), params["dynamic_alpha"].shape[0] if dynamic else 1, layer,
+                    dynamic=dynamic, mhc="residual_logits" in params, dtype=beta.dtype,
+                    device=beta.device)
         return dict(fresh.named_parameters())
-
-    def _width(self) -> int:
-        return self.dynamic_alpha.shape[0] if self.dynamic else 1
 
     def _alpha(self, dtype) -> torch.Tensor:
         if self.mhc:
@@ -148,7 +162,7 @@ class HyperBlock(RewiredBlock):
         self.n = config.n
         like = next(block.parameters())
         self.hcs = nn.ModuleList(
-            HyperConnection(config.n, width, 2 * index + k, dynamic=config.dynamic,
+            HyperConnection(config.n, width, layer_of(index, k), dynamic=config.dynamic,
                             mhc=config.mhc, dtype=like.dtype, device=like.device)
             for k in range(len(form.pairs)))
 
@@ -212,6 +226,21 @@ class HyperBlock(RewiredBlock):
         return streams
 
 
+def layer_of(index: int, k: int) -> int:
+    """The sublayer number of block ``index``'s k-th sublayer (which stream it reads at init)."""
+    return 2 * index + k
+
+
+def hc_params(params: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """A wrapper's new parameters grouped by hyper-connection: {k: {name: tensor}}."""
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in params.items():
+        head, k, rest = name.split(".", 2) if name.count(".") >= 2 else (name, "", "")
+        if head == "hcs" and k.isdigit():
+            groups.setdefault(int(k), {})[rest] = t
+    return dict(sorted(groups.items()))
+
+
 def readout(streams: torch.Tensor) -> torch.Tensor:
     """``h_1 + sum_i (h_i - h_1) / n``: the mean of the streams, exactly h for n equal ones."""
     n = streams.shape[0]
@@ -230,6 +259,16 @@ def _run_forward_hooks(module: nn.Module, args: tuple, output) -> None:
             hook(module, args, output)
 
 
+def _ndim(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    shape = info(node).shape   # shape propagation's record, when fold was given inputs
+    if shape is None:
+        raise ValueError(f"fold cannot tell the rank of {node.format_node()}")
+    return len(shape)
+
+
 def _width(block: nn.Module, form: PreNormForm) -> int:
     norm = getattr(block, form.pairs[0][0])
     weight = getattr(norm, "weight", None)
@@ -246,6 +285,7 @@ class Hyper(Rewiring):
     """Hyper-connections: pre-norm blocks only; exact at insertion unless mhc."""
 
     name = "hyper"
+    wrapper = HyperBlock
 
     def check(self, stack: BlockStack, config: RewireConfig) -> None:
         for block in stack.blocks:
@@ -260,12 +300,91 @@ class Hyper(Rewiring):
             out.append(HyperBlock(block, k, count, state, form, config, _width(block, form)))
         return out
 
-    def at_init(self, wrapper: RewiredBlock) -> bool:
-        for hc in wrapper.hcs:
-            init = hc.initial()
-            if not all(torch.equal(p.detach(), init[name]) for name, p in hc.named_parameters()):
+    def is_initial(self, params: Mapping[str, torch.Tensor], index: int) -> bool:
+        for k, group in hc_params(params).items():
+            init = HyperConnection.initial(group, layer_of(index, k))
+            if set(init) != set(group) or not all(torch.equal(group[name].detach(), value)
+                                                  for name, value in init.items()):
                 return False
         return True
+
+    def fold_graph(self, gm: fx.GraphModule, sites: list[RewireSite]) -> list[FoldedRewire]:
+        # decide: the leading blocks still at init whose graph is the expected one
+        plan, why = [], None
+        for i, site in enumerate(sites):
+            groups = hc_params(site.params)
+            if any("residual_logits" in g for g in groups.values()):
+                why = MHC_KEPT
+                break
+            if site.index != i:
+                why = f"{sites[0].path} is not the first rewired block of the graph"
+                break
+            if not self.is_initial(site.params, site.index):
+                why = "its hyper-connections moved from their initial values"
+                break
+            xs, ys = site.into_inner(), site.from_inner()
+            outs = site.to_outside()
+            last = i == len(sites) - 1
+            nxt = None if last else sites[i + 1]
+            if len(xs) != len(groups) or len(ys) != len(groups) or \
+                    (last and len(outs) != 1) or \
+                    (nxt is not None and not all(nxt.is_own(u) for o in outs
+                                                 for u in site.readers(o))):
+                why = ("its graph is not the one a hyper-connections block exports to (each "
+                       "sublayer's input and output, streams read by the next block only)")
+                break
+            plan.append((site, xs, ys, outs))
+        records = []
+        if plan:
+            first = sites[0].from_outside()
+            boundary = sites[len(plan)] if len(plan) < len(sites) else None
+            entering = boundary.from_outside() if boundary is not None else []
+            if len(first) != 1 or (boundary is not None and len(entering) != 1):
+                plan, why = [], ("the stream entering the first block, or the streams "
+                                 "entering the first kept block, is not one value")
+        if plan:
+            records = self._fold_prefix(gm, plan, first[0], boundary, entering)
+        for j, site in enumerate(sites[len(plan):]):
+            if any("residual_logits" in g for g in hc_params(site.params).values()):
+                reason = MHC_KEPT
+            elif not self.is_initial(site.params, site.index):
+                reason = "its hyper-connections moved from their initial values"
+            elif j == 0:
+                reason = why
+            else:
+                reason = (f"still at init, but {sites[len(plan)].path} before it is kept, so "
+                          "its n streams differ and the plain residual would compute something "
+                          "else")
+            records.append(kept(site, reason))
+        return records
+
+    def _fold_prefix(self, gm: fx.GraphModule, plan: list, h: fx.Node,
+                     boundary: RewireSite | None, entering: list[fx.Node]
+                     ) -> list[FoldedRewire]:
+        """Rewrite the blocks of ``plan`` into ``h + y`` per sublayer (the order the block
+        added in), then hand the stream on: n copies of it to ``boundary``, or itself to the
+        model's read-out's readers."""
+        for site, xs, ys, _ in plan:
+            for x, y in zip(xs, ys):
+                x.replace_all_uses_with(h, delete_user_cb=site.is_inner)
+                with gm.graph.inserting_after(y):
+                    total = gm.graph.call_function(torch.ops.aten.add.Tensor, (h, y))
+                total.meta = plain_meta(site, y)
+                h = total
+        if boundary is not None:
+            n = hc_params(boundary.params)[0]["static_beta"].numel()
+            ndim = _ndim(h)
+            with gm.graph.inserting_before(boundary.own[0]):
+                one = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (h, 0))
+                streams = gm.graph.call_function(torch.ops.aten.expand.default,
+                                                 (one, [n] + [-1] * ndim))
+            for node in (one, streams):
+                node.meta = {k: v for k, v in boundary.own[0].meta.items()
+                             if k == "nn_module_stack"}
+            entering[0].replace_all_uses_with(streams, delete_user_cb=boundary.is_own)
+        else:
+            plan[-1][3][0].replace_all_uses_with(h)
+        return [folded(site, gm) for site, *_ in reversed(plan)][::-1]
 
     def describe(self, config: RewireConfig) -> str:
         extra = ", dynamic" if config.dynamic else ""
