@@ -169,3 +169,37 @@ def test_a_train_branch_that_cannot_be_kept_is_named():
                           nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     result = add_skips(model, (torch.randn(4, 16),))
     assert result.mode_baked == ("2",)
+
+
+class SdpaAttention(nn.Module):
+    """Attention as GPT-2 writes it: a fused op whose dropout_p follows self.training."""
+
+    def __init__(self, width=16, p=0.1):
+        super().__init__()
+        self.qkv, self.o, self.p = nn.Linear(width, 3 * width), nn.Linear(width, width), p
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        y = nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0)
+        return self.o(y)
+
+
+def test_a_torch_export_capture_names_every_weighted_layer_that_read_the_mode():
+    """torch.export inlines a weighted layer's `if self.training`: the capture exports the
+    other mode too and names each layer whose graph differs (GPT-2's attention: 4 of 4)."""
+    class Branchy(nn.Module):  # fx cannot follow the size branch: torch.export captures it
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*(SdpaAttention() for _ in range(3)))
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = self.head(self.blocks(x))
+            return y * 2 if x.shape[0] > 64 else y
+
+    torch.manual_seed(0)
+    result = add_skips(Branchy().eval(), (torch.randn(2, 8, 16),))
+    assert result.method == "export"
+    assert result.mode_baked == ("blocks.0", "blocks.1", "blocks.2")
+    assert result.parity.max_abs_diff <= PARITY

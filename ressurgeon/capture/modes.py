@@ -131,12 +131,21 @@ def _owner(node: fx.Node) -> str:
 
 
 def _differing_modules(mine: list[fx.Node], theirs: list[fx.Node]) -> tuple[str, ...]:
-    """The innermost modules whose nodes differ, by the first place the sequences part."""
-    for a, b in zip(mine, theirs):
-        if a.op != b.op or a.target != b.target:
-            owners = [o for o in (_owner(a), _owner(b)) if o]
-            return (max(owners, key=len) if owners else "(the model)",)  # the innermost
-    return ("(the model)",)
+    """The modules whose own nodes differ between the two graphs (compared module by module:
+    once the sequences part, node names no longer match, so the ops and their constant
+    arguments are compared)."""
+    def by_owner(nodes: list[fx.Node]) -> dict[str, list]:
+        groups: dict[str, list] = {}
+        for node in nodes:
+            groups.setdefault(_owner(node), []).append(
+                (node.op, str(node.target), _constants(node.args), _constants(node.kwargs)))
+        return groups
+
+    a, b = by_owner(mine), by_owner(theirs)
+    owners = [o or "(the model)" for o in dict.fromkeys([*a, *b]) if a.get(o) != b.get(o)]
+    return tuple(owners) or ("(the model)",)
 
 
-__all__ = ["keeps_mode", "reads_mode", "flipped_mode", "modules_for_mode_calls", "DROPOUTS"]
+def _constants(value):
+    """Arguments with every node replaced by one marker: the constants are what is compared."""
+    return fx.node.map_aggregate(value, lambda v: "node" if isinstance(v, fx.Node) else v)

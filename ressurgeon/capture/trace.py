@@ -120,6 +120,7 @@ def trace_model(model: nn.Module, example_inputs: tuple,
         if rejected is not None:  # no capture method helps: say what is wrong with the inputs
             raise ShapeError(inputs_message(model, inputs, rejected)) from rejected
         gm, method = _trace_export(work, inputs, fx_error, options), "export"
+        export_baked = _export_mode_diff(work, inputs, fx_error, options, gm)
         remove_inplace(gm)
         propagate_shapes(gm, inputs, fake=options.fake)
     captured = capture_info(gm) if method in ("export", "graph", "fx") else CaptureInfo(method)
@@ -129,7 +130,8 @@ def trace_model(model: nn.Module, example_inputs: tuple,
                                 ranges=captured.ranges, mode_baked=captured.mode_baked)
     if method == "export":  # its BatchNorm/Dropout modules are new: they follow the model
         gm.train(model.training)
-        baked = tuple(name for name, m in model.named_modules() if name and keeps_mode(m))
+        baked = tuple(dict.fromkeys((*(name for name, m in model.named_modules()
+                                         if name and keeps_mode(m)), *export_baked)))
         gm.meta[META] = replace(gm.meta[META], mode_baked=baked)
     else:  # the copy's submodules keep their own modes (frozen BatchNorm stays frozen)
         gm.training = model.training
@@ -347,6 +349,27 @@ def _user_frame(exc: BaseException | None) -> str:
     f = frames[-1]
     code = f": {f.line.strip()}" if f.line else ""
     return f"{os.path.basename(f.filename)}:{f.lineno}{code}"
+
+
+def _export_mode_diff(model: nn.Module, inputs: tuple, fx_error: BaseException | None,
+                      options: TraceOptions, gm: fx.GraphModule) -> tuple[str, ...]:
+    """Modules whose exported graph differs between train and eval: export fixed their mode.
+
+    torch.export inlines every forward, so a layer with weights whose own code
+    reads ``self.training`` (GPT-2's attention passes ``dropout_p`` only in
+    train mode) keeps the capture's mode without a trace of it in the graph.
+    When some module reads the mode, the model is exported once more in the
+    other mode and the two graphs are compared (``modes.modules_for_mode_calls``:
+    functional dropouts become modules, anything else is named).
+    """
+    if not reads_mode(model):
+        return ()
+    with flipped_mode(model) as other_training:
+        try:
+            other = _trace_export(model, inputs, fx_error, options)
+        except Exception:  # the other mode does not export: all of it is fixed
+            return ("(the model)",)
+    return modules_for_mode_calls(gm, other, other_training)
 
 
 def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | None,
