@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -89,12 +90,21 @@ def _make_out_of_place(node: fx.Node, modules: dict[str, nn.Module],
         node.kwargs = {**node.kwargs, "inplace": False}
         return node.args[0]
     try:
+        i = _inplace_position(target)
+    except TypeError:  # an unhashable callable: asked directly
+        i = _inplace_position.__wrapped__(target)
+    if i is not None and i < len(node.args) and node.args[i] is True:
+        node.args = node.args[:i] + (False,) + node.args[i + 1:]
+        return node.args[0]
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _inplace_position(target) -> int | None:
+    """Where ``target`` takes ``inplace`` positionally (None: it does not). Asked once per
+    function: ``inspect.signature`` costs more than the rest of the pass per node."""
+    try:
         params = list(inspect.signature(target).parameters)
     except (TypeError, ValueError):
         return None
-    if "inplace" in params:
-        i = params.index("inplace")
-        if i < len(node.args) and node.args[i] is True:
-            node.args = node.args[:i] + (False,) + node.args[i + 1:]
-            return node.args[0]
-    return None
+    return params.index("inplace") if "inplace" in params else None
