@@ -13,6 +13,7 @@ the default test run (``tests/test_zoo.py`` runs the same list under
     /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /work/zoo-venv/bin/pip install -e . onnx onnxscript onnxruntime pytest timm
     /work/zoo-venv/bin/python benchmarks/zoo.py
+    /work/zoo-venv/bin/python benchmarks/zoo.py --tasks   # segmentation and detection
 
 The column "gates left after fold" sets every gate to a trained-like value
 (0.3-0.7, as fine-tuning leaves them; zero gates would simply be removed) and
@@ -75,11 +76,28 @@ TIMM = [
     ("mobilevit_xxs", (1, 3, 64, 64), {}),
 ]
 
+# Dense prediction (issue 24), a table of their own (``--tasks``): (name, input shape,
+# builder kwargs, the submodule to rewrite or None). Segmentation models trace whole and
+# upsample once, so they are a parity check for the mirror pattern, not a target; torch.fx
+# cannot trace a detection model whole, so its backbone is rewritten and spliced back.
+TASKS = [
+    ("segmentation.fcn_resnet50", (1, 3, 64, 64),
+     {"weights_backbone": None, "num_classes": 3}, None),
+    ("segmentation.deeplabv3_mobilenet_v3_large", (1, 3, 64, 64),
+     {"weights_backbone": None, "num_classes": 3}, None),
+    ("segmentation.lraspp_mobilenet_v3_large", (1, 3, 64, 64),
+     {"weights_backbone": None, "num_classes": 3}, None),
+    ("detection.fasterrcnn_mobilenet_v3_large_fpn", (1, 3, 128, 128),
+     {"weights_backbone": None, "num_classes": 3}, "backbone"),
+    ("detection.retinanet_resnet50_fpn", (1, 3, 128, 128),  # untrained scores sit near its
+     {"weights_backbone": None, "num_classes": 3, "score_thresh": 0.001}, "backbone"),  # prior 0.01
+]
+
 # Left out on purpose, each with the reason.
 EXCLUDED = {
-    "torchvision detection/segmentation/optical flow":
-        "outputs are lists of dicts (boxes, masks, flow iterations), not tensors to compare; "
-        "their backbones are the classification models above",
+    "torchvision optical flow (raft)":
+        "outputs a list of flow iterations from a recurrent update loop with a correlation "
+        "volume; not among the dense-prediction models above",
     "torchvision quantized models": "int8 kernels; shortcuts belong in the float model before quantizing",
     "vit_h_14, regnet_y_128gf, efficientnet_v2_l, vgg19_bn":
         "same structure as a smaller sibling listed above, several GB of float32 weights",
@@ -172,6 +190,81 @@ def run_one(library: str, name: str, shape: tuple, kwargs: dict, onnx: bool = Tr
     return row
 
 
+@dataclass
+class TaskRow:
+    """One segmentation or detection model: add_skips (span 2, preserve), mirror pairs."""
+
+    model: str
+    module: str = "-"          # the submodule rewritten and spliced back, or "-" for the whole
+    nodes: int = 0             # of the traced graph (the submodule's with ``module``)
+    layers: int = 0
+    residuals: int = 0
+    candidates: int = 0
+    skips: int = 0
+    mirror: str = "-"          # mirror pairs chosen of candidates, and why none qualifies
+    parity: float | None = None
+    outputs: str = "-"         # output tensors compared (detections: boxes compared)
+    kept_class: str = "-"      # whether the result is still the model's own class
+    seconds: float = 0.0
+    error: str = ""
+
+    def markdown(self) -> str:
+        parity = "-" if self.parity is None else f"{self.parity:.1e}" if self.parity else "0"
+        cells = [f"torchvision.{self.model}", self.module, self.nodes, self.layers,
+                 self.residuals, self.candidates, self.skips, self.mirror, parity,
+                 self.outputs, self.kept_class, f"{self.seconds:.1f}"]
+        line = "| " + " | ".join(str(c) for c in cells) + " |"
+        return line + (f" {self.error}" if self.error else "")
+
+
+TASK_HEADER = ("| model | module | nodes | layers | existing residuals | candidates | "
+               "skips inserted | mirror pairs | parity (max abs) | outputs compared | "
+               "own class | s |\n"
+               "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|---:|")
+
+
+def run_task(name: str, shape: tuple, kwargs: dict, module: str | None) -> TaskRow:
+    """add_skips (span 2, preserve) on a segmentation model, or on a detection model's backbone.
+
+    The whole result runs against the original (``parity``); segmentation models
+    also get ``find_spans(pattern="mirror")``, whose reasons say why no pair qualifies.
+    """
+    from ressurgeon import find_spans
+
+    row = TaskRow(name, module or "-")
+    start = time.perf_counter()
+    try:
+        model = build("torchvision", name, kwargs)
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+        result = add_skips(model, (x,), SkipConfig(span=2, module=module))
+        traced = result.module.get_submodule(module) if module else result.module
+        row.nodes = len(traced.graph.nodes) - len(result.skips)  # as traced
+        row.layers = len(analyze_graph(traced).layers)
+        row.residuals = len(result.residuals)
+        row.candidates = len(result.spans)
+        row.skips = len(result.skips)
+        row.parity = result.parity.max_abs_diff
+        if module:  # the whole model traced is a GraphModule; a spliced one keeps its class
+            row.kept_class = "yes" if type(result.module) is type(model) else "no"
+        with torch.no_grad():
+            out = model(x)
+        if isinstance(out, list):  # detection: one dict of boxes, scores, labels per image
+            row.outputs = f"{sum(len(d['boxes']) for d in out)} boxes"
+        else:
+            row.outputs = f"{result.parity.outputs} tensor(s)"
+        if module is None:
+            spans = find_spans(model, (x,), SkipConfig(pattern="mirror"))
+            reasons = Counter(str(s.reason) for s in spans if not s.chosen)
+            chosen = sum(s.chosen for s in spans)
+            row.mirror = f"{chosen} of {len(spans)}" + (
+                f" ({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})"
+                if reasons else "")
+    except Exception as exc:  # the table reports every failure and goes on
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
 def _why(reasons: list[str]) -> str:
     """The kept gates' reasons, shortened to the op that blocked each and counted."""
     short = Counter(r.split(" (")[0].replace("its scale would reach ", "")
@@ -198,9 +291,25 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export column")
+    parser.add_argument("--tasks", action="store_true",
+                        help="the segmentation and detection table (TASKS) instead")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # exporters log progress; the table is the output
     warnings.simplefilter("ignore")
+    if args.tasks:
+        try:
+            import torchvision
+        except ImportError:
+            sys.exit("torchvision is not importable; see the module docstring")
+        print(f"<!-- torch {torch.__version__}, torchvision {torchvision.__version__}; "
+              f"{platform.machine()}, {torch.get_num_threads()} threads -->")
+        print(TASK_HEADER)
+        for entry in TASKS:
+            if not args.only or entry[0].rpartition(".")[2] in args.only:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    row = run_task(*entry)
+                print(row.markdown(), flush=True)
+        return
     entries = [e for e in zoo() if not args.only or e[1] in args.only]
     if not entries:
         sys.exit("neither torchvision nor timm is importable; see the module docstring")

@@ -77,16 +77,36 @@ def test_detection_models_get_shortcuts_in_their_backbone(name):
     tv = pytest.importorskip("torchvision")
     import torch
 
-    from ressurgeon import SkipConfig, add_skips
+    from ressurgeon import DeepenConfig, SkipConfig, add_skips, deepen
     from ressurgeon.errors import TraceError
 
     build = getattr(tv.models.detection, name)
-    model = build(weights=None, weights_backbone=None, num_classes=3).eval()
+    # untrained RetinaNet scores sit near its prior (0.01), under the default 0.05 threshold:
+    # a lower one leaves boxes for the end-to-end comparison to compare
+    extra = {"score_thresh": 0.001} if name.startswith("retinanet") else {}
+    model = build(weights=None, weights_backbone=None, num_classes=3, **extra).eval()
     x = torch.rand(1, 3, 128, 128)
-    with pytest.raises(TraceError, match="--module"):
+    with torch.no_grad():
+        assert len(model(x)[0]["boxes"]) > 0
+    with pytest.raises(TraceError, match="--module NAME.*children: .*backbone"):
         add_skips(model, (x,), SkipConfig())
     result = add_skips(model, (x,), SkipConfig(module="backbone"))
     assert type(result.module) is type(model) and result.skips
-    assert result.parity.max_abs_diff == 0.0
+    assert result.parity.max_abs_diff == 0.0 and result.parity.outputs == 3  # boxes, scores, labels
     assert all(s.name.startswith("backbone.") for s in result.skips)
     assert set(model.state_dict()) <= set(result.module.state_dict())
+    # end to end in train mode too: the detection losses reach the new shortcuts
+    torch.manual_seed(0)
+    losses = result.module.train()([x[0]], [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]),
+                                             "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    params = dict(result.module.named_parameters())
+    for skip in result.skips:  # preserve: the zero gate gets the gradient, S(x) once it moves
+        grads = [p.grad for n, p in params.items() if n.startswith(skip.name + ".")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), skip.name
+    deeper = deepen(model, (x,), DeepenConfig(module="backbone", blocks=1, how="new"))
+    assert type(deeper.module) is type(model)
+    assert deeper.new_blocks and all(b.startswith("backbone.") for b in deeper.new_blocks)
+    with torch.no_grad():
+        before, after = model(x)[0], deeper.module(x)[0]
+    assert torch.equal(before["boxes"], after["boxes"])
