@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 from helpers import one_line_error, run_cli
 from models import Detector, detector
@@ -23,7 +24,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_the_whole_model_fails_with_an_error_naming_module():
-    with pytest.raises(TraceError, match=r"--module NAME .*its children: backbone, head"):
+    with pytest.raises(TraceError, match=r"--module backbone .*its children: backbone, head"):
         add_skips(detector(), (torch.randn(1, 3, 16, 16),), SkipConfig())
 
 
@@ -104,3 +105,15 @@ def test_cli_module_flag(tmp_path):
                     "--module", "backbone", "-n", "1", "--how", "new", "--dry-run", "--json")
     assert grown.exit_code == 0, grown.output
     assert json.loads(grown.stdout)["new_blocks"][0].startswith("backbone.")
+
+
+def test_the_suggested_module_is_the_body_or_the_heaviest_child():
+    from ressurgeon.capture.trace import _likely_body
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.trunk, self.head = nn.Linear(2, 2), nn.Linear(64, 64), nn.Linear(2, 2)
+
+    assert _likely_body(Net()) == "trunk"            # no usual name: the most parameters
+    assert _likely_body(detector()) == "backbone"

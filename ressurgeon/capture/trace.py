@@ -418,8 +418,9 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
     hint = f"(e.g. --leaf '{module}')" if module else "(leaf_modules / --leaf)"
     where = _user_frame(error)
     children = [name for name, _ in model.named_children()]
-    part = (f"; or rewrite only a submodule that traces with --module NAME (SkipConfig("
-            f"module=...)); its children: {', '.join(children[:8])}" if children else "")
+    pick = _likely_body(model)
+    part = (f"; or rewrite only a submodule that traces: --module {pick} (SkipConfig("
+            f"module={pick!r})); its children: {', '.join(children[:8])}" if children else "")
     raise TraceError(
         f"cannot capture {type(model).__name__}: torch.fx failed with "
         f"'{_describe_fx_failure(fx_error)}' and torch.export with '{brief(error)}'"
@@ -427,6 +428,19 @@ def _trace_export(model: nn.Module, inputs: tuple, fx_error: BaseException | Non
         f"Mark the offending submodule as a leaf {hint} or rewrite "
         f"the data-dependent Python branch with torch.where / torch.cond{part}"
     ) from error
+
+
+BODY_NAMES = ("backbone", "encoder", "features", "body", "model", "transformer")
+
+
+def _likely_body(model: nn.Module) -> str:
+    """The child to suggest for ``--module``: a usual name for a network's body (a
+    detector's ``backbone``), else the child holding the most parameters."""
+    children = dict(model.named_children())
+    for name in BODY_NAMES:
+        if name in children:
+            return name
+    return max(children, key=lambda n: sum(p.numel() for p in children[n].parameters()))
 
 
 def _unsupported_output(error: BaseException | None) -> str | None:
