@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import io
 import logging
 import warnings
@@ -123,15 +124,20 @@ def _alone(module: nn.Module) -> set[int]:
             if len({id(t) for t in ts}) == 1 and type(ts[0]) is torch.Tensor}
 
 
-_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
-              torch.layout, torch.memory_format)
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
+                        torch.layout, torch.memory_format})
+_DICTS = frozenset({dict, collections.OrderedDict})
+_SETS = frozenset({tuple, frozenset, set})
 
 
+@functools.lru_cache(maxsize=None)
 def _plain_copy(cls: type) -> bool:
+    """``copy.deepcopy`` copies this class by ``__getstate__``/``__setstate__`` (its own or
+    torch.nn's, e.g. Conv's), nothing else: no ``__deepcopy__``, reduce or new-args hook."""
     return (getattr(cls, "__deepcopy__", None) is None
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__
-            and cls.__setstate__ is nn.Module.__setstate__)
+            and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__")
+            and not getattr(cls, "__slots__", ()))
 
 
 def _plain_tensor(t: torch.Tensor) -> bool:
@@ -152,21 +158,27 @@ def _copy(value, memo: dict):
         new = value.detach().clone(memory_format=torch.preserve_format)
         memo[id(value)] = new
         return new
-    if isinstance(value, nn.Module) and _plain_copy(kind):
-        new = kind.__new__(kind)
+    if kind is nn.Parameter and not value.__dict__:   # Parameter.__deepcopy__, directly
+        new = nn.Parameter(value.data.clone(memory_format=torch.preserve_format),
+                           value.requires_grad)
         memo[id(value)] = new
-        state = value.__getstate__()
-        for key, item in state.items():
-            state[key] = _copy(item, memo)
-        new.__setstate__(state)
         return new
-    if kind in (dict, collections.OrderedDict) and all(type(k) is str for k in value):
+    if isinstance(value, nn.Module) and _plain_copy(kind):
+        state = value.__getstate__()
+        if type(state) is dict:
+            new = kind.__new__(kind)
+            memo[id(value)] = new
+            for key, item in state.items():
+                state[key] = _copy(item, memo)
+            new.__setstate__(state)
+            return new
+    if kind in _DICTS and all(type(k) is str for k in value):  # hooks, _modules, ...
         new = kind()
         memo[id(value)] = new
         for key, item in value.items():
             new[key] = _copy(item, memo)
         return new
-    if kind in (tuple, frozenset, set) and all(type(v) in _IMMUTABLE for v in value):
+    if kind in _SETS and all(type(v) in _IMMUTABLE for v in value):
         return value if kind is not set else set(value)
     return copy.deepcopy(value, memo)
 

@@ -115,3 +115,24 @@ def test_the_fast_copy_keeps_what_deepcopy_keeps():
     assert list(new.state_dict()) == list(reference.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(),
                                                   reference.state_dict().values()))
+
+
+def test_the_fast_copy_takes_classes_with_their_own_state_hooks():
+    """Conv's own __setstate__ goes through the fast path; a parametrized module (its own
+    __deepcopy__) goes to copy.deepcopy; both come out equal and independent."""
+    from torch.nn.utils import parametrizations
+
+    from ressurgeon._torch import quiet_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                          parametrizations.weight_norm(nn.Conv2d(4, 4, 1)))
+    new = quiet_copy(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(new(x), model(x))
+    assert new[0].padding_mode == "reflect" and new[0] is not model[0]
+    with torch.no_grad():
+        new[0].weight.add_(1.0)
+        new[1].parametrizations.weight.original0.mul_(2.0)
+    assert not torch.equal(new(x), model(x))
+    assert torch.equal(model(x), copy.deepcopy(model)(x))   # the original did not move
