@@ -11,6 +11,7 @@ import collections
 import contextlib
 import copy
 import functools
+import gc
 import io
 import logging
 import warnings
@@ -86,6 +87,23 @@ def eval_mode(module: nn.Module):
     finally:
         for m in training:
             m.training = True
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for the block (back on after, if it was on).
+
+    A pass builds tens of thousands of small objects (module copies, graph
+    nodes, metadata) and frees none of them while it runs; the collector would
+    walk them again and again (about a tenth of the pass on a 1,600-node model).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def quiet_copy(module: nn.Module) -> nn.Module:

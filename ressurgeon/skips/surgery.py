@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import fx
 
 from .._fx import capture_info
-from .._torch import normalize_inputs
+from .._torch import gc_paused, normalize_inputs
 from ..analysis.blocks import Residual
 from ..analysis.layers import GraphAnalysis, Layer, analyze_graph
 from ..config import Init, SkipConfig, TraceOptions
@@ -197,8 +197,9 @@ def add_skips(model: nn.Module, example_inputs: tuple, config: SkipConfig | None
     path = (plan.config if plan is not None else config or SkipConfig()).module
     if path is not None:
         return _add_skips_in(path, model, inputs, config, plan, verify, trace)
-    gm = trace_model(record, inputs, trace)
-    result = rewrite_traced(gm, inputs, config, plan=plan)
+    with gc_paused():
+        gm = trace_model(record, inputs, trace)
+        result = rewrite_traced(gm, inputs, config, plan=plan)
     if verify:
         outputs = _drop_nonfinite(result, inputs)
         # the original runs as it was captured: with the concrete args, and no KV cache
