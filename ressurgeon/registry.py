@@ -56,6 +56,7 @@ class Trait(Enum):
     LIFTABLE = "liftable"                        # functional conv/linear: can become a module
     STATES = "states"                            # gathers recurrent layers' final states: no merge
     STATE_INPUT = "state-input"                  # args after the first are a state (h0), no data path
+    REARRANGES = "rearranges"                    # its output holds its input's values, moved (view)
 
 
 @dataclass(frozen=True)
@@ -142,16 +143,19 @@ def _entries() -> dict[object, OpInfo]:
     put(_POSITIVE, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
         aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default)
-    put(_LINEAR, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-        torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-        torch.unsqueeze, torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-        operator.getitem, "view", "reshape", "flatten", "permute", "transpose",
-        "contiguous", "squeeze", "unsqueeze", "mean",
-        aten.view.default, aten.reshape.default, aten.flatten.using_ints,
+    # rearrangements: every value of the input, moved (max |y| = max |x|, shape propagation
+    # takes it from the input instead of another pass over the tensor)
+    put(_op(T.LINEAR_IN_INPUT, T.REARRANGES), nn.Flatten, nn.Unflatten, torch.flatten,
+        torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
+        "unsqueeze", aten.view.default, aten.reshape.default, aten.flatten.using_ints,
         aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default,
-        aten.clone.default, aten.mean.dim, aten.avg_pool2d.default,
+        aten.clone.default)
+    put(_LINEAR, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        torch.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        operator.getitem, "mean", aten.mean.dim, aten.avg_pool2d.default,
         aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default,
         aten._adaptive_avg_pool2d.default)
     put(_EVAL_NOOP, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,

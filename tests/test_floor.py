@@ -136,3 +136,39 @@ def test_the_fast_copy_takes_classes_with_their_own_state_hooks():
         new[1].parametrizations.weight.original0.mul_(2.0)
     assert not torch.equal(new(x), model(x))
     assert torch.equal(model(x), copy.deepcopy(model)(x))   # the original did not move
+
+
+def test_a_rearrangement_takes_its_inputs_statistics_without_a_pass(monkeypatch):
+    """view / permute / flatten / eval-mode dropout move values: max |y| is the input's, read
+    from its node instead of another aminmax over the tensor."""
+    from ressurgeon._fx import info
+    from ressurgeon.capture.shapes import propagate_shapes
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop = nn.Linear(6, 6), nn.Dropout(0.5)
+
+        def forward(self, x):
+            y = self.fc(x)
+            z = self.drop(y.permute(0, 2, 1).reshape(2, -1).flatten())
+            return torch.relu(z)
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(Net())
+    calls = [0]
+    aminmax = torch.aminmax
+
+    def counting(t, *a, **k):
+        calls[0] += 1
+        return aminmax(t, *a, **k)
+
+    monkeypatch.setattr(torch, "aminmax", counting)
+    x = torch.randn(2, 3, 6) * 100
+    propagate_shapes(gm, (x,))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fc = info(nodes["fc"]).absmax
+    assert fc == float(gm.fc(x).abs().max())
+    moved = [info(nodes[k]).absmax for k in ("permute", "reshape", "flatten", "drop")]
+    assert moved == [fc] * 4
+    assert calls[0] == 3   # the input, fc and relu: not the rearrangements, not the output

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from .._fx import META, NodeInfo, info, node_label, op_name
 from .._torch import eval_mode
 from ..errors import ShapeError, brief
+from ..registry import Trait, op_info
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -29,6 +30,7 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(gm)
         self.extra_traceback = False  # our ShapeError already names the node
         self.measure = measure        # max |value| needs real values (not under fake mode)
+        self.modules = dict(gm.named_modules())
 
     def run_node(self, n: fx.Node):
         try:
@@ -39,7 +41,8 @@ class _ShapeRecorder(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta[META] = NodeInfo(shape=tuple(int(d) for d in result.shape),
                                     dtype=result.dtype, device=result.device, skip=skip,
-                                    absmax=_absmax(result) if self.measure else None)
+                                    absmax=self._absmax(n, result) if self.measure
+                                    else None)
         else:
             # Values that hold no tensor (x.shape, x.size(0), an optional input left at
             # None) carry no activations: the dominator tree ignores them, so
@@ -48,6 +51,20 @@ class _ShapeRecorder(fx.Interpreter):
                                                    for v in pytree.tree_leaves(result)),
                                     skip=skip)
         return result
+
+
+    def _absmax(self, n: fx.Node, result: torch.Tensor) -> float | None:
+        """max |result|: the input's when the op only moves values (a view, a permute, an
+        eval-mode dropout; ``Trait.REARRANGES`` in the registry), else one pass over it."""
+        source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if source is not None:
+            op = op_info(n, self.modules)
+            moves = n.op == "output" or op is not None and (Trait.REARRANGES in op.traits or (
+                Trait.EVAL_NOOP in op.traits and Trait.MODE_DEPENDENT not in op.traits))
+            known = source.meta.get(META) if moves else None
+            if known is not None and known.absmax is not None and known.dtype == result.dtype:
+                return known.absmax
+        return _absmax(result)
 
 
 def _absmax(t: torch.Tensor) -> float | None:
