@@ -97,6 +97,9 @@ def test_cli_module_flag(tmp_path):
     report = json.loads(done.stdout)
     assert report["config"]["module"] == "backbone" and len(report["skips"]) == 2
     assert report["parity"]["max_abs_diff"] == 0.0
+    table = run_cli("add-skips", weights, "--arch", "models:detector", "-i", "1,3,16,16",
+                    "--module", "backbone", "--dry-run")
+    assert table.exit_code == 0 and "Shortcuts inserted in backbone" in table.output
     shown = run_cli("inspect", weights, "--arch", "models:detector", "-i", "1,3,16,16",
                     "--module", "backbone", "--json")
     assert shown.exit_code == 0, shown.output

@@ -57,9 +57,16 @@ def _batch_note(items) -> str:
 
 # -- add-skips ----------------------------------------------------------------------------------
 
-def skips_table(skips, *, wide: bool = False, title: str = "Shortcuts inserted") -> Table:
-    """One row per shortcut: ends, kind (with its stride), shapes, parameters; totals below."""
+def skips_table(skips, *, wide: bool = False, title: str = "Shortcuts inserted",
+                module: str | None = None) -> Table:
+    """One row per shortcut: ends, kind (with its stride), shapes, parameters; totals below.
+
+    ``module``: the submodule the shortcuts went into (``--module``); the ends are its
+    layers, and the title says so.
+    """
     inits = sorted({s.init for s in skips})
+    if module:
+        title = f"{title} in {module}"
     if inits:
         title = f"{title} (init {', '.join(inits)})"
     caption = None

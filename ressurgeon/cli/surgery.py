@@ -229,7 +229,7 @@ def nothing_inserted(result) -> str:
 def _render_surgery(result, out: Output, wide: bool) -> None:
     if not result.skips:
         return  # said on stderr by add_skips_command, --json or not
-    out.table(render.skips_table(result.skips, wide=wide))
+    out.table(render.skips_table(result.skips, wide=wide, module=result.plan.config.module))
     if result.mode_baked:
         shown = ", ".join(result.mode_baked[:4]) + (" ..." if len(result.mode_baked) > 4 else "")
         mode = "train" if result.module.training else "eval"
