@@ -35,7 +35,8 @@ STAGES: tuple[Stage, ...] = (
            "capture.shapes", "load.weights", "load.pt2", "load.torchscript", "load.hf", "load.record", "load",
            "capture.trace", "capture.submodule", "inputs"),
           "`load/` (one reader per format: `pt2`, `torchscript`, `weights`, `hf`, `safetensors`; "
-          "`checkpoint` (training checkpoints), `archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`), "
+          "`checkpoint` (training checkpoints), `archive` checks, `validate` (the allowlist before torch reads a `.pt2`), `guard`, "
+          "`record`: what every reader returns), "
           "`capture/` (`trace`, `exported`, `bounds`, `modes`, `shapes`, `inplace`, `submodule`), `inputs.py`"),
     Stage("analysis", "read-only graph analysis: dominators, layers, blocks; the patterns "
           "that propose pairs",
