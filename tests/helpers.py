@@ -29,3 +29,18 @@ def with_gates(result, values):
         for p, v in zip(gates, values, strict=True):
             p.fill_(v)
     return result
+
+
+def gates_after_rewrite(monkeypatch, value: float) -> None:
+    """A rewrite bug, simulated: every rewrite's gates start at ``value`` instead of their
+    init (the pass's own verification must then catch it)."""
+    import ressurgeon.skips.surgery as surgery
+
+    rewrite = surgery.rewrite_traced
+
+    def broken(*args, **kwargs):
+        result = rewrite(*args, **kwargs)
+        gates = [p for n, p in result.module.named_parameters() if n.endswith(".gate")]
+        return with_gates(result, [value] * len(gates))
+
+    monkeypatch.setattr(surgery, "rewrite_traced", broken)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line_error, run_cli as run
+from helpers import gates_after_rewrite, one_line_error, run_cli as run
 
 
 def test_add_skips_writes_a_pt2_that_matches_the_original(example_models, tmp_path):
@@ -312,19 +312,7 @@ def test_a_preserve_rewrite_that_changes_the_outputs_exits_3(example_models, tmp
                                                              monkeypatch):
     # A rewrite bug simulated: the gates start at 0.5 instead of 0, so the real parity check
     # measures a difference; the CLI must then exit 3 (failed verification) and write nothing.
-    import ressurgeon.skips.surgery as surgery
-
-    rewrite = surgery.rewrite_traced
-
-    def opened_gates(*args, **kwargs):
-        result = rewrite(*args, **kwargs)
-        with torch.no_grad():
-            for name, p in result.module.named_parameters():
-                if name.endswith(".gate"):
-                    p.fill_(0.5)
-        return result
-
-    monkeypatch.setattr(surgery, "rewrite_traced", opened_gates)
+    gates_after_rewrite(monkeypatch, 0.5)
     out = tmp_path / "o.pt2"
     line = one_line_error(run("add-skips", example_models["mlp"], "-o", out), code=3)
     assert "init 'preserve' changed the outputs by" in line and "tolerance 1e-06" in line, line

@@ -79,21 +79,11 @@ def test_each_model_gets_its_own_copy_of_the_inputs():
 def test_a_rewrite_that_outputs_nan_where_the_original_is_finite_is_a_bug(monkeypatch):
     # simulated: the gates start at NaN, so every output is NaN while each shortcut's path is
     # finite (the NaN/inf guard that removes shortcuts does not apply): the verdict names it
-    import ressurgeon.skips.surgery as surgery
+    from helpers import gates_after_rewrite
     from models import deep_mlp
     from ressurgeon import SkipConfig, add_skips
 
-    rewrite = surgery.rewrite_traced
-
-    def nan_gates(*args, **kwargs):
-        result = rewrite(*args, **kwargs)
-        with torch.no_grad():
-            for name, p in result.module.named_parameters():
-                if name.endswith(".gate"):
-                    p.fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(surgery, "rewrite_traced", nan_gates)
+    gates_after_rewrite(monkeypatch, float("nan"))
     with pytest.raises(VerificationError, match="outputs NaN or infinity where the original "
                                                 "does not.*ressurgeon bug"):
         add_skips(deep_mlp(6, 16).eval(), (torch.randn(2, 16),), SkipConfig(span=2))
