@@ -115,10 +115,11 @@ def _argument(node: fx.Node, name: str, index: int, default):
     return node.args[index] if len(node.args) > index else default
 
 
-def _plain(value):
-    """Arguments compared by node name (the two graphs hold distinct node objects)."""
-    return fx.node.map_aggregate(value, lambda v: ("node", v.name) if isinstance(v, fx.Node)
-                                 else v)
+def _plain(value, names: bool = True):
+    """Arguments compared by node name (the two graphs hold distinct node objects), or with
+    every node as one marker (``names=False``: only the constants are compared)."""
+    return fx.node.map_aggregate(value, lambda v: (("node", v.name) if names else "node")
+                                 if isinstance(v, fx.Node) else v)
 
 
 def _owner(node: fx.Node) -> str:
@@ -138,14 +139,11 @@ def _differing_modules(mine: list[fx.Node], theirs: list[fx.Node]) -> tuple[str,
         groups: dict[str, list] = {}
         for node in nodes:
             groups.setdefault(_owner(node), []).append(
-                (node.op, str(node.target), _constants(node.args), _constants(node.kwargs)))
+                (node.op, str(node.target), _plain(node.args, names=False),
+                 _plain(node.kwargs, names=False)))
         return groups
 
     a, b = by_owner(mine), by_owner(theirs)
     owners = [o or "(the model)" for o in dict.fromkeys([*a, *b]) if a.get(o) != b.get(o)]
     return tuple(owners) or ("(the model)",)
 
-
-def _constants(value):
-    """Arguments with every node replaced by one marker: the constants are what is compared."""
-    return fx.node.map_aggregate(value, lambda v: "node" if isinstance(v, fx.Node) else v)

@@ -79,14 +79,14 @@ def record_of(model: nn.Module, source: str = "module") -> ModelRecord:
     """
     if isinstance(model, ModelRecord):
         return model
-    pretrained = is_pretrained(model)
+    # the transformers rules (hf.py) give nothing for any other model
     return ModelRecord(
         module=model,
-        input_specs=tuple(stored_inputs(model) or (example_specs(model) if pretrained else ())),
-        forward_kwargs=forward_kwargs(model) if pretrained else {},
-        vocab=(vocab_size(model) if pretrained else None) or embedding_size(model),
+        input_specs=tuple(stored_inputs(model) or example_specs(model)),
+        forward_kwargs=forward_kwargs(model),
+        vocab=vocab_size(model) or embedding_size(model),
         source=source,
-        prepare=without_cache if pretrained else None)
+        prepare=without_cache if is_pretrained(model) else None)
 
 
 def stored_inputs(model: nn.Module) -> list[Spec]:
